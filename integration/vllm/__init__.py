@@ -1,0 +1,1 @@
+"""WorldKV connector glue for real vLLM (optional dependency)."""

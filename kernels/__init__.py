@@ -1,0 +1,1 @@
+"""Triton kernels (each above its launcher, beside its torch reference)."""

@@ -1,0 +1,63 @@
+"""The ``worldkv`` command line: one subcommand per module, each adding its own parser.
+
+A command module exposes ``register(subparsers)``, which adds its parser and sets
+``func=handler``; the handler takes the parsed namespace and returns an exit code.
+User errors (``ValueError``, ``FileNotFoundError``) print one line and exit 2, no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+__all__ = ["main", "build_parser"]
+
+# module paths of the subcommands, in the order `worldkv --help` lists them
+COMMAND_MODULES = (
+    "worldkv_connector.cli.demo",
+    "worldkv_connector.cli.generate",
+    "worldkv_connector.cli.bench",
+    "worldkv_connector.cli.bank",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="worldkv",
+        description="WorldKV connector: persistent world memory (pose retrieval, KV compression, "
+        "paged offload) for autoregressive video diffusion world models.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # a command whose module is not part of this build
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"worldkv {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
