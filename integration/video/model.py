@@ -1,0 +1,171 @@
+"""CausalWanDiT: the Wan2.1 DiT behind Self-Forcing, CausVid, Matrix-Game-2.0 and LingBot-World-Fast,
+run causally chunk by chunk.
+
+One forward call denoises one chunk (a few latent frames) of each batch row. Self-attention does not
+attend by itself: each block hands its post-RoPE q, k, v to ``attn_fn(layer_idx, q, k, v)``, which the
+engine implements over its paged KV cache (earlier chunks in the window + the current chunk). Keys are
+rotated at absolute positions (``frame_offset``), so cached keys never need re-encoding.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+from worldkv_connector.integration.video.camera import patchify_rays, plucker_rays
+from worldkv_connector.integration.video.layers import AttnFn, DiTBlock, Head, init_weights_, sinusoidal_embedding
+from worldkv_connector.integration.video.model_config import ModelConfig
+from worldkv_connector.rope import rope_tables
+
+__all__ = ["CausalWanDiT", "build_model"]
+
+logger = logging.getLogger(__name__)
+
+
+class CausalWanDiT(nn.Module):
+    """Causal Wan-style DiT. Submodule names follow Wan's checkpoint layout (see checkpoint.py)."""
+
+    def __init__(self, config: ModelConfig, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        factory = {"device": torch.device(device), "dtype": c.torch_dtype}
+        self.patch_embedding = nn.Conv3d(c.in_channels, c.dim, kernel_size=c.patch_size, stride=c.patch_size, **factory)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(c.text_dim, c.dim, **factory), nn.GELU(approximate="tanh"), nn.Linear(c.dim, c.dim, **factory)
+        )
+        self.time_embedding = nn.Sequential(
+            nn.Linear(c.freq_dim, c.dim, **factory), nn.SiLU(), nn.Linear(c.dim, c.dim, **factory)
+        )
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, 6 * c.dim, **factory))
+        cam_features = 6 * c.patch_elems if c.camera else 0
+        self.blocks = nn.ModuleList(
+            DiTBlock(c.dim, c.ffn_dim, c.num_heads, c.eps, cam_features, **factory) for _ in range(c.num_layers)
+        )
+        self.head = Head(c.dim, c.patch_elems * c.out_channels, c.eps, **factory)
+        # patch row / column of each token of one frame (frame-major order inside a chunk)
+        rows = torch.arange(c.grid_height, dtype=torch.int64).repeat_interleave(c.grid_width)
+        cols = torch.arange(c.grid_width, dtype=torch.int64).repeat(c.grid_height)
+        self.register_buffer("_rows", rows.to(factory["device"]), persistent=False)
+        self.register_buffer("_cols", cols.to(factory["device"]), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    # --- conditioning -------------------------------------------------------------------------
+    def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t: [B] fp32 sigma in [0, 1] -> (e [B, dim] fp32 for the head, e0 [B, 6, dim] fp32 for blocks)."""
+        c = self.config
+        sin = sinusoidal_embedding(c.freq_dim, t.float() * c.timestep_scale)  # [B, freq_dim]
+        e = self.time_embedding[2](self.time_embedding[1](self._lin(self.time_embedding[0], sin))).float()
+        e0 = self._lin(self.time_projection[1], self.time_projection[0](e)).float()
+        return e, e0.unflatten(1, (6, c.dim))
+
+    def embed_context(self, context: torch.Tensor) -> torch.Tensor:
+        """context: [B, Lc, text_dim] (Lc <= text_len; zero-padded to text_len as Wan does) -> [B, text_len, dim]."""
+        c = self.config
+        if context.shape[1] < c.text_len:
+            pad = context.new_zeros(context.shape[0], c.text_len - context.shape[1], context.shape[2])
+            context = torch.cat((context, pad), dim=1)
+        return self.text_embedding[2](self.text_embedding[1](self._lin(self.text_embedding[0], context)))
+
+    @staticmethod
+    def _lin(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return layer(x.to(layer.weight.dtype))
+
+    def _check_inputs(self, x, t, context, frame_offset, cam) -> None:
+        c = self.config
+        if x.dim() != 5 or tuple(x.shape[2:]) != (c.in_channels, c.latent_height, c.latent_width):
+            raise ValueError(
+                f"x: expected [B, F, {c.in_channels}, {c.latent_height}, {c.latent_width}], got {tuple(x.shape)}"
+            )
+        b, f = x.shape[:2]
+        if b < 1 or f < 1:
+            raise ValueError(f"x: expected B >= 1 and F >= 1, got shape {tuple(x.shape)}")
+        if tuple(t.shape) != (b,):
+            raise ValueError(f"t: expected shape ({b},), got {tuple(t.shape)}")
+        if context.dim() != 3 or context.shape[0] != b or context.shape[2] != c.text_dim:
+            raise ValueError(f"context: expected [{b}, Lc, {c.text_dim}], got {tuple(context.shape)}")
+        if not 1 <= context.shape[1] <= c.text_len:
+            raise ValueError(f"context: length {context.shape[1]} outside 1..text_len={c.text_len}")
+        if tuple(frame_offset.shape) != (b,) or frame_offset.dtype.is_floating_point:
+            raise ValueError(
+                f"frame_offset: expected an int tensor of shape ({b},), got {frame_offset.dtype} {tuple(frame_offset.shape)}"
+            )
+        if c.camera:
+            if cam is None:
+                raise ValueError(f"cam: model {c.name!r} is camera-conditioned; pass [B, F, 4, 4] poses")
+            if tuple(cam.shape) != (b, f, 4, 4):
+                raise ValueError(f"cam: expected shape {(b, f, 4, 4)}, got {tuple(cam.shape)}")
+
+    # --- forward ------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        frame_offset: torch.Tensor,
+        attn_fn: AttnFn,
+        cam: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Flow (velocity) prediction for one chunk.
+
+        x: [B, F, C, Hl, Wl] noisy latents, any float dtype, model device. t: [B] fp32 sigma in [0, 1]
+        (0 = clean). context: [B, Lc, text_dim]. frame_offset: [B] int64, absolute latent frame of the
+        chunk's first frame. attn_fn(layer_idx, q, k, v) -> out, all [B, T, H, D] in the model dtype with
+        T = F * frame_tokens, tokens frame-major. cam: [B, F, 4, 4] camera-to-world poses, required for
+        camera-conditioned configs and ignored otherwise. Returns [B, F, out_channels, Hl, Wl] in x's dtype.
+        """
+        self._check_inputs(x, t, context, frame_offset, cam)
+        c = self.config
+        b, f = x.shape[:2]
+        dev = self.device
+        # positions of every token: frame-major, absolute latent frame for the temporal RoPE group
+        frame_pos = (frame_offset.to(dev, torch.int64)[:, None] + torch.arange(f, device=dev)).repeat_interleave(
+            c.frame_tokens, dim=1
+        )  # [B, T]
+        row_pos, col_pos = self._rows.repeat(f), self._cols.repeat(f)  # [T]
+        rope = rope_tables(frame_pos, row_pos, col_pos, c.head_dim)  # built once, used by every layer
+
+        h = self.patch_embedding(x.to(dev, self.dtype).transpose(1, 2))  # [B, dim, F, gh, gw]
+        h = h.flatten(2).transpose(1, 2).float()  # [B, T, dim] fp32 residual stream
+        e, e0 = self.embed_time(t.to(dev))
+        ctx = self.embed_context(context.to(dev))
+        rays = None
+        if c.camera:
+            rays = patchify_rays(
+                plucker_rays(cam.to(dev), c.latent_height, c.latent_width, c.camera_fov_degrees), c.patch_size
+            )  # [B, T, 6 * patch_elems]
+        for i, block in enumerate(self.blocks):
+            h = block(h, e0, ctx, i, attn_fn, rope, rays)
+        out = self.head(h, e)  # [B, T, patch_elems * out_channels]
+        return self._unpatchify(out, f).to(x.dtype)
+
+    def _unpatchify(self, out: torch.Tensor, f: int) -> torch.Tensor:
+        """out: [B, T, pt*ph*pw*C] -> [B, F*pt, C, Hl, Wl]."""
+        c = self.config
+        pt, ph, pw = c.patch_size
+        b = out.shape[0]
+        u = out.reshape(b, f, c.grid_height, c.grid_width, pt, ph, pw, c.out_channels)
+        u = u.permute(0, 1, 4, 7, 2, 5, 3, 6)  # [B, F, pt, C, gh, ph, gw, pw]
+        return u.reshape(b, f * pt, c.out_channels, c.latent_height, c.latent_width)
+
+
+def build_model(config: ModelConfig, seed: int = 0, device: str | torch.device = "cpu") -> CausalWanDiT:
+    """A CausalWanDiT with random weights, deterministic per (seed, device type), in ``config.dtype``,
+    in eval mode with gradients off (the backend is inference-only). Parameters are created directly
+    on ``device`` in the target dtype, so real-size configs never hold an fp32 copy."""
+    dev = torch.device(device)
+    model = CausalWanDiT(config, device=dev)
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(seed)
+    init_weights_(model, gen)
+    model.eval().requires_grad_(False)
+    logger.info("built %s: %.3fB params, %s on %s", config.name, config.num_params() / 1e9, config.dtype, dev)
+    return model

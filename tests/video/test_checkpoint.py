@@ -1,0 +1,153 @@
+"""Safetensors checkpoints in Wan's original key layout: round trip, hand-written Wan keys, shards,
+prefixes, dtype casts and one clear error for every mismatch."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from worldkv_connector.integration.video.checkpoint import load_checkpoint, save_checkpoint
+from worldkv_connector.integration.video.model import build_model
+from worldkv_connector.integration.video.model_config import get_model_config
+
+TINY = get_model_config("tiny")
+
+
+def _wan_keys_and_shapes(cfg):
+    """The Wan2.1 checkpoint layout, written out by hand (not read from our model)."""
+    d, f, pe = cfg.dim, cfg.ffn_dim, cfg.patch_elems
+    shapes = {
+        "patch_embedding.weight": (d, cfg.in_channels, *cfg.patch_size),
+        "patch_embedding.bias": (d,),
+        "text_embedding.0.weight": (d, cfg.text_dim), "text_embedding.0.bias": (d,),
+        "text_embedding.2.weight": (d, d), "text_embedding.2.bias": (d,),
+        "time_embedding.0.weight": (d, cfg.freq_dim), "time_embedding.0.bias": (d,),
+        "time_embedding.2.weight": (d, d), "time_embedding.2.bias": (d,),
+        "time_projection.1.weight": (6 * d, d), "time_projection.1.bias": (6 * d,),
+        "head.head.weight": (pe * cfg.out_channels, d), "head.head.bias": (pe * cfg.out_channels,),
+        "head.modulation": (1, 2, d),
+    }
+    for i in range(cfg.num_layers):
+        p = f"blocks.{i}."
+        for attn in ("self_attn", "cross_attn"):
+            for proj in "qkvo":
+                shapes[f"{p}{attn}.{proj}.weight"] = (d, d)
+                shapes[f"{p}{attn}.{proj}.bias"] = (d,)
+            shapes[f"{p}{attn}.norm_q.weight"] = (d,)
+            shapes[f"{p}{attn}.norm_k.weight"] = (d,)
+        shapes[p + "norm3.weight"] = (d,)
+        shapes[p + "norm3.bias"] = (d,)
+        shapes[p + "ffn.0.weight"], shapes[p + "ffn.0.bias"] = (f, d), (f,)
+        shapes[p + "ffn.2.weight"], shapes[p + "ffn.2.bias"] = (d, f), (d,)
+        shapes[p + "modulation"] = (1, 6, d)
+        if cfg.camera:
+            shapes[p + "cam_injector.weight"] = (d, 6 * pe)
+            shapes[p + "cam_injector.bias"] = (d,)
+    return shapes
+
+
+def _dense_attn(layer, q, k, v):
+    return torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    ).transpose(1, 2)
+
+
+def _run(model, cfg=TINY):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, cfg.in_channels, cfg.latent_height, cfg.latent_width, generator=g)
+    ctx = torch.randn(2, cfg.text_len, cfg.text_dim, generator=g)
+    cam = torch.eye(4).repeat(2, 3, 1, 1) if cfg.camera else None
+    with torch.no_grad():
+        return model(x, torch.tensor([0.3, 0.8]), ctx, torch.tensor([0, 3]), _dense_attn, cam)
+
+
+@pytest.mark.parametrize("camera", [False, True])
+def test_model_keys_are_wan_layout(camera):
+    cfg = TINY.replace(camera=camera)
+    sd = build_model(cfg).state_dict()
+    want = _wan_keys_and_shapes(cfg)
+    assert {k: tuple(v.shape) for k, v in sd.items()} == want
+
+
+def test_round_trip(tmp_path):
+    src, dst = build_model(TINY, seed=0), build_model(TINY, seed=1)
+    assert not torch.equal(_run(src), _run(dst))
+    path = tmp_path / "tiny.safetensors"
+    save_checkpoint(src, path)
+    assert load_checkpoint(dst, path) is dst
+    assert torch.equal(_run(src), _run(dst))
+    for (k, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_hand_written_wan_checkpoint_sharded_and_cast(tmp_path):
+    """A checkpoint written by hand with Wan key names, split over two shards, loads into a bf16 model."""
+    g = torch.Generator().manual_seed(5)
+    tensors = {k: torch.randn(s, generator=g) * 0.1 for k, s in _wan_keys_and_shapes(TINY).items()}
+    keys = sorted(tensors)
+    save_file({k: tensors[k] for k in keys[::2]}, str(tmp_path / "diffusion_pytorch_model-00001-of-00002.safetensors"))
+    save_file({k: tensors[k] for k in keys[1::2]}, str(tmp_path / "diffusion_pytorch_model-00002-of-00002.safetensors"))
+    model = build_model(TINY.replace(dtype="bf16"))
+    load_checkpoint(model, tmp_path)
+    sd = model.state_dict()
+    assert sd["blocks.1.self_attn.norm_k.weight"].dtype == torch.bfloat16
+    for k, v in tensors.items():
+        torch.testing.assert_close(sd[k].float(), v, atol=1e-3, rtol=1e-2)
+    fp32 = build_model(TINY, seed=9)
+    load_checkpoint(fp32, tmp_path)
+    fp32_sd = fp32.state_dict()
+    for k, v in tensors.items():
+        assert torch.equal(fp32_sd[k], v), k
+
+
+def test_prefix_is_stripped(tmp_path):
+    src = build_model(TINY, seed=2)
+    save_file({"model." + k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    dst = build_model(TINY, seed=3)
+    load_checkpoint(dst, tmp_path / "w.safetensors", prefix="model.")
+    assert torch.equal(_run(src), _run(dst))
+    with pytest.raises(ValueError, match="unexpected"):
+        load_checkpoint(dst, tmp_path / "w.safetensors")
+
+
+def test_every_mismatch_is_listed_in_one_error(tmp_path):
+    sd = {k: v.clone() for k, v in build_model(TINY, seed=2).state_dict().items()}
+    del sd["blocks.0.ffn.2.bias"]
+    del sd["head.modulation"]
+    sd["blocks.9.self_attn.q.weight"] = torch.zeros(2, 2)
+    sd["pos_embedding"] = torch.zeros(3)
+    sd["blocks.1.self_attn.q.weight"] = torch.zeros(TINY.dim, TINY.dim + 1)
+    path = tmp_path / "bad.safetensors"
+    save_file(sd, str(path))
+    model = build_model(TINY, seed=4)
+    before = _run(model)
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(model, path)
+    msg = str(err.value)
+    for needle in (
+        "2 missing", "blocks.0.ffn.2.bias", "head.modulation",
+        "2 unexpected", "blocks.9.self_attn.q.weight", "pos_embedding",
+        "1 mis-shaped", f"blocks.1.self_attn.q.weight ({TINY.dim}, {TINY.dim + 1})",
+    ):
+        assert needle in msg, (needle, msg)
+    assert torch.equal(_run(model), before)  # nothing was copied
+
+
+def test_camera_model_needs_injector_keys(tmp_path):
+    path = tmp_path / "plain.safetensors"
+    save_checkpoint(build_model(TINY), path)
+    cam_model = build_model(TINY.replace(camera=True))
+    with pytest.raises(ValueError, match=r"missing: .*blocks\.0\.cam_injector\.weight"):
+        load_checkpoint(cam_model, path)
+    cam_path = tmp_path / "cam.safetensors"
+    save_checkpoint(cam_model, cam_path)
+    with pytest.raises(ValueError, match=r"unexpected: .*cam_injector"):
+        load_checkpoint(build_model(TINY), cam_path)
+    other = build_model(TINY.replace(camera=True), seed=5)
+    load_checkpoint(other, cam_path)
+    assert torch.equal(_run(other, cam_model.config), _run(cam_model, cam_model.config))
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(build_model(TINY), tmp_path / "nope.safetensors")
+    with pytest.raises(FileNotFoundError, match="no .safetensors"):
+        load_checkpoint(build_model(TINY), tmp_path)
