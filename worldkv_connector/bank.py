@@ -1,0 +1,386 @@
+"""The bank: fixed-size slots carved out of one slab, with byte accounting and eviction.
+
+One entry is one chunk (video backend, key ``(session_id, chunk_id)``) or one block (vLLM, key
+``(namespace, block_hash)``): the K and V of every layer for ``num_tokens`` tokens. Each slot has
+the layout ``[num_layers, 2, slot_tokens, num_kv_heads, head_dim]`` (2 = K, V) and an entry uses the
+first ``num_tokens`` rows of each (layer, K/V) run, so every run is one contiguous copy fragment.
+
+The host tier is one slab allocated once. When CUDA is present it is pinned with
+``cudaHostRegister`` on a plain allocation: torch's pinned allocator rounds every request up to a
+power of two, which would waste up to half of a multi-GiB bank (DESIGN §2). The GPU tier is one
+slab on the device. Slots never move, so transfer descriptors built from ``view`` stay valid for
+the life of an entry.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Iterator
+
+import numpy as np
+import torch
+
+from worldkv_connector.config import WorldKVConfig
+from worldkv_connector.eviction import EvictionPolicy, get_eviction
+from worldkv_connector.shapes import KVShape
+
+__all__ = ["Bank", "BankEntry", "BankKey"]
+
+logger = logging.getLogger(__name__)
+
+BankKey = Hashable
+_TIERS = ("cpu", "gpu")
+
+
+@dataclass
+class BankEntry:
+    """Bookkeeping of one banked chunk/block (the payload lives in the bank's slab)."""
+
+    key: BankKey
+    slot: int
+    num_tokens: int
+    nbytes: int  # payload bytes: 2 * L * num_tokens * H * D * itemsize
+    tier: str
+    ready: bool = False  # False while its store is in flight; only ready entries are evictable
+    pins: int = 0  # in-flight transfers reading or writing it; pinned entries are never freed
+    last_used: int = 0  # logical clock of the last reserve/touch
+    indices: torch.Tensor | None = None  # kept token ids [L, num_tokens], CPU int64
+    pose: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"Bank {name}={value!r}: expected a positive int")
+    return value
+
+
+def _host_register(t: torch.Tensor) -> bool:
+    """Pin ``t``'s memory in place (no power-of-two rounding). False, with a warning, on failure."""
+    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+    code = int(getattr(err, "value", err))
+    if code != 0:
+        logger.warning("cudaHostRegister of %d bytes failed (error %s): the bank stays pageable", t.nbytes, err)
+        return False
+    return True
+
+
+def _release(slab: torch.Tensor, pinned: bool) -> None:
+    # Runs once, from close() or when the bank is garbage collected without close().
+    if pinned:
+        err = torch.cuda.cudart().cudaHostUnregister(slab.data_ptr())
+        if int(getattr(err, "value", err)) != 0:
+            logger.warning("cudaHostUnregister failed (error %s)", err)
+
+
+class Bank:
+    """A tiered store of KV chunks with a byte capacity and a pluggable eviction policy.
+
+    "No room right now" (every slot holds an entry that is still being written or is pinned) is
+    ``reserve`` returning None, not an exception.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        slot_tokens: int,
+        capacity_bytes: int,
+        tier: str = "cpu",
+        eviction: str = "lru",
+        device: str | torch.device | None = None,
+        pin: bool | None = None,
+    ) -> None:
+        for name, value in (
+            ("num_layers", num_layers),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+            ("slot_tokens", slot_tokens),
+            ("capacity_bytes", capacity_bytes),
+        ):
+            _positive_int(name, value)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"Bank dtype={dtype!r}: expected a floating torch.dtype")
+        if tier not in _TIERS:
+            raise ValueError(f"Bank tier={tier!r}: choose one of {list(_TIERS)}")
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.dtype, self.slot_tokens, self.tier = dtype, slot_tokens, tier
+        self.capacity_bytes = capacity_bytes
+        self.itemsize = torch.empty((), dtype=dtype).element_size()
+        self.token_bytes = num_kv_heads * head_dim * self.itemsize  # one token of K (or V), one layer
+        self.slot_bytes = 2 * num_layers * slot_tokens * self.token_bytes
+        if self.slot_bytes > capacity_bytes:
+            raise ValueError(
+                f"chunk of {self.slot_bytes} bytes is larger than the whole bank of {capacity_bytes} bytes: "
+                "raise bank_bytes"
+            )
+        self.num_slots = capacity_bytes // self.slot_bytes
+        self.device = self._resolve_device(tier, device)
+        self._policy: EvictionPolicy = get_eviction(eviction)
+        self.eviction = eviction
+
+        shape = (self.num_slots, num_layers, 2, slot_tokens, num_kv_heads, head_dim)
+        self._slab = torch.empty(shape, dtype=dtype, device=self.device)
+        want_pin = torch.cuda.is_available() if pin is None else bool(pin)
+        if want_pin and tier == "cpu" and not torch.cuda.is_available():
+            raise ValueError("Bank pin=True needs CUDA: torch.cuda.is_available() is False")
+        self.pinned = bool(want_pin and tier == "cpu" and _host_register(self._slab))
+        self._finalizer = weakref.finalize(self, _release, self._slab, self.pinned)
+
+        self._entries: dict[BankKey, BankEntry] = {}
+        # pop() hands out the lowest free slot first, so a fresh bank fills slots in order
+        self._free: list[int] = list(range(self.num_slots - 1, -1, -1))
+        self._listeners: list[Callable[[BankKey, BankEntry], None]] = []
+        self._clock = 0
+        self.bytes_used = 0
+        self.evictions = 0
+        self._closed = False
+
+    @staticmethod
+    def _resolve_device(tier: str, device: str | torch.device | None) -> torch.device:
+        if tier == "cpu":
+            dev = torch.device("cpu") if device is None else torch.device(device)
+            if dev.type != "cpu":
+                raise ValueError(f"Bank device={device!r} does not match tier='cpu' (host memory)")
+            return dev
+        dev = torch.device("cuda") if device is None else torch.device(device)
+        if dev.type != "cuda":
+            raise ValueError(f"Bank device={device!r} does not match tier='gpu': expected a cuda device")
+        if not torch.cuda.is_available():
+            raise ValueError("Bank tier='gpu' needs a CUDA device: torch.cuda.is_available() is False")
+        return dev
+
+    @classmethod
+    def for_shape(
+        cls,
+        shape: KVShape,
+        config: WorldKVConfig,
+        *,
+        slot_tokens: int | None = None,
+        device: str | torch.device | None = None,
+    ) -> "Bank":
+        """A bank sized from a model's KV shape and the connector config: slots hold one compressed
+        chunk (``config.kept_tokens(shape.frame_tokens)`` tokens) unless ``slot_tokens`` is given."""
+        return cls(
+            num_layers=shape.num_layers,
+            num_kv_heads=shape.num_kv_heads,
+            head_dim=shape.head_dim,
+            dtype=shape.torch_dtype,
+            slot_tokens=config.kept_tokens(shape.frame_tokens) if slot_tokens is None else slot_tokens,
+            capacity_bytes=config.bank_bytes,
+            tier=config.bank,
+            eviction=config.eviction,
+            device=device,
+        )
+
+    # --- sizes ---------------------------------------------------------------------------------
+    @property
+    def entries(self) -> int:
+        return len(self._entries)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def entry_bytes(self, num_tokens: int) -> int:
+        return 2 * self.num_layers * num_tokens * self.token_bytes
+
+    # --- allocation ----------------------------------------------------------------------------
+    def reserve(
+        self,
+        key: BankKey,
+        num_tokens: int,
+        *,
+        indices: torch.Tensor | None = None,
+        pose: np.ndarray | None = None,
+        meta: dict | None = None,
+    ) -> BankEntry | None:
+        """Allocate a slot for ``key`` (not ready until ``mark_ready``), evicting per policy among
+        ready, unpinned entries when the bank is full. Returns None when there is still no room.
+
+        indices: kept token ids ``[L, num_tokens]`` (or ``[num_tokens]``), any int dtype, any
+        device; stored as CPU int64. pose: the entry's camera pose (any array-like).
+        """
+        self._check_open()
+        if key in self._entries:
+            raise ValueError(f"bank key {key!r} already exists: free it before storing it again")
+        if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or not 1 <= num_tokens <= self.slot_tokens:
+            raise ValueError(f"num_tokens={num_tokens!r} is out of range: allowed 1 <= num_tokens <= {self.slot_tokens}")
+        if indices is not None:
+            if not isinstance(indices, torch.Tensor) or indices.ndim not in (1, 2) or indices.shape[-1] != num_tokens:
+                got = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
+                raise ValueError(f"indices must be [{self.num_layers}, {num_tokens}] token ids, got {got}")
+            if indices.ndim == 2 and indices.shape[0] != self.num_layers:
+                raise ValueError(f"indices must be [{self.num_layers}, {num_tokens}] token ids, got {tuple(indices.shape)}")
+            indices = indices.detach().to("cpu", torch.int64)
+        while not self._free:
+            victim = self._policy.choose_victim(self._entries)
+            if victim is None:
+                return None
+            self._evict(victim)
+        self._clock += 1
+        entry = BankEntry(
+            key=key,
+            slot=self._free.pop(),
+            num_tokens=num_tokens,
+            nbytes=self.entry_bytes(num_tokens),
+            tier=self.tier,
+            last_used=self._clock,
+            indices=indices,
+            pose=None if pose is None else np.asarray(pose),
+            meta=dict(meta or {}),
+        )
+        self._entries[key] = entry
+        self.bytes_used += entry.nbytes
+        self._policy.on_insert(key)
+        return entry
+
+    def _remove(self, key: BankKey) -> BankEntry:
+        entry = self._entries.pop(key)
+        self._policy.on_remove(key)
+        self._free.append(entry.slot)
+        self.bytes_used -= entry.nbytes
+        return entry
+
+    def _evict(self, key: BankKey) -> None:
+        entry = self._remove(key)
+        self.evictions += 1
+        logger.debug("bank evicted %r (%d bytes, slot %d)", key, entry.nbytes, entry.slot)
+        # listeners run after the slot is free, so they see a consistent bank (e.g. drop the key
+        # from the pose index)
+        for fn in list(self._listeners):
+            fn(key, entry)
+
+    def free(self, key: BankKey) -> bool:
+        """Release ``key``'s slot. False if absent; ValueError if a transfer still pins it."""
+        self._check_open()
+        entry = self._entries.get(key)
+        if entry is None:
+            return False
+        if entry.pins:
+            raise ValueError(f"bank key {key!r} is pinned by {entry.pins} in-flight transfer(s): unpin it first")
+        self._remove(key)
+        return True
+
+    def free_where(self, predicate: Callable[[BankKey], bool]) -> int:
+        """Free every entry whose key matches (e.g. one session's chunks). Pinned matches are
+        skipped, since a transfer still uses them. Returns how many were freed."""
+        self._check_open()
+        freed = 0
+        for key in [k for k in self._entries if predicate(k)]:
+            if self._entries[key].pins:
+                logger.debug("free_where skipped pinned bank key %r", key)
+                continue
+            self._remove(key)
+            freed += 1
+        return freed
+
+    # --- entry state ---------------------------------------------------------------------------
+    def _entry(self, key: BankKey) -> BankEntry:
+        self._check_open()
+        try:
+            return self._entries[key]
+        except KeyError:
+            raise KeyError(f"bank key {key!r} is not in the bank") from None
+
+    def mark_ready(self, key: BankKey) -> None:
+        """The entry's store finished: it may now be loaded and evicted."""
+        self._entry(key).ready = True
+
+    def touch(self, key: BankKey) -> None:
+        """Record a retrieval of ``key`` (moves it to the young end of LRU)."""
+        entry = self._entry(key)
+        self._clock += 1
+        entry.last_used = self._clock
+        self._policy.on_touch(key)
+
+    def pin(self, key: BankKey) -> None:
+        self._entry(key).pins += 1
+
+    def unpin(self, key: BankKey) -> None:
+        entry = self._entry(key)
+        if entry.pins == 0:
+            raise ValueError(f"bank key {key!r} is not pinned")
+        entry.pins -= 1
+
+    def get(self, key: BankKey) -> BankEntry | None:
+        return self._entries.get(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self) -> Iterator[BankKey]:
+        return iter(list(self._entries))
+
+    def add_evict_listener(self, fn: Callable[[BankKey, BankEntry], None]) -> None:
+        """Call ``fn(key, entry)`` after each eviction (not after an explicit ``free``)."""
+        self._listeners.append(fn)
+
+    # --- payload views -------------------------------------------------------------------------
+    def slot_view(self, slot: int) -> torch.Tensor:
+        """``[num_layers, 2, slot_tokens, H, D]`` view of one slot, bank dtype, bank device."""
+        self._check_open()
+        if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot={slot!r} is out of range: allowed 0 <= slot < {self.num_slots}")
+        return self._slab[slot]
+
+    def view(self, key: BankKey) -> torch.Tensor:
+        """``[num_layers, 2, num_tokens, H, D]`` view of ``key``'s payload (strided: each
+        ``[layer, k_or_v]`` run is contiguous), bank dtype, bank device."""
+        entry = self._entry(key)
+        return self._slab[entry.slot, :, :, : entry.num_tokens]
+
+    # --- reporting and lifetime ----------------------------------------------------------------
+    def stats(self) -> dict:
+        return {
+            "bytes_used": self.bytes_used,
+            "entries": len(self._entries),
+            "capacity_bytes": self.capacity_bytes,
+            "slot_bytes": self.slot_bytes,
+            "num_slots": self.num_slots,
+            "free_slots": len(self._free),
+            "evictions": self.evictions,
+            "tier": self.tier,
+            "pinned": self.pinned,
+        }
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the bank is closed")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Unregister pinned memory and drop the slab (after in-flight transfers finished). Idempotent."""
+        if self._closed:
+            return
+        pinned = sum(1 for e in self._entries.values() if e.pins)
+        if pinned:
+            logger.warning("closing a bank with %d entries pinned by in-flight transfers", pinned)
+        self._closed = True
+        self._entries.clear()
+        self._free.clear()
+        self.bytes_used = 0
+        self._slab = None  # type: ignore[assignment]
+        self._finalizer()
+
+    def __enter__(self) -> "Bank":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Bank(tier={self.tier!r}, slots={self.num_slots} x {self.slot_bytes} B, "
+            f"entries={len(self._entries)}, bytes_used={self.bytes_used}, eviction={self.eviction!r})"
+        )

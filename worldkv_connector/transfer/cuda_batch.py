@@ -1,0 +1,154 @@
+"""``cuMemcpyBatchAsync`` through the CUDA driver API (ctypes; cuda-python when installed).
+
+The function pointer comes from ``cuGetProcAddress`` (cuda-python's ``cuda.bindings.driver`` if
+importable, else ``libcuda`` through ctypes), asked for the ABI that matches the driver version:
+CUDA 12.8 takes a ``failIdx`` out-pointer before the stream, CUDA 13 does not. A two-copy self-test
+on the device proves the binding before real data goes through it; any failure means the loop path.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from worldkv_connector.transfer.runs import Run
+
+__all__ = ["BatchMemcpy", "resolve_batch_memcpy"]
+
+logger = logging.getLogger(__name__)
+
+
+class _MemLocation(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+
+class _MemcpyAttributes(ctypes.Structure):  # CUmemcpyAttributes (cuda.h, 12.8+)
+    _fields_ = [("srcAccessOrder", ctypes.c_int), ("srcLocHint", _MemLocation),
+                ("dstLocHint", _MemLocation), ("flags", ctypes.c_uint)]
+
+
+_SRC_ACCESS_ORDER_STREAM = 1  # read the source in stream order, i.e. after the wait on compute
+_FLAG_PREFER_OVERLAP_WITH_COMPUTE = 1
+
+
+class BatchMemcpy:
+    """A resolved ``cuMemcpyBatchAsync``. The CUDA 12.8 ABI takes a ``failIdx`` out-pointer before
+    the stream; CUDA 13 dropped it. Calling one ABI as the other would pass a host pointer as the
+    stream, so the ABI is fixed by the version asked of ``cuGetProcAddress``."""
+
+    def __init__(self, fn_ptr: int, has_fail_idx: bool) -> None:
+        argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+        argtypes += [ctypes.c_void_p] * (2 if has_fail_idx else 1)
+        self._fn = ctypes.CFUNCTYPE(ctypes.c_int, *argtypes)(fn_ptr)
+        self.has_fail_idx = has_fail_idx
+        # one attribute entry applies to every copy of the batch (attrsIdxs = [0])
+        self._attrs = _MemcpyAttributes(srcAccessOrder=_SRC_ACCESS_ORDER_STREAM, flags=_FLAG_PREFER_OVERLAP_WITH_COMPUTE)
+        self._attr_idx = ctypes.c_size_t(0)
+
+    def copy(self, runs: list[Run], stream: Any) -> None:
+        # descriptor arrays: the driver reads them during the call and does not keep them
+        table = np.asarray([r[:3] for r in runs], dtype=np.uint64).reshape(-1, 3)
+        src, dst, size = (np.ascontiguousarray(table[:, c]) for c in range(3))
+        head = (dst.ctypes.data, src.ctypes.data, size.ctypes.data, len(runs),
+                ctypes.addressof(self._attrs), ctypes.addressof(self._attr_idx), 1)
+        fail = ctypes.c_size_t(0)
+        if self.has_fail_idx:
+            err = self._fn(*head, ctypes.addressof(fail), stream.cuda_stream)
+        else:
+            err = self._fn(*head, stream.cuda_stream)
+        if err != 0:
+            where = f" (failIdx {fail.value})" if self.has_fail_idx else ""
+            raise RuntimeError(f"cuMemcpyBatchAsync of {len(runs)} runs failed with CUresult {err}{where}")
+
+
+def _code(err: Any) -> int:
+    return int(getattr(err, "value", err))
+
+
+def _libcuda() -> Any:
+    try:
+        return ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+
+
+def _driver_version() -> int | None:
+    try:
+        from cuda.bindings import driver  # optional: cuda-python
+
+        err, version = driver.cuDriverGetVersion()
+        if _code(err) == 0:
+            return int(version)
+    except Exception:  # noqa: BLE001 - not installed or too old: fall back to ctypes
+        pass
+    lib = _libcuda()
+    version = ctypes.c_int(0)
+    if lib is not None and lib.cuDriverGetVersion(ctypes.byref(version)) == 0:
+        return version.value
+    return None
+
+
+def _proc_address(symbol: bytes, version: int) -> int | None:
+    try:
+        from cuda.bindings import driver
+
+        res = driver.cuGetProcAddress(symbol, version, 0)
+        if _code(res[0]) == 0 and int(res[1]):
+            return int(res[1])
+    except Exception:  # noqa: BLE001
+        pass
+    lib = _libcuda()
+    if lib is None:
+        return None
+    get = getattr(lib, "cuGetProcAddress_v2", None)
+    if get is not None:
+        get.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_uint64,
+                        ctypes.POINTER(ctypes.c_int)]
+        ptr, status = ctypes.c_void_p(), ctypes.c_int(0)
+        if get(symbol, ctypes.byref(ptr), version, 0, ctypes.byref(status)) == 0 and ptr.value:
+            return ptr.value
+    # last resort: the exported symbol of the wanted ABI
+    fn = getattr(lib, symbol.decode() + ("_v2" if version >= 13000 else ""), None)
+    return ctypes.cast(fn, ctypes.c_void_p).value if fn is not None else None
+
+
+def _self_test(batch: BatchMemcpy, device: torch.device) -> bool:
+    """Two crossed 128-byte copies on the device: proves the ABI before real data goes through."""
+    src = torch.arange(256, device=device).to(torch.uint8)
+    dst = torch.zeros(256, dtype=torch.uint8, device=device)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))  # src/dst are written on the current stream
+    sp, dp = src.data_ptr(), dst.data_ptr()
+    batch.copy([(sp, dp + 128, 128, 0, 0), (sp + 128, dp, 128, 1, 1)], stream)
+    stream.synchronize()
+    return bool(torch.equal(dst[128:], src[:128]) and torch.equal(dst[:128], src[128:]))
+
+
+def resolve_batch_memcpy(device: torch.device, required: bool) -> BatchMemcpy | None:
+    """The batch copy for this driver, or None (loop path). ``required`` turns None into an error."""
+    version = _driver_version()
+    why = None
+    batch = None
+    if version is None or version < 12080:
+        why = f"needs CUDA driver >= 12.8, found {version}"
+    else:
+        has_fail_idx = version < 13000
+        ptr = _proc_address(b"cuMemcpyBatchAsync", 12080 if has_fail_idx else 13000)
+        if not ptr:
+            why = f"cuMemcpyBatchAsync not found in driver {version}"
+        else:
+            batch = BatchMemcpy(ptr, has_fail_idx)
+            try:
+                ok = _self_test(batch, device)
+            except Exception as exc:  # noqa: BLE001
+                ok, why = False, f"self-test raised {exc}"
+            if not ok:
+                why, batch = why or "self-test copied wrong bytes", None
+    if batch is None:
+        if required:
+            raise RuntimeError(f"batch_dma=True but batched DMA is unavailable: {why}")
+        logger.info("batched DMA unavailable (%s): copies use the per-run loop", why)
+    return batch

@@ -1,0 +1,271 @@
+"""The transfer engine: every bank <-> page copy is a job on a pooled stream (STYLE §6).
+
+A job is a list of (src, dst) tensor pairs. Pairs whose bytes follow each other in both source and
+destination memory are merged into one run first: batched DMA collapses for fragments under about
+28 KiB and every descriptor costs CPU time, so fewer, larger runs are what makes PCIe bandwidth
+reachable (DESIGN §2). On CUDA the runs go out as one ``cuMemcpyBatchAsync`` (driver >= 12.8) or, if
+that is unavailable, as a loop of async copies. On the CPU the copies run synchronously and a job is
+done when ``submit`` returns. Completion is polled with ``event.query()``, never waited on unless
+asked. The engine is not thread-safe: one worker thread drives it.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from worldkv_connector.transfer.cuda_batch import BatchMemcpy, resolve_batch_memcpy
+from worldkv_connector.transfer.runs import check_pairs, copy_runs, plan_runs, Run
+
+__all__ = ["TransferEngine", "TransferJob"]
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("store", "load")
+PATHS = ("cpu-sync", "dma-batch", "dma-loop")
+
+
+@dataclass(eq=False)
+class TransferJob:
+    """One submitted copy. ``nbytes`` is the payload; ``num_fragments`` the runs after merging.
+
+    ``finished_at`` is when the engine observed completion (``submit`` on the CPU; ``poll``/``wait``
+    on CUDA). Once a job has been reported its events go back to the pool: waiting on them later is
+    harmless (it can only wait for a later point) but no longer needed.
+    """
+
+    job_id: int
+    kind: str
+    nbytes: int
+    num_fragments: int
+    path: str
+    tag: Any = None
+    stream: Any = None
+    start_event: Any = None
+    end_event: Any = None
+    error: str | None = None
+    submitted_at: float = 0.0
+    finished_at: float | None = None
+    num_pairs: int = 0  # fragments before merging
+    _finished: bool = field(default=False, repr=False)
+    # holds the source and destination tensors alive until the copy has run: the caller may drop
+    # a staging buffer right after submit, and its memory must not be reused under the DMA
+    _keep: tuple = field(default=(), repr=False)
+
+    def done(self) -> bool:
+        if self._finished or self.end_event is None:
+            return True
+        return bool(self.end_event.query())
+
+
+class TransferEngine:
+    """Runs copy jobs between the bank and KV pages.
+
+    device: where the pages live; "cpu" copies synchronously. num_streams: copy streams pooled on
+    CUDA (jobs round-robin over them). batch_dma: use ``cuMemcpyBatchAsync``; None = when the
+    driver has it (CUDA >= 12.8), True = require it.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", *, num_streams: int = 2, batch_dma: bool | None = None) -> None:
+        self.device = torch.device(device)
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"TransferEngine device={device!r}: expected 'cpu' or a cuda device")
+        if not isinstance(num_streams, int) or isinstance(num_streams, bool) or not 1 <= num_streams <= 64:
+            raise ValueError(f"TransferEngine num_streams={num_streams!r} is out of range: allowed 1 <= num_streams <= 64")
+        self.num_streams = num_streams
+        self._ids = itertools.count(1)
+        self._inflight: list[TransferJob] = []
+        self._reported: list[TransferJob] = []  # finished, not yet returned by poll()
+        self._events: list[Any] = []
+        self._streams: list[Any] = []
+        self._next_stream = 0
+        self._batch: BatchMemcpy | None = None
+        self._warned = False
+        self._closed = False
+        self._stats = {"bytes_stored": 0, "bytes_loaded": 0, "jobs": 0, "store_jobs": 0, "load_jobs": 0,
+                       "fragments": 0, "merged_fragments": 0, "errors": 0, "busy_s": 0.0}
+        self._paths = dict.fromkeys(PATHS, 0)
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"TransferEngine device={device!r} needs CUDA: torch.cuda.is_available() is False")
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            self._streams = [torch.cuda.Stream(self.device) for _ in range(num_streams)]
+            if batch_dma is not False:
+                self._batch = resolve_batch_memcpy(self.device, required=bool(batch_dma))
+        elif batch_dma:
+            raise ValueError("TransferEngine batch_dma=True needs a cuda device (cuMemcpyBatchAsync is a CUDA API)")
+        self.path = "cpu-sync" if self.device.type == "cpu" else ("dma-batch" if self._batch else "dma-loop")
+
+    # --- submission ----------------------------------------------------------------------------
+    def submit(
+        self,
+        kind: str,
+        srcs: Sequence[torch.Tensor],
+        dsts: Sequence[torch.Tensor],
+        *,
+        after: "torch.cuda.Event | None" = None,
+        tag: Any = None,
+    ) -> TransferJob:
+        """Start copying ``srcs[i]`` into ``dsts[i]`` for every i.
+
+        kind: "store" (pages -> bank) or "load" (bank -> pages). srcs, dsts: contiguous tensors,
+        pairwise equal numel and dtype, on the CPU or the engine's device. after: on CUDA, an event
+        on the compute stream the copy must wait for (default: everything queued on the current
+        stream so far). Returns the job; on the CPU it is already done.
+        """
+        if self._closed:
+            raise RuntimeError("the transfer engine is closed")
+        if kind not in KINDS:
+            raise ValueError(f"kind={kind!r}: choose one of {list(KINDS)}")
+        check_pairs(srcs, dsts)
+        if self.device.type == "cuda":
+            for i, (s, d) in enumerate(zip(srcs, dsts)):
+                for side, t in (("src", s), ("dst", d)):
+                    if t.device.type != "cpu" and t.device != self.device:
+                        raise ValueError(f"pair {i}: {side} is on {t.device}, expected cpu or {self.device}")
+        runs = plan_runs(srcs, dsts)
+        job = TransferJob(
+            job_id=next(self._ids), kind=kind, nbytes=sum(r[2] for r in runs), num_fragments=len(runs),
+            path=self.path, tag=tag, submitted_at=time.perf_counter(), num_pairs=len(srcs),
+        )
+        self._account_submit(job)
+        if self.device.type == "cpu":
+            self._run_cpu(job, runs, srcs, dsts)
+        else:
+            self._run_cuda(job, runs, srcs, dsts, after)
+        return job
+
+    def _account_submit(self, job: TransferJob) -> None:
+        s = self._stats
+        s["jobs"] += 1
+        s[f"{job.kind}_jobs"] += 1
+        s["bytes_stored" if job.kind == "store" else "bytes_loaded"] += job.nbytes
+        s["fragments"] += job.num_pairs
+        s["merged_fragments"] += job.num_fragments
+
+    def _fail(self, job: TransferJob, exc: BaseException) -> None:
+        job.error = f"{type(exc).__name__}: {exc}"
+        self._stats["errors"] += 1
+        # logged once per engine at warning level: a failing link would otherwise flood the log
+        log = logger.debug if self._warned else logger.warning
+        log("transfer job %d (%s, %d bytes) failed: %s", job.job_id, job.kind, job.nbytes, job.error)
+        self._warned = True
+
+    def _run_cpu(self, job: TransferJob, runs: list[Run], srcs, dsts) -> None:
+        t0 = time.perf_counter()
+        try:
+            copy_runs(runs, srcs, dsts, non_blocking=False)
+        except Exception as exc:  # noqa: BLE001 - reported on the job, never raised mid-step
+            self._fail(job, exc)
+        self._stats["busy_s"] += time.perf_counter() - t0
+        self._finish(job)
+
+    def _event(self) -> Any:
+        return self._events.pop() if self._events else torch.cuda.Event(enable_timing=True)
+
+    def _run_cuda(self, job: TransferJob, runs: list[Run], srcs, dsts, after: Any) -> None:
+        stream = self._streams[self._next_stream]
+        self._next_stream = (self._next_stream + 1) % len(self._streams)
+        job.stream = stream
+        job._keep = (tuple(srcs), tuple(dsts))
+        if after is None:
+            # a store must not read pages compute is still writing, and a load must not overwrite
+            # pages compute still reads: order the copy after all work queued on the caller's stream
+            marker = self._event()
+            marker.record(torch.cuda.current_stream(self.device))
+            stream.wait_event(marker)
+            self._events.append(marker)  # the wait captured the record: the event is free again
+        else:
+            stream.wait_event(after)
+        job.start_event, job.end_event = self._event(), self._event()
+        job.start_event.record(stream)
+        try:
+            if runs:
+                if self._batch is not None and self._can_batch(srcs, dsts):
+                    self._batch.copy(runs, stream)
+                else:
+                    job.path = "dma-loop"
+                    with torch.cuda.stream(stream):
+                        copy_runs(runs, srcs, dsts, non_blocking=True)
+        except Exception as exc:  # noqa: BLE001 - reported on the job (connector's load-error API)
+            self._fail(job, exc)
+        job.end_event.record(stream)
+        self._inflight.append(job)
+
+    @staticmethod
+    def _can_batch(srcs: Sequence[torch.Tensor], dsts: Sequence[torch.Tensor]) -> bool:
+        # the DMA engines need page-locked host memory; pageable tensors take the loop path, where
+        # torch stages them correctly
+        seen: set[int] = set()
+        for t in itertools.chain(srcs, dsts):
+            if t.device.type == "cpu":
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in seen:
+                    if not t.is_pinned():
+                        return False
+                    seen.add(ptr)
+        return True
+
+    # --- completion ----------------------------------------------------------------------------
+    def _finish(self, job: TransferJob) -> None:
+        job._finished = True
+        job.finished_at = time.perf_counter()
+        job._keep = ()
+        self._paths[job.path] += 1
+        if job.start_event is not None and job.end_event is not None:
+            self._stats["busy_s"] += job.start_event.elapsed_time(job.end_event) / 1e3
+            self._events += [job.start_event, job.end_event]
+        self._reported.append(job)
+
+    def poll(self) -> list[TransferJob]:
+        """Jobs that finished since the last poll, by job id. Never waits."""
+        still = []
+        for job in self._inflight:
+            if job.done():
+                self._finish(job)
+            else:
+                still.append(job)
+        self._inflight = still
+        out, self._reported = sorted(self._reported, key=lambda j: j.job_id), []
+        return out
+
+    def wait(self, job: TransferJob) -> None:
+        """Block until ``job`` is done (it is still reported by the next ``poll``)."""
+        if job in self._inflight:
+            job.end_event.synchronize()
+            self._inflight.remove(job)
+            self._finish(job)
+
+    def wait_all(self) -> None:
+        for job in list(self._inflight):
+            self.wait(job)
+
+    def pending(self) -> int:
+        """Jobs submitted whose completion has not been observed yet."""
+        return len(self._inflight)
+
+    def stats(self) -> dict:
+        out = dict(self._stats)
+        out["paths"] = dict(self._paths)
+        out["pending"] = len(self._inflight)
+        out["batch_dma"] = self._batch is not None
+        return out
+
+    def close(self) -> None:
+        """Wait for every job, then drop the pooled streams and events. Idempotent."""
+        if self._closed:
+            return
+        self.wait_all()
+        self._closed = True
+        self._streams, self._events = [], []
+
+    def __enter__(self) -> "TransferEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
