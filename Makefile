@@ -31,10 +31,10 @@ demo: $(STAMP)
 	$(BIN)/worldkv demo
 
 test: $(VLLM_STAMP)
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest
+	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -m "not slow and not vllm"
+	$(BIN)/python -m pytest -m "not slow and not vllm"
 
 soak: $(STAMP)
 	$(BIN)/python -m pytest -m slow
