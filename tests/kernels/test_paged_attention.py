@@ -168,7 +168,7 @@ def test_kernels_import_and_references_run_without_triton_or_cupy():
         assert k.paged_attention_torch(q, pool, pool, bt, pl).shape == q.shape
         assert cuda_copy.available() is False
         try:
-            k.paged_attention(q, pool, pool, bt, pl)
+            k.paged_attention_triton(q, pool, pool, bt, pl)
         except RuntimeError as exc:
             assert "paged_attention_torch" in str(exc)
         else:
