@@ -10,6 +10,16 @@ The host tier is one slab allocated once. When CUDA is present it is pinned with
 power of two, which would waste up to half of a multi-GiB bank (DESIGN §2). The GPU tier is one
 slab on the device. Slots never move, so transfer descriptors built from ``view`` stay valid for
 the life of an entry.
+
+Optional disk tier (``disk=DiskTier(...)``, or ``bank_dir`` in the config): when the host/GPU tier
+is full, the eviction victim is spilled to a file instead of dropped, and ``ensure_resident`` brings
+it back into a slot. A spilled entry keeps its key, pose, meta and indices in the bank (``tier ==
+"disk"``, ``slot == -1``); only its payload moves. Evict listeners are told only when an entry
+leaves the bank entirely (dropped from the host tier without a disk tier, or from the disk tier).
+
+Accounting: ``bytes_used`` is the host/GPU tier's payload bytes (its meaning from before the disk
+tier existed: memory held in the slab); ``disk_bytes_used`` the disk tier's; ``total_bytes_used``
+both. ``len(bank)``, ``keys()`` and ``in`` cover every tier: a spilled key is still in the bank.
 """
 from __future__ import annotations
 
@@ -22,10 +32,11 @@ import numpy as np
 import torch
 
 from worldkv_connector.config import WorldKVConfig
+from worldkv_connector.disk_tier import DISK, DiskSpillMixin, DiskTier, NotResidentError
 from worldkv_connector.eviction import EvictionPolicy, get_eviction
 from worldkv_connector.shapes import KVShape
 
-__all__ = ["Bank", "BankEntry", "BankKey"]
+__all__ = ["Bank", "BankEntry", "BankKey", "NotResidentError"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +49,10 @@ class BankEntry:
     """Bookkeeping of one banked chunk/block (the payload lives in the bank's slab)."""
 
     key: BankKey
-    slot: int
+    slot: int  # -1 while the entry is on the disk tier
     num_tokens: int
     nbytes: int  # payload bytes: 2 * L * num_tokens * H * D * itemsize
-    tier: str
+    tier: str  # the bank's tier ("cpu"/"gpu") or "disk"
     ready: bool = False  # False while its store is in flight; only ready entries are evictable
     pins: int = 0  # in-flight transfers reading or writing it; pinned entries are never freed
     last_used: int = 0  # logical clock of the last reserve/touch
@@ -74,11 +85,13 @@ def _release(slab: torch.Tensor, pinned: bool) -> None:
             logger.warning("cudaHostUnregister failed (error %s)", err)
 
 
-class Bank:
+class Bank(DiskSpillMixin):
     """A tiered store of KV chunks with a byte capacity and a pluggable eviction policy.
 
     "No room right now" (every slot holds an entry that is still being written or is pinned) is
-    ``reserve`` returning None, not an exception.
+    ``reserve`` returning None, not an exception. ``disk``: an optional spill tier the bank then
+    owns (closed with the bank); moving entries to and from it (``spill``, ``ensure_resident``,
+    ``is_resident``, ``read_payload``) is ``DiskSpillMixin``'s part, in ``disk_tier.py``.
     """
 
     def __init__(
@@ -94,6 +107,7 @@ class Bank:
         eviction: str = "lru",
         device: str | torch.device | None = None,
         pin: bool | None = None,
+        disk: DiskTier | None = None,
     ) -> None:
         for name, value in (
             ("num_layers", num_layers),
@@ -107,6 +121,8 @@ class Bank:
             raise ValueError(f"Bank dtype={dtype!r}: expected a floating torch.dtype")
         if tier not in _TIERS:
             raise ValueError(f"Bank tier={tier!r}: choose one of {list(_TIERS)}")
+        if disk is not None and not isinstance(disk, DiskTier):
+            raise ValueError(f"Bank disk={disk!r}: expected a DiskTier or None")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.dtype, self.slot_tokens, self.tier = dtype, slot_tokens, tier
         self.capacity_bytes = capacity_bytes
@@ -136,8 +152,13 @@ class Bank:
         self._free: list[int] = list(range(self.num_slots - 1, -1, -1))
         self._listeners: list[Callable[[BankKey, BankEntry], None]] = []
         self._clock = 0
-        self.bytes_used = 0
-        self.evictions = 0
+        self.bytes_used = 0  # host/GPU tier only (see the module docstring)
+        self.evictions = 0  # entries that left the bank by eviction, from any tier
+        self.disk = disk
+        self.spills = 0  # host -> disk moves
+        self.restores = 0  # disk -> host moves
+        self.disk_errors = 0  # spilled entries dropped because their file was missing or damaged
+        self._protected: BankKey | None = None  # the key ensure_resident is bringing back
         self._closed = False
 
     @staticmethod
@@ -164,7 +185,8 @@ class Bank:
         device: str | torch.device | None = None,
     ) -> "Bank":
         """A bank sized from a model's KV shape and the connector config: slots hold one compressed
-        chunk (``config.kept_tokens(shape.frame_tokens)`` tokens) unless ``slot_tokens`` is given."""
+        chunk (``config.kept_tokens(shape.frame_tokens)`` tokens) unless ``slot_tokens`` is given.
+        A disk tier is added when ``config.bank_dir`` is set (capacity ``config.disk_bytes``)."""
         return cls(
             num_layers=shape.num_layers,
             num_kv_heads=shape.num_kv_heads,
@@ -175,16 +197,32 @@ class Bank:
             tier=config.bank,
             eviction=config.eviction,
             device=device,
+            disk=DiskTier.from_config(config),
         )
 
     # --- sizes ---------------------------------------------------------------------------------
     @property
     def entries(self) -> int:
+        """Entries on every tier."""
         return len(self._entries)
+
+    @property
+    def host_entries(self) -> int:
+        """Entries holding a slot of the host/GPU tier."""
+        return self.num_slots - len(self._free) if not self._closed else 0
 
     @property
     def free_slots(self) -> int:
         return len(self._free)
+
+    @property
+    def disk_bytes_used(self) -> int:
+        return self.disk.bytes_used if self.disk is not None and not self.disk.closed else 0
+
+    @property
+    def total_bytes_used(self) -> int:
+        """Payload bytes on every tier (``bytes_used`` + ``disk_bytes_used``)."""
+        return self.bytes_used + self.disk_bytes_used
 
     def entry_bytes(self, num_tokens: int) -> int:
         return 2 * self.num_layers * num_tokens * self.token_bytes
@@ -200,7 +238,8 @@ class Bank:
         meta: dict | None = None,
     ) -> BankEntry | None:
         """Allocate a slot for ``key`` (not ready until ``mark_ready``), evicting per policy among
-        ready, unpinned entries when the bank is full. Returns None when there is still no room.
+        ready, unpinned entries when the bank is full (spilling them to the disk tier if there is
+        one). Returns None when there is still no room.
 
         indices: kept token ids ``[L, num_tokens]`` (or ``[num_tokens]``), any int dtype, any
         device; stored as CPU int64. pose: the entry's camera pose (any array-like).
@@ -217,11 +256,8 @@ class Bank:
             if indices.ndim == 2 and indices.shape[0] != self.num_layers:
                 raise ValueError(f"indices must be [{self.num_layers}, {num_tokens}] token ids, got {tuple(indices.shape)}")
             indices = indices.detach().to("cpu", torch.int64)
-        while not self._free:
-            victim = self._policy.choose_victim(self._entries)
-            if victim is None:
-                return None
-            self._evict(victim)
+        if not self._make_room():
+            return None
         self._clock += 1
         entry = BankEntry(
             key=key,
@@ -239,8 +275,28 @@ class Bank:
         self._policy.on_insert(key)
         return entry
 
+    def _make_room(self) -> bool:
+        """Free a slot if none is free, demoting policy victims. False when nothing may go."""
+        while not self._free:
+            # the policy only knows host keys (spilled keys leave its order), so it never picks one
+            victim = self._policy.choose_victim(self._entries)
+            if victim is None:
+                return False
+            if self._entries[victim].tier == DISK:
+                raise RuntimeError(f"eviction policy {self.eviction!r} chose {victim!r}, which is not resident")
+            self._demote(victim)
+        return True
+
+    def _demote(self, key: BankKey) -> None:
+        """Move a ready, unpinned host entry to the disk tier, or evict it when that fails."""
+        if not self._spill(key):
+            self._evict(key)
+
     def _remove(self, key: BankKey) -> BankEntry:
         entry = self._entries.pop(key)
+        if entry.tier == DISK:
+            self.disk.remove(key)  # type: ignore[union-attr]  # disk entries exist only with a disk tier
+            return entry
         self._policy.on_remove(key)
         self._free.append(entry.slot)
         self.bytes_used -= entry.nbytes
@@ -249,7 +305,7 @@ class Bank:
     def _evict(self, key: BankKey) -> None:
         entry = self._remove(key)
         self.evictions += 1
-        logger.debug("bank evicted %r (%d bytes, slot %d)", key, entry.nbytes, entry.slot)
+        logger.debug("bank evicted %r (%d bytes, %s tier)", key, entry.nbytes, entry.tier)
         # listeners run after the slot is free, so they see a consistent bank (e.g. drop the key
         # from the pose index)
         for fn in list(self._listeners):
@@ -292,11 +348,14 @@ class Bank:
         self._entry(key).ready = True
 
     def touch(self, key: BankKey) -> None:
-        """Record a retrieval of ``key`` (moves it to the young end of LRU)."""
+        """Record a retrieval of ``key`` (moves it to the young end of LRU, of its own tier)."""
         entry = self._entry(key)
         self._clock += 1
         entry.last_used = self._clock
-        self._policy.on_touch(key)
+        if entry.tier == DISK:
+            self.disk.touch(key)  # type: ignore[union-attr]
+        else:
+            self._policy.on_touch(key)
 
     def pin(self, key: BankKey) -> None:
         self._entry(key).pins += 1
@@ -320,7 +379,8 @@ class Bank:
         return iter(list(self._entries))
 
     def add_evict_listener(self, fn: Callable[[BankKey, BankEntry], None]) -> None:
-        """Call ``fn(key, entry)`` after each eviction (not after an explicit ``free``)."""
+        """Call ``fn(key, entry)`` after each eviction, i.e. when an entry leaves the bank without
+        an explicit ``free`` (a spill to the disk tier is not an eviction)."""
         self._listeners.append(fn)
 
     # --- payload views -------------------------------------------------------------------------
@@ -335,10 +395,16 @@ class Bank:
         """``[num_layers, 2, num_tokens, H, D]`` view of ``key``'s payload (strided: each
         ``[layer, k_or_v]`` run is contiguous), bank dtype, bank device."""
         entry = self._entry(key)
+        if entry.tier == DISK:
+            raise NotResidentError(f"bank key {key!r} is on the disk tier: call ensure_resident(key) first")
         return self._slab[entry.slot, :, :, : entry.num_tokens]
 
     # --- reporting and lifetime ----------------------------------------------------------------
     def stats(self) -> dict:
+        """Counters. ``bytes_used``/``capacity_bytes`` are the host/GPU tier's; ``entries`` and
+        ``total_bytes_used`` cover every tier; ``tiers`` breaks them down per tier."""
+        disk_cap = self.disk.capacity_bytes if self.disk is not None else 0
+        disk_entries = len(self._entries) - self.host_entries
         return {
             "bytes_used": self.bytes_used,
             "entries": len(self._entries),
@@ -349,6 +415,16 @@ class Bank:
             "evictions": self.evictions,
             "tier": self.tier,
             "pinned": self.pinned,
+            "total_bytes_used": self.total_bytes_used,
+            "disk_bytes_used": self.disk_bytes_used,
+            "disk_entries": disk_entries,
+            "spills": self.spills,
+            "restores": self.restores,
+            "disk_errors": self.disk_errors,
+            "tiers": {
+                self.tier: {"entries": self.host_entries, "bytes_used": self.bytes_used, "capacity_bytes": self.capacity_bytes},
+                DISK: {"entries": disk_entries, "bytes_used": self.disk_bytes_used, "capacity_bytes": disk_cap},
+            },
         }
 
     def _check_open(self) -> None:
@@ -360,7 +436,8 @@ class Bank:
         return self._closed
 
     def close(self) -> None:
-        """Unregister pinned memory and drop the slab (after in-flight transfers finished). Idempotent."""
+        """Unregister pinned memory, drop the slab and delete the disk tier's files (after in-flight
+        transfers finished). Idempotent; any later use raises ``RuntimeError``."""
         if self._closed:
             return
         pinned = sum(1 for e in self._entries.values() if e.pins)
@@ -372,6 +449,8 @@ class Bank:
         self.bytes_used = 0
         self._slab = None  # type: ignore[assignment]
         self._finalizer()
+        if self.disk is not None:
+            self.disk.close()
 
     def __enter__(self) -> "Bank":
         return self
@@ -382,5 +461,6 @@ class Bank:
     def __repr__(self) -> str:
         return (
             f"Bank(tier={self.tier!r}, slots={self.num_slots} x {self.slot_bytes} B, "
-            f"entries={len(self._entries)}, bytes_used={self.bytes_used}, eviction={self.eviction!r})"
+            f"entries={len(self._entries)}, bytes_used={self.bytes_used}, disk_bytes_used={self.disk_bytes_used}, "
+            f"eviction={self.eviction!r})"
         )

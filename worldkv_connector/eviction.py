@@ -46,6 +46,10 @@ class EvictionPolicy:
 
     The default keeps keys in an ``OrderedDict`` (oldest first), which makes LRU and FIFO O(1) per
     hook; ``choose_victim`` skips entries the bank may not evict (not ready, or pinned).
+
+    With a disk tier the hooks describe the resident (host/GPU) tier only: a spilled key gets
+    ``on_remove`` and, when it comes back, ``on_insert``; ``entries`` may still hold spilled
+    entries (``tier == "disk"``), so a policy should pick from the keys it was told about.
     """
 
     name = "base"

@@ -1,0 +1,371 @@
+"""Save a bank to a directory and load it back, verified before anything is inserted.
+
+Layout of a saved bank (a directory)::
+
+    manifest.json          format, version, config fingerprint, KV shape, one record per entry
+    kv-<token>.safetensors per entry i: "e{i}.kv" [L, 2, T_i, H, D] (bank dtype) and, when the
+                           entry has kept token ids, "e{i}.indices" [L, T_i] int64
+
+Keys are serialised as JSON: tuples become lists (keys are hashable, so they never hold lists and
+the reverse mapping is exact), ``bytes`` become ``{"bytes": hex}``; str, int, float, bool and None
+stay as they are. Any other key type is refused with a ``ValueError`` naming the key.
+
+Writes are atomic: the data file gets a fresh name, is written to a temporary file and renamed;
+the manifest (which names the data file) is written the same way last, so it is the commit point.
+A crash leaves either the old bank or the new one, never a mix; the previous data file is deleted
+after the new manifest is in place.
+
+``load_bank`` checks the format, the config fingerprint, the KV shape and every entry's sha256
+before it reserves a single slot, so a mismatched, truncated or corrupted bank raises
+``ValueError`` and leaves the target bank unchanged.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Hashable
+
+import numpy as np
+import torch
+
+from worldkv_connector.bank import Bank
+from worldkv_connector.config import WorldKVConfig
+from worldkv_connector.shapes import KVShape
+
+__all__ = ["save_bank", "load_bank", "read_manifest", "verify_bank", "encode_key", "decode_key", "MANIFEST", "FORMAT_VERSION"]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT = "worldkv-bank"
+FORMAT_VERSION = 1
+_SHAPE_FIELDS = ("num_layers", "num_kv_heads", "head_dim", "dtype", "frame_tokens")
+
+
+# --- keys ------------------------------------------------------------------------------------------
+def encode_key(key: Hashable) -> Any:
+    """JSON-able form of a bank key (tuples -> lists, bytes -> {"bytes": hex})."""
+    if key is None or isinstance(key, (str, bool, int, float)):
+        return key
+    if isinstance(key, tuple):
+        return [encode_key(k) for k in key]
+    if isinstance(key, bytes):
+        return {"bytes": key.hex()}
+    raise ValueError(f"bank key {key!r} of type {type(key).__name__} cannot be saved: "
+                     "keys must be str, int, float, bool, None, bytes or tuples of those")
+
+
+def decode_key(data: Any) -> Hashable:
+    """Inverse of ``encode_key``."""
+    if isinstance(data, list):
+        return tuple(decode_key(d) for d in data)
+    if isinstance(data, dict):
+        if set(data) != {"bytes"} or not isinstance(data["bytes"], str):
+            raise ValueError(f"saved key {data!r} is not a valid encoded key")
+        return bytes.fromhex(data["bytes"])
+    return data
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+def _shape_record(kv_shape: KVShape) -> dict:
+    return {f: getattr(kv_shape, f) for f in _SHAPE_FIELDS}
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _digest(kv: torch.Tensor, indices: torch.Tensor | None) -> str:
+    h = hashlib.sha256(_tensor_bytes(kv))
+    if indices is not None:
+        h.update(_tensor_bytes(indices))
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename onto ``path`` (same directory, so the rename is atomic)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:  # the data must be on disk before the name points at it
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _check_bank_shape(bank: Bank, kv_shape: KVShape) -> None:
+    got = {"num_layers": bank.num_layers, "num_kv_heads": bank.num_kv_heads, "head_dim": bank.head_dim,
+           "dtype": bank.dtype}
+    want = {"num_layers": kv_shape.num_layers, "num_kv_heads": kv_shape.num_kv_heads,
+            "head_dim": kv_shape.head_dim, "dtype": kv_shape.torch_dtype}
+    for name in got:
+        if got[name] != want[name]:
+            raise ValueError(f"bank {name}={got[name]} does not match kv_shape.{name}={want[name]}")
+
+
+# --- save ------------------------------------------------------------------------------------------
+def save_bank(
+    bank: Bank,
+    path: str | os.PathLike,
+    *,
+    session_id: str | None = None,
+    config: WorldKVConfig,
+    kv_shape: KVShape,
+    extra: dict | None = None,
+) -> dict:
+    """Write ``bank``'s ready entries (or only those whose key is ``(session_id, ...)``) to the
+    directory ``path`` (created if needed; a bank saved there before is replaced atomically).
+
+    Entries still being written (not ready) are skipped. Spilled (disk tier) entries are read
+    back from their files. Returns the manifest that was written.
+    """
+    _check_bank_shape(bank, kv_shape)
+    if extra is not None:
+        try:
+            json.dumps(extra)
+        except TypeError as exc:
+            raise ValueError(f"extra is not JSON-serialisable: {exc}") from None
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    keys = [k for k in bank.keys()
+            if session_id is None or (isinstance(k, tuple) and len(k) > 0 and k[0] == session_id)]
+    tensors: dict[str, torch.Tensor] = {}
+    records = []
+    skipped = 0
+    for key in keys:
+        entry = bank.get(key)
+        if entry is None or not entry.ready:
+            skipped += 1
+            continue
+        name = f"e{len(records)}"
+        kv = bank.read_payload(key)  # [L, 2, T, H, D], CPU
+        tensors[f"{name}.kv"] = kv
+        if entry.indices is not None:
+            tensors[f"{name}.indices"] = entry.indices.contiguous()
+        try:
+            meta = json.loads(json.dumps(entry.meta))
+        except TypeError as exc:
+            raise ValueError(f"bank key {key!r}: meta is not JSON-serialisable ({exc})") from None
+        records.append({
+            "name": name,
+            "key": encode_key(key),
+            "num_tokens": entry.num_tokens,
+            "nbytes": entry.nbytes,
+            "has_indices": entry.indices is not None,
+            "pose": None if entry.pose is None else np.asarray(entry.pose, dtype=np.float64).tolist(),
+            "meta": meta,
+            "sha256": _digest(kv, entry.indices),
+        })
+    if skipped:
+        logger.info("save_bank skipped %d entries still being written", skipped)
+
+    previous = None
+    if (out / MANIFEST).is_file():
+        try:
+            previous = read_manifest(out).get("data_file")
+        except ValueError:
+            previous = None
+    data_file = f"kv-{secrets.token_hex(8)}.safetensors"
+    from safetensors.torch import save_file
+
+    _atomic_write(out / data_file, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "fingerprint": config.fingerprint(),
+        "kv_shape": _shape_record(kv_shape),
+        "config": config.to_dict(),
+        "session_id": session_id,
+        "created_unix": time.time(),
+        "data_file": data_file,
+        "entries": records,
+        "total_bytes": sum(r["nbytes"] for r in records),
+        "extra": extra or {},
+    }
+    text = json.dumps(manifest, indent=1, sort_keys=True)
+    _atomic_write(out / MANIFEST, lambda tmp: Path(tmp).write_text(text))
+    if previous and previous != data_file and (out / previous).is_file():
+        (out / previous).unlink()  # only after the new manifest committed
+    logger.info("saved %d bank entries (%d bytes) to %s", len(records), manifest["total_bytes"], out)
+    return manifest
+
+
+# --- read and verify -------------------------------------------------------------------------------
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of the bank saved in directory ``path``, after checking its format and version.
+    FileNotFoundError if there is none; ValueError if it is not a WorldKV bank manifest."""
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no saved bank here ({MANIFEST} not found)")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{file}: format={manifest.get('format') if isinstance(manifest, dict) else None!r}, "
+                         f"expected {FORMAT!r}")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{file}: version: saved {manifest.get('version')!r}, expected {FORMAT_VERSION}")
+    for name, kind in (("entries", list), ("kv_shape", dict), ("data_file", str), ("fingerprint", str)):
+        if not isinstance(manifest.get(name), kind):
+            raise ValueError(f"{file}: field {name!r} is missing or not a {kind.__name__}")
+    for i, rec in enumerate(manifest["entries"]):
+        _check_record(file, i, rec)
+    if Path(manifest["data_file"]).name != manifest["data_file"]:
+        raise ValueError(f"{file}: data_file {manifest['data_file']!r} must be a plain file name")
+    return manifest
+
+
+_RECORD = {"name": str, "num_tokens": int, "nbytes": int, "has_indices": bool, "sha256": str, "meta": dict}
+
+
+def _check_record(file: Path, i: int, rec: Any) -> None:
+    if not isinstance(rec, dict) or "key" not in rec:
+        raise ValueError(f"{file}: entry #{i} is not a record with a key")
+    for name, kind in _RECORD.items():
+        value = rec.get(name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"{file}: entry #{i} ({rec.get('name')!r}) field {name!r}={value!r}: expected {kind.__name__}")
+
+
+def _check_compat(manifest: dict, config: WorldKVConfig, kv_shape: KVShape) -> None:
+    if manifest["fingerprint"] != config.fingerprint():
+        raise ValueError(f"fingerprint: saved {manifest['fingerprint']}, expected {config.fingerprint()} "
+                         "(the bank was saved with different frames_per_chunk/keep_ratio/pooled/page_size)")
+    want = _shape_record(kv_shape)
+    for name in _SHAPE_FIELDS:
+        saved = manifest["kv_shape"].get(name)
+        if saved != want[name]:
+            raise ValueError(f"kv_shape.{name}: saved {saved!r}, expected {want[name]!r}")
+
+
+def _damaged_names(data: Path) -> str:
+    """Which tensors of an unreadable safetensors file lie past its end (for the error message)."""
+    try:
+        size = data.stat().st_size
+        with open(data, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n)) if 0 < n <= size - 8 else None
+    except (OSError, ValueError):
+        header = None
+    if not isinstance(header, dict):
+        return "its header is unreadable"
+    past = sorted({name.split(".")[0] for name, info in header.items()
+                   if isinstance(info, dict) and 8 + n + info.get("data_offsets", [0, 0])[1] > size})
+    return f"entries {past} lie past the end of the file" if past else "the header does not match the data"
+
+
+def _open_data(path: Path, manifest: dict):
+    from safetensors import safe_open
+
+    data = path / manifest["data_file"]
+    if not data.is_file():
+        raise ValueError(f"{path}: data file {manifest['data_file']} is missing")
+    try:
+        return safe_open(str(data), framework="pt")
+    except Exception as exc:  # safetensors raises its own error types for a damaged file
+        raise ValueError(f"{data.name} is truncated or corrupted ({_damaged_names(data)}; {exc})") from None
+
+
+def _verified(f, rec: dict, kv_shape: KVShape | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(kv, indices)`` of one manifest record read from the open file ``f``, after checking
+    shape and checksum. ValueError naming the entry on any problem."""
+    label = f"entry {rec.get('name')!r} (key {rec.get('key')!r})"
+    try:
+        names = set(f.keys())
+        if f"{rec['name']}.kv" not in names or (rec["has_indices"] and f"{rec['name']}.indices" not in names):
+            raise ValueError(f"{label}: its tensors are missing from the data file")
+        kv = f.get_tensor(f"{rec['name']}.kv")
+        indices = f.get_tensor(f"{rec['name']}.indices") if rec["has_indices"] else None
+    except KeyError as exc:
+        raise ValueError(f"{label}: field {exc} missing from the manifest record") from None
+    except ValueError:
+        raise
+    except Exception as exc:  # bytes past the end of a truncated file
+        raise ValueError(f"{label}: cannot be read ({exc}): truncated or corrupted") from None
+    if kv.ndim != 5 or kv.shape[1] != 2 or kv.shape[2] != rec["num_tokens"]:
+        raise ValueError(f"{label}: tensor shape {tuple(kv.shape)} does not match num_tokens={rec['num_tokens']}")
+    if kv_shape is not None:
+        want = (kv_shape.num_layers, 2, rec["num_tokens"], kv_shape.num_kv_heads, kv_shape.head_dim)
+        if tuple(kv.shape) != want or kv.dtype != kv_shape.torch_dtype:
+            raise ValueError(f"{label}: tensor {tuple(kv.shape)} {kv.dtype}, expected {want} {kv_shape.torch_dtype}")
+    if _digest(kv, indices) != rec.get("sha256"):
+        raise ValueError(f"{label}: sha256 mismatch: the saved data is corrupted")
+    return kv, indices
+
+
+def verify_bank(path: str | os.PathLike) -> list[str]:
+    """Check every entry of a saved bank against its checksum without loading it into a bank.
+    Returns the problems found (empty when the bank is intact); each names the entry or file."""
+    p = Path(path)
+    try:
+        manifest = read_manifest(p)
+        handle = _open_data(p, manifest)
+    except ValueError as exc:
+        return [str(exc)]
+    problems = []
+    with handle as f:
+        for rec in manifest["entries"]:  # keep going after a bad entry: report every damaged one
+            try:
+                _verified(f, rec, None)
+            except ValueError as exc:
+                problems.append(str(exc))
+    return problems
+
+
+# --- load ------------------------------------------------------------------------------------------
+def load_bank(path: str | os.PathLike, bank: Bank, *, config: WorldKVConfig, kv_shape: KVShape) -> list[Hashable]:
+    """Insert the bank saved in ``path`` into ``bank``; returns the keys inserted, in saved order.
+
+    Verifies first (format, fingerprint, KV shape, every entry's checksum, that no key is already
+    in ``bank`` and that enough slots are free); any problem raises ``ValueError`` (naming the
+    field or entry) with ``bank`` unchanged. Entries are inserted ready, with pose, meta and indices.
+    """
+    p = Path(path)
+    manifest = read_manifest(p)
+    _check_compat(manifest, config, kv_shape)
+    _check_bank_shape(bank, kv_shape)
+    keys = []
+    for rec in manifest["entries"]:
+        key = decode_key(rec["key"])
+        if key in bank:
+            raise ValueError(f"entry {rec['name']!r}: key {key!r} is already in the bank")
+        if not 1 <= rec["num_tokens"] <= bank.slot_tokens:
+            raise ValueError(f"entry {rec['name']!r}: num_tokens={rec['num_tokens']} does not fit the bank's "
+                             f"slots of {bank.slot_tokens} tokens")
+        keys.append(key)
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{p}: the manifest lists a key twice")
+    if len(keys) > bank.free_slots:
+        raise ValueError(f"the saved bank has {len(keys)} entries but the bank has {bank.free_slots} free slots: "
+                         "raise bank_bytes or free entries first")
+    inserted: list[Hashable] = []
+    with _open_data(p, manifest) as f:
+        for rec in manifest["entries"]:  # every checksum before any insert; one tensor at a time
+            _verified(f, rec, kv_shape)
+        try:
+            for key, rec in zip(keys, manifest["entries"]):
+                # read and checked again: the file could have changed since the first pass
+                kv, indices = _verified(f, rec, kv_shape)
+                entry = bank.reserve(key, rec["num_tokens"], indices=indices, pose=rec["pose"], meta=rec["meta"])
+                if entry is None:  # cannot happen with enough free slots; kept as a guard
+                    raise ValueError(f"entry {rec['name']!r}: no free slot")
+                inserted.append(key)
+                bank.view(key).copy_(kv)
+                bank.mark_ready(key)
+        except BaseException:
+            for key in inserted:  # never half-loaded
+                bank.free(key)
+            raise
+    logger.info("loaded %d bank entries from %s", len(keys), p)
+    return keys
