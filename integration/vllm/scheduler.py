@@ -1,0 +1,271 @@
+"""Scheduler half of the vLLM connector: ids and bookkeeping only, no tensors (STYLE §5).
+
+It mirrors which blocks the worker's bank holds, keyed ``(namespace, block_hash)`` with vLLM's
+chained block hashes, answers ``get_num_new_matched_tokens`` from that mirror, and turns each
+scheduler step into a :class:`WorldKVConnectorMetadata` (loads: bank key -> block id; stores:
+block id -> bank key). The worker is authoritative: it reports completed stores, and entries it
+evicted or could not find, through :class:`WorldKVWorkerMetadata`, and a key is offered as a hit
+only once every worker confirmed its store.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Hashable
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorMetadata,
+    KVConnectorWorkerMetadata,
+)
+
+if TYPE_CHECKING:  # pragma: no cover - type names only
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+__all__ = ["BlockTransfer", "WorldKVConnectorMetadata", "WorldKVWorkerMetadata", "WorldKVScheduler", "bank_key"]
+
+logger = logging.getLogger(__name__)
+
+BankKey = Hashable  # (namespace: str, block_hash: bytes)
+
+
+def request_namespace(request: Any) -> str:
+    """Tenant namespace of a request's bank keys: its cache salt and LoRA adapter. vLLM already
+    folds both into its block hashes; keying by them as well makes "different salts never share"
+    a property of this connector, not of the hash function."""
+    salt = getattr(request, "cache_salt", None) or ""
+    lora = getattr(request, "lora_request", None)
+    lora_name = getattr(lora, "lora_name", "") if lora is not None else ""
+    return f"salt={salt}|lora={lora_name}"
+
+
+def bank_key(namespace: str, block_hash: Any) -> BankKey:
+    return (namespace, bytes(block_hash))
+
+
+@dataclass
+class BlockTransfer:
+    """One request's copies in one step: ``keys[i]`` <-> vLLM block ``block_ids[i]``."""
+
+    req_id: str
+    keys: list[BankKey]
+    block_ids: list[int]
+
+
+@dataclass
+class WorldKVConnectorMetadata(KVConnectorMetadata):
+    """Scheduler -> worker, once per step (plan once, run per layer: STYLE §9)."""
+
+    loads: list[BlockTransfer] = field(default_factory=list)
+    stores: list[BlockTransfer] = field(default_factory=list)
+    # requests preempted this step: their blocks may be overwritten, so pending stores are flushed
+    preempted_req_ids: set[str] = field(default_factory=set)
+    # finished requests whose block frees wait for their stores (request_finished returned True)
+    deferred_req_ids: set[str] = field(default_factory=set)
+    reset: bool = False  # drop every unpinned bank entry (reset_prefix_cache(reset_connector=True))
+
+
+@dataclass
+class WorldKVWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker -> scheduler, once per step: which keys became loadable and which are gone."""
+
+    stored: Counter = field(default_factory=Counter)  # key -> workers that finished its store
+    lost: set = field(default_factory=set)  # keys evicted, dropped, failed or missing on a worker
+
+    def aggregate(self, other: "KVConnectorWorkerMetadata") -> "WorldKVWorkerMetadata":
+        assert isinstance(other, WorldKVWorkerMetadata)
+        return WorldKVWorkerMetadata(stored=self.stored + other.stored, lost=self.lost | other.lost)
+
+
+@dataclass
+class _ReqState:
+    request: Any
+    namespace: str
+    block_ids: list[int] = field(default_factory=list)
+    num_local_tokens: int = 0  # local prefix-cache hit passed to get_num_new_matched_tokens
+    next_store: int = 0  # first block index not yet considered for a store
+    unconfirmed: set = field(default_factory=set)  # keys whose store no worker confirmed yet
+    finished: bool = False
+
+
+class WorldKVScheduler:
+    """Bookkeeping of the bank on the scheduler side.
+
+    block_size: vLLM's block size, one bank slot. num_workers: workers that each hold a bank
+    shard (a key is loadable once all of them stored it). load_async: report hits as asynchronous
+    loads (the request waits in WAITING_FOR_REMOTE_KVS) or as synchronous ones (loaded in
+    ``start_load_kv`` before the forward). stores_in_flight: whether the worker's copies can
+    outlive the step that issued them (CUDA); when False (CPU copies are synchronous) a finished
+    request never needs its block frees deferred.
+    """
+
+    def __init__(self, *, block_size: int, num_workers: int, load_async: bool, stores_in_flight: bool) -> None:
+        self.block_size = block_size
+        self.num_workers = num_workers
+        self.load_async = load_async
+        self.stores_in_flight = stores_in_flight
+        self._reqs: dict[str, _ReqState] = {}
+        self._ready: set = set()  # keys every worker holds
+        self._pending: Counter = Counter()  # key -> store confirmations so far
+        self._owner: dict[BankKey, str] = {}  # key -> request whose store is unconfirmed
+        self._loads: list[BlockTransfer] = []
+        self._deferred: set[str] = set()  # deferred requests not yet sent to the worker
+        self._awaiting_send: set[str] = set()  # deferred requests awaiting finished_sending
+        self._reset = False
+        self.totals = Counter()  # cumulative: hit_tokens, hit_requests, deferred_frees
+        self._interval = Counter()
+
+    # --- lookups -------------------------------------------------------------------------------
+    def _state(self, request: "Request") -> _ReqState:
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            st = self._reqs[request.request_id] = _ReqState(request, request_namespace(request))
+        return st
+
+    def on_new_request(self, request: "Request") -> None:
+        self._state(request)
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+        """Whole blocks past ``num_computed_tokens`` (block aligned) whose keys every worker holds,
+        stopping at the first miss and never covering the last prompt token (vLLM must compute at
+        least one token to sample from)."""
+        st = self._state(request)
+        st.num_local_tokens = num_computed_tokens
+        bs = self.block_size
+        hashes = request.block_hashes
+        limit = min(len(hashes), max(0, request.num_tokens - 1) // bs)
+        start = num_computed_tokens // bs
+        n = start
+        while n < limit and bank_key(st.namespace, hashes[n]) in self._ready:
+            n += 1
+        hit = (n - start) * bs
+        return hit, (self.load_async and hit > 0)
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+        if num_external_tokens <= 0:
+            return
+        st = self._state(request)
+        bs = self.block_size
+        start, count = st.num_local_tokens // bs, num_external_tokens // bs
+        block_ids = blocks.get_block_ids()[0]
+        keys = [bank_key(st.namespace, h) for h in request.block_hashes[start : start + count]]
+        self._loads.append(BlockTransfer(request.request_id, keys, list(block_ids[start : start + count])))
+        for c in (self.totals, self._interval):
+            c["hit_tokens"] += num_external_tokens
+            c["hit_requests"] += 1
+
+    # --- per step ------------------------------------------------------------------------------
+    def build_connector_meta(self, so: "SchedulerOutput") -> WorldKVConnectorMetadata:
+        stores: list[BlockTransfer] = []
+        preempted = set(so.preempted_req_ids or ())
+        for new in so.scheduled_new_reqs:
+            st = self._reqs.get(new.req_id)
+            if st is None:
+                continue
+            st.block_ids = list(new.block_ids[0])
+            self._plan_stores(st, new.num_computed_tokens, so.num_scheduled_tokens.get(new.req_id, 0), stores)
+        cached = so.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            st = self._reqs.get(req_id)
+            if st is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                # a resumed request gets a fresh block table; stores restart from the top, and keys
+                # the bank already holds are skipped
+                st.block_ids, st.next_store = list(new_ids[0]) if new_ids else [], 0
+            elif new_ids:
+                st.block_ids.extend(new_ids[0])
+            self._plan_stores(st, cached.num_computed_tokens[i], so.num_scheduled_tokens.get(req_id, 0), stores)
+        meta = WorldKVConnectorMetadata(
+            loads=self._loads, stores=stores, preempted_req_ids=preempted,
+            deferred_req_ids=self._deferred, reset=self._reset,
+        )
+        self._awaiting_send |= self._deferred
+        self._loads, self._deferred, self._reset = [], set(), False
+        return meta
+
+    def _plan_stores(self, st: _ReqState, computed: int, scheduled: int, out: list[BlockTransfer]) -> None:
+        """Store every full block whose KV exists after this step and that the bank lacks."""
+        hashes = st.request.block_hashes
+        # a rollback (failed load truncated by vLLM, preemption) recomputes blocks from `computed` on
+        st.next_store = min(st.next_store, computed // self.block_size)
+        full = min((computed + scheduled) // self.block_size, len(hashes), len(st.block_ids))
+        keys, ids = [], []
+        for i in range(st.next_store, full):
+            key = bank_key(st.namespace, hashes[i])
+            if key in self._ready or key in self._owner:
+                continue  # banked already, or a store of it is in flight
+            keys.append(key)
+            ids.append(st.block_ids[i])
+            self._owner[key] = st.request.request_id
+            st.unconfirmed.add(key)
+        st.next_store = max(st.next_store, full)
+        if keys:
+            out.append(BlockTransfer(st.request.request_id, keys, ids))
+
+    def update_connector_output(self, out: "KVConnectorOutput") -> None:
+        meta = out.kv_connector_worker_meta
+        if isinstance(meta, WorldKVWorkerMetadata):
+            for key, n in meta.stored.items():
+                self._pending[key] += n
+                if self._pending[key] >= self.num_workers:
+                    del self._pending[key]
+                    self._ready.add(key)
+                    self._confirm(key)
+            for key in meta.lost:
+                # one worker lost its shard: the block is no longer loadable anywhere
+                self._ready.discard(key)
+                self._pending.pop(key, None)
+                self._confirm(key)
+        for req_id in out.finished_sending or ():
+            self._awaiting_send.discard(req_id)
+            self._reqs.pop(req_id, None)
+
+    def _confirm(self, key: BankKey) -> None:
+        req_id = self._owner.pop(key, None)
+        st = self._reqs.get(req_id) if req_id is not None else None
+        if st is not None:
+            st.unconfirmed.discard(key)
+            waiting = req_id in self._awaiting_send or req_id in self._deferred
+            if st.finished and not st.unconfirmed and not waiting:
+                self._reqs.pop(req_id, None)
+
+    def request_finished(self, request: "Request") -> tuple[bool, dict[str, Any] | None]:
+        """Defer the block frees while this request's stores may still be reading its blocks."""
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            return False, None
+        st.finished = True
+        if self.stores_in_flight and st.unconfirmed:
+            self._deferred.add(request.request_id)
+            self.totals["deferred_frees"] += 1
+            return True, None
+        if not st.unconfirmed:
+            self._reqs.pop(request.request_id, None)
+        return False, None
+
+    def has_pending_work(self) -> bool:
+        """Deferred frees need more engine steps to be released."""
+        return bool(self._deferred or self._awaiting_send)
+
+    def reset(self) -> bool:
+        """Forget every banked key and ask the workers to drop their unpinned entries."""
+        self._ready.clear()
+        self._pending.clear()
+        self._reset = True
+        return True
+
+    def take_interval_stats(self) -> dict[str, int]:
+        out, self._interval = dict(self._interval), Counter()
+        return out
+
+    def is_ready(self, key: BankKey) -> bool:
+        return key in self._ready
+
+    @property
+    def num_ready(self) -> int:
+        return len(self._ready)

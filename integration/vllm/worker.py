@@ -1,0 +1,350 @@
+"""Worker half of the vLLM connector: owns the bank, the transfer engine and the copies (STYLE §5).
+
+A bank slot is one vLLM block (``slot_tokens = block_size``) of every layer. Copies go through
+the core's :class:`~worldkv_connector.transfer.TransferEngine`, which wants contiguous fragments,
+so each KV cache layout maps one block of one layer to a few contiguous fragments
+(:class:`BlockLayout`). Stores are issued in ``wait_for_save`` (after the forward wrote the
+step's KV, one job per request); loads in ``start_load_kv`` (one job per request). Nothing here
+knows about poses or compression: prefix KV must come back bit-exact.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from worldkv_connector.bank import Bank
+from worldkv_connector.config import WorldKVConfig
+from worldkv_connector.disk_tier import DiskTier
+from worldkv_connector.transfer import TransferEngine, TransferJob
+
+from .scheduler import BankKey, BlockTransfer, WorldKVConnectorMetadata, WorldKVWorkerMetadata
+
+__all__ = ["BlockLayout", "detect_layout", "WorldKVWorker"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where one block of one layer lives in a registered KV tensor, as contiguous fragments.
+
+    name: "cpu" (vLLM's CPU backend, ``[num_blocks, H, block_size, 2 * D]``, each head holding
+    its block's K rows then its V rows, so a block is ``[H, 2, T, D]`` in memory), "kv_nhd"
+    (``[2, num_blocks, block_size, H, D]``, flash-attention style) or "block_kv_nhd"
+    (``[num_blocks, 2, block_size, H, D]``). The two NHD layouts match the bank's
+    ``[2, T, H, D]`` per layer exactly; the "cpu" layout is banked in its own byte order (the
+    entry's ``meta["layout"]`` says so) because only this connector ever reads it back.
+    """
+
+    name: str
+
+    def cache_fragments(self, kv: torch.Tensor, block_id: int) -> list[torch.Tensor]:
+        if self.name == "kv_nhd":
+            return [kv[0, block_id], kv[1, block_id]]  # [T, H, D] each
+        return [kv[block_id]]  # cpu: [H, T, 2D]; block_kv_nhd: [2, T, H, D]
+
+    def bank_fragments(self, layer_view: torch.Tensor) -> list[torch.Tensor]:
+        """layer_view: ``[2, T, H, D]`` one layer of one bank entry."""
+        if self.name == "kv_nhd":
+            return [layer_view[0], layer_view[1]]
+        return [layer_view]
+
+
+def detect_layout(
+    kv: torch.Tensor, *, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int
+) -> BlockLayout:
+    """The layout of one registered per-layer KV tensor, checked for contiguous block fragments.
+
+    kv: the tensor vLLM registers for a layer, any float dtype, any device.
+    """
+    shapes = {
+        "cpu": (num_blocks, num_kv_heads, block_size, 2 * head_size),
+        "kv_nhd": (2, num_blocks, block_size, num_kv_heads, head_size),
+        "block_kv_nhd": (num_blocks, 2, block_size, num_kv_heads, head_size),
+    }
+    found = [name for name, shape in shapes.items() if tuple(kv.shape) == shape]
+    if len(found) != 1:
+        raise ValueError(
+            f"unsupported vLLM KV cache layout: tensor shape {tuple(kv.shape)} with num_blocks={num_blocks}, "
+            f"block_size={block_size}, num_kv_heads={num_kv_heads}, head_size={head_size} matches "
+            f"{found or 'none'} of the known layouts {shapes}"
+        )
+    layout = BlockLayout(found[0])
+    for frag in layout.cache_fragments(kv, 0):
+        if not frag.is_contiguous():
+            raise ValueError(
+                f"KV cache layout {layout.name!r}: a block fragment of shape {tuple(frag.shape)} has strides "
+                f"{frag.stride()}, not contiguous; the copy engine needs contiguous block fragments"
+            )
+    return layout
+
+
+@dataclass
+class _Job:
+    job: TransferJob
+    req_id: str
+    keys: list[BankKey]
+    block_ids: list[int]
+
+
+class WorldKVWorker:
+    """Bank + transfer engine behind the worker-side connector methods.
+
+    config: the validated core config (bank tier, bank_bytes, eviction). block_size: vLLM's block
+    size. load_async: report finished loads through ``get_finished`` (True) or finish them inside
+    ``start_load_kv`` before the forward (False).
+    """
+
+    def __init__(self, config: WorldKVConfig, *, block_size: int, load_async: bool) -> None:
+        self.config = config
+        self.block_size = block_size
+        self.load_async = load_async
+        self.bank: Bank | None = None
+        self.engine: TransferEngine | None = None
+        self.layout: BlockLayout | None = None
+        self._layers: list[torch.Tensor] = []
+        self._loads: dict[str, list[_Job]] = {}
+        self._stores: dict[str, list[_Job]] = {}
+        self._loading: set[str] = set()  # requests whose loads are not all reported finished
+        self._deferred: set[str] = set()
+        self._failed_blocks: set[int] = set()
+        self._failed_reqs: set[str] = set()  # requests with a failed load in this step
+        self._stored: Counter = Counter()
+        self._lost: set = set()
+        self._warned_load_error = False
+        self.totals: Counter = Counter()  # cumulative, see _count
+        self._interval: Counter = Counter()
+
+    # --- setup ---------------------------------------------------------------------------------
+    def register_kv_caches(
+        self, kv_caches: dict[str, torch.Tensor], *, num_blocks: int, num_kv_heads: int, head_size: int
+    ) -> None:
+        """kv_caches: layer name -> that layer's KV tensor (layouts of :class:`BlockLayout`)."""
+        if not kv_caches:
+            raise ValueError("register_kv_caches got no KV cache tensors")
+        layouts = {
+            name: detect_layout(t, num_blocks=num_blocks, block_size=self.block_size,
+                                num_kv_heads=num_kv_heads, head_size=head_size)
+            for name, t in kv_caches.items()
+        }
+        if len(set(layouts.values())) != 1:
+            raise ValueError(f"KV cache layers disagree on their layout: {layouts}")
+        self._layers = list(kv_caches.values())
+        first = self._layers[0]
+        self.layout = next(iter(layouts.values()))
+        self.bank = Bank(
+            num_layers=len(self._layers), num_kv_heads=num_kv_heads, head_dim=head_size, dtype=first.dtype,
+            slot_tokens=self.block_size, capacity_bytes=self.config.bank_bytes, tier=self.config.bank,
+            eviction=self.config.eviction, disk=DiskTier.from_config(self.config),
+        )
+        self.bank.add_evict_listener(self._on_evict)
+        self.engine = TransferEngine(first.device)
+        logger.info(
+            "WorldKV vLLM worker: %d layers, layout %s, bank %s", len(self._layers), self.layout.name, self.bank
+        )
+
+    def _on_evict(self, key: BankKey, entry: Any) -> None:
+        self._lost.add(key)
+        self._count(evictions=1)
+
+    def _count(self, **deltas: float) -> None:
+        for name, value in deltas.items():
+            self.totals[name] += value
+            self._interval[name] += value
+
+    def _pairs(self, key: BankKey, block_id: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(cache fragments, bank fragments) of one block over all layers, in matching order."""
+        entry_view = self.bank.view(key)  # [L, 2, T, H, D]
+        cache, bank = [], []
+        for layer, kv in enumerate(self._layers):
+            cache += self.layout.cache_fragments(kv, block_id)
+            bank += self.layout.bank_fragments(entry_view[layer])
+        return cache, bank
+
+    # --- per step ------------------------------------------------------------------------------
+    def handle_preemptions(self, meta: WorldKVConnectorMetadata) -> None:
+        # a preempted request's blocks go back to the pool and this step may overwrite them:
+        # every store still reading blocks must finish first
+        if meta.preempted_req_ids and self.engine is not None and self.engine.pending():
+            self.engine.wait_all()
+
+    def start_load_kv(self, meta: WorldKVConnectorMetadata) -> None:
+        if self.bank is None:
+            return
+        if meta.reset:
+            dropped = self.bank.free_where(lambda key: True)
+            logger.info("WorldKV connector reset: dropped %d bank entries", dropped)
+        for load in meta.loads:
+            self._loading.add(load.req_id)
+            self._load_request(load)
+        if not self.load_async:
+            # sync loads feed this very forward
+            self.engine.wait_all()
+            self._drain()
+
+    def _load_request(self, load: BlockTransfer) -> None:
+        srcs, dsts, keys, ids = [], [], [], []
+        for key, block_id in zip(load.keys, load.block_ids):
+            entry = self.bank.get(key)
+            # the scheduler's view can be stale (evicted, dropped or reset here), and a spilled
+            # entry may find no slot or a damaged file: vLLM then recomputes or fails the request
+            # per kv_load_failure_policy
+            ok = entry is not None and entry.ready and self.bank.ensure_resident(key)
+            if not ok and keys and key in self.bank:
+                # the host tier is full of this request's own pinned blocks: land those first
+                self._submit_load(load.req_id, srcs, dsts, keys, ids, wait=True)
+                srcs, dsts, keys, ids = [], [], [], []
+                ok = self.bank.ensure_resident(key)
+            if not ok:
+                self._fail_blocks(load.req_id, [block_id], [key], f"bank entry {key!r} is not loadable")
+                continue
+            cache, bank = self._pairs(key, block_id)
+            srcs += bank
+            dsts += cache
+            self.bank.pin(key)  # no eviction or spill under the copy
+            self.bank.touch(key)  # a hit makes the entry young for LRU
+            keys.append(key)
+            ids.append(block_id)
+        if keys:
+            self._submit_load(load.req_id, srcs, dsts, keys, ids, wait=False)
+
+    def _submit_load(self, req_id: str, srcs, dsts, keys: list[BankKey], ids: list[int], *, wait: bool) -> None:
+        job = self.engine.submit("load", srcs, dsts, tag="load")
+        self._loads.setdefault(req_id, []).append(_Job(job, req_id, keys, ids))
+        if wait:
+            self.engine.wait(job)
+            self._drain()  # unpins the landed blocks so their slots can take the next ones
+
+    def wait_for_save(self, meta: WorldKVConnectorMetadata) -> None:
+        if self.bank is None:
+            return
+        self._deferred |= meta.deferred_req_ids
+        failed, self._failed_reqs = self._failed_reqs, set()
+        for store in meta.stores:
+            if store.req_id in failed:
+                # a sync load failed under this forward: its new KV attended to unloaded blocks
+                # and must never be banked under a prefix hash
+                self._lost.update(store.keys)
+                self._count(store_skipped_blocks=len(store.keys))
+                continue
+            srcs, dsts, keys, ids = [], [], [], []
+            for key, block_id in zip(store.keys, store.block_ids):
+                have = self.bank.get(key)
+                if have is not None:
+                    # already banked (the scheduler forgot it, e.g. after a reset): confirm it
+                    if have.ready:
+                        self._stored[key] += 1
+                    continue
+                entry = self.bank.reserve(key, self.block_size, meta={"layout": self.layout.name})
+                if entry is None:  # no room now (every slot pinned or in flight): skip, not an error
+                    self._lost.add(key)
+                    self._count(store_skipped_blocks=1)
+                    continue
+                cache, bank = self._pairs(key, block_id)
+                srcs += cache
+                dsts += bank
+                self.bank.pin(key)
+                keys.append(key)
+                ids.append(block_id)
+            if keys:
+                job = self.engine.submit("store", srcs, dsts, tag="store")
+                self._stores.setdefault(store.req_id, []).append(_Job(job, store.req_id, keys, ids))
+
+    def _fail_blocks(self, req_id: str, block_ids: list[int], keys: list[BankKey], why: str) -> None:
+        self._failed_blocks.update(block_ids)
+        if not self.load_async:
+            self._failed_reqs.add(req_id)
+        self._lost.update(keys)
+        self._count(load_error_blocks=len(block_ids))
+        # logged once at warning level: a broken bank would otherwise flood the log
+        (logger.debug if self._warned_load_error else logger.warning)(
+            "WorldKV load of %d block(s) failed (%s); reported to vLLM as load errors", len(block_ids), why
+        )
+        self._warned_load_error = True
+
+    def _drain(self) -> None:
+        """Account for every job the engine finished since the last poll."""
+        done = {id(j) for j in self.engine.poll()} if self.engine is not None else set()
+        if not done:
+            return
+        for table, is_store in ((self._stores, True), (self._loads, False)):
+            for req_id in list(table):
+                left = []
+                for job in table[req_id]:
+                    if id(job.job) not in done:
+                        left.append(job)
+                    elif is_store:
+                        self._finish_store(job)
+                    else:
+                        self._finish_load(job)
+                if left:
+                    table[req_id] = left
+                else:
+                    del table[req_id]
+
+    def _finish_store(self, job: _Job) -> None:
+        for key in job.keys:
+            self.bank.unpin(key)
+            if job.job.error:
+                self.bank.free(key)
+                self._lost.add(key)
+            else:
+                self.bank.mark_ready(key)
+                self._stored[key] += 1
+        if job.job.error:
+            self._count(store_error_blocks=len(job.keys))
+            return
+        self._count(store_blocks=len(job.keys), store_tokens=len(job.keys) * self.block_size,
+                    store_bytes=job.job.nbytes, store_s=(job.job.finished_at or 0.0) - job.job.submitted_at)
+
+    def _finish_load(self, job: _Job) -> None:
+        for key in job.keys:
+            self.bank.unpin(key)
+        if job.job.error:
+            self._fail_blocks(job.req_id, job.block_ids, job.keys, job.job.error)
+            return
+        self._count(load_blocks=len(job.keys), load_tokens=len(job.keys) * self.block_size,
+                    load_bytes=job.job.nbytes, load_s=(job.job.finished_at or 0.0) - job.job.submitted_at)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        self._drain()
+        sending = {r for r in self._deferred if r not in self._stores}
+        self._deferred -= sending
+        recving = {r for r in self._loading if r not in self._loads}
+        self._loading -= recving
+        if not self.load_async:
+            recving = set()  # sync loads finish inside their step; vLLM expects no report
+        return sending or None, recving or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        out, self._failed_blocks = self._failed_blocks, set()
+        return out
+
+    def build_worker_meta(self) -> WorldKVWorkerMetadata | None:
+        if not self._stored and not self._lost:
+            return None
+        meta = WorldKVWorkerMetadata(stored=self._stored, lost=self._lost)
+        self._stored, self._lost = Counter(), set()
+        return meta
+
+    def take_interval_stats(self) -> dict[str, float]:
+        out, self._interval = dict(self._interval), Counter()
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.totals)
+        if self.bank is not None:
+            out["bank"] = self.bank.stats()
+        if self.engine is not None:
+            out["engine"] = self.engine.stats()
+        return out
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+        if self.bank is not None:
+            self.bank.close()
