@@ -1,0 +1,225 @@
+"""VideoEngine: the vLLM-like entry point of the video backend.
+
+    engine = VideoEngine(model="tiny", attention_window="sliding")
+    engine.add_session("a", trajectory="R_L_R_L_R_L90", num_chunks=24, seed=1)
+    engine.run()
+    latents = engine.results("a")          # list of [F, C, Hl, Wl] per chunk
+
+One ``step()`` generates the next chunk (N denoising passes + the clean pass) of every running
+session in one batched forward per pass; each session has its own block table, trajectory and seed.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from worldkv_connector.integration.video.block_manager import BlockManager
+from worldkv_connector.integration.video.connector_api import (
+    EngineView, VideoKVConnector, create_connector, get_connector_class,
+)
+from worldkv_connector.integration.video.engine_args import EngineArgs
+from worldkv_connector.integration.video.model_config import get_model_config
+from worldkv_connector.integration.video.model_runner import ModelRunner
+from worldkv_connector.integration.video.scheduler import ChunkResult, Scheduler, Session
+from worldkv_connector.poses import chunk_mean_pose, chunk_poses, parse_trajectory, validate_poses
+
+__all__ = ["VideoEngine", "mean_pose_matrix"]
+
+logger = logging.getLogger(__name__)
+
+_DRAIN_TIMEOUT_S = 60.0  # longest wait for a connector's outstanding stores when the run ends
+
+
+def mean_pose_matrix(frame_poses: np.ndarray) -> np.ndarray:
+    """[F, 4, 4] camera-to-world -> [4, 4]: mean translation and element-wise mean rotation matrix
+    (WorldKV's chunk pose; the rotation is deliberately not re-orthonormalised)."""
+    t, r = chunk_mean_pose(frame_poses)
+    out = np.eye(4)
+    out[:3, :3], out[:3, 3] = r, t
+    return out
+
+
+class VideoEngine:
+    def __init__(self, args: EngineArgs | None = None, **kwargs):
+        args = EngineArgs(**kwargs) if args is None else (args.replace(**kwargs) if kwargs else args)
+        self.args = args
+        config = get_model_config(args.model)
+        if args.dtype is not None and args.dtype != config.dtype:
+            config = config.replace(dtype=args.dtype)
+        args.check_frames(config.frames_per_chunk)
+        if args.kv_connector:
+            get_connector_class(args.kv_connector)  # an unknown name fails before the model is built
+        self.model_config = config
+        self.runner = ModelRunner(args, config)
+        self.block_manager = BlockManager(self.runner.num_pages, args.page_size)
+        self.connector: VideoKVConnector | None = None
+        if args.kv_connector:
+            view = EngineView(
+                model=config.name, num_layers=config.num_layers, frames_per_chunk=config.frames_per_chunk,
+                frame_tokens=config.frame_tokens, page_size=args.page_size, num_pages=self.runner.num_pages,
+                sink_frames=args.sink_frames, recent_frames=args.recent_frames,
+                attention_window=args.attention_window, dtype=config.dtype,
+            )
+            self.connector = create_connector(
+                args.kv_connector, view, config.kv_shape(), args.kv_connector_config, self.runner.device
+            )
+            self.runner.bind_connector(self.connector)
+        self.scheduler = Scheduler(
+            self.block_manager, frames_per_chunk=config.frames_per_chunk, frame_tokens=config.frame_tokens,
+            attention_window=args.attention_window, sink_frames=args.sink_frames,
+            recent_frames=args.recent_frames, page_bytes=self.runner.page_bytes, connector=self.connector,
+        )
+        self._step = 0
+        self._chunks = 0
+        self._busy_s = 0.0
+        self._peak_resident = 0
+        self._closed = False
+
+    # --- sessions -----------------------------------------------------------------------------------
+    def add_session(self, session_id: str, trajectory: str | None = None, poses: np.ndarray | None = None,
+                    num_chunks: int | None = None, seed: int | None = None,
+                    context: torch.Tensor | None = None) -> None:
+        """Queue a rollout. ``trajectory``: a spec such as ``"R_L_R_L_R_L90"``; or ``poses``: [F, 4, 4]
+        camera-to-world, one per latent frame; neither: a static camera. ``num_chunks`` defaults to
+        ``ceil(F / frames_per_chunk)``; a trajectory shorter than the rollout holds its last pose.
+        ``seed`` (default EngineArgs.seed) fixes the session's noise. ``context``: [Lc, text_dim] prompt
+        embedding (default the null prompt)."""
+        self._check_open()
+        if not isinstance(session_id, str) or not session_id:
+            raise ValueError(f"session_id={session_id!r}: expected a non-empty str")
+        if trajectory is not None and poses is not None:
+            raise ValueError("give either trajectory or poses, not both")
+        if trajectory is not None:
+            frames = parse_trajectory(trajectory)
+        elif poses is not None:
+            frames = validate_poses(poses, "poses")
+        else:
+            if num_chunks is None:
+                raise ValueError("num_chunks is required without a trajectory or poses")
+            frames = np.eye(4)[None]
+        if num_chunks is not None and (not isinstance(num_chunks, int) or isinstance(num_chunks, bool) or num_chunks < 1):
+            raise ValueError(f"num_chunks={num_chunks!r}: expected an int >= 1")
+        seed = self.args.seed if seed is None else seed
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed={seed!r}: expected an int >= 0")
+        c = self.model_config
+        if context is not None and (context.dim() != 2 or context.shape[1] != c.text_dim
+                                    or not 1 <= context.shape[0] <= c.text_len):
+            raise ValueError(f"context: expected [Lc <= {c.text_len}, {c.text_dim}], got {tuple(context.shape)}")
+        per_chunk = chunk_poses(frames, c.frames_per_chunk, num_chunks)
+        self.scheduler.add_session(Session(session_id, per_chunk, seed, context))
+
+    def has_unfinished_sessions(self) -> bool:
+        return bool(self.scheduler.running())
+
+    # --- stepping -------------------------------------------------------------------------------------
+    def step(self) -> list[ChunkResult]:
+        """Generate the next chunk of every running session; returns their ChunkResults."""
+        self._check_open()
+        start = time.perf_counter()
+        batch = self.scheduler.schedule(self._step)
+        if batch is None:
+            self.scheduler.poll()
+            return []
+        resident = self.block_manager.num_used * self.runner.page_bytes
+        self._peak_resident = max(self._peak_resident, resident)
+        if self.connector is not None:
+            self.connector.bind_connector_metadata(batch.connector_meta)
+        try:
+            latents = self.runner.execute(self._step, batch.rows, batch.plan, batch.requests)
+        finally:
+            if self.connector is not None:
+                self.connector.clear_connector_metadata()
+        elapsed = time.perf_counter() - start
+        results = self.scheduler.finish(batch, latents, elapsed, resident, mean_pose_matrix)
+        self._step += 1
+        self._chunks += len(results)
+        self._busy_s += elapsed
+        return results
+
+    def run(self, on_result: Callable[[ChunkResult], None] | None = None) -> dict[str, list[torch.Tensor]]:
+        """Step until every session finished; ``on_result`` sees each ChunkResult (progress bars).
+        Then waits (bounded) for a connector's outstanding stores. Returns session -> latents."""
+        running = [s.session_id for s in self.scheduler.running()]
+        while self.has_unfinished_sessions():
+            for r in self.step():
+                if on_result is not None:
+                    on_result(r)
+        self.drain()
+        return {sid: self.results(sid) for sid in running}
+
+    def generate(self, sessions: list[dict] | None = None, **session_kwargs) -> dict[str, list[torch.Tensor]]:
+        """Add sessions (each a dict of add_session arguments; or one session from the keyword
+        arguments, id ``"s0"`` unless given) and run them. Returns session -> latents per chunk."""
+        specs = list(sessions or []) or [session_kwargs]
+        for i, spec in enumerate(specs):
+            spec = dict(spec)
+            self.add_session(spec.pop("session_id", f"s{i}"), **spec)
+        return self.run()
+
+    def drain(self, timeout_s: float = _DRAIN_TIMEOUT_S) -> None:
+        """Poll the connector until finished sessions' pages are released (or the timeout)."""
+        deadline = time.monotonic() + timeout_s
+        self.scheduler.poll()
+        while self.scheduler.has_pending() and time.monotonic() < deadline:
+            time.sleep(0.001)
+            self.scheduler.poll()
+        if self.scheduler.has_pending():
+            logger.warning("connector still holds pages of finished sessions after %.0f s", timeout_s)
+
+    # --- results ---------------------------------------------------------------------------------------
+    def chunk_results(self, session_id: str) -> list[ChunkResult]:
+        try:
+            return list(self.scheduler.sessions[session_id].results)
+        except KeyError:
+            raise ValueError(f"unknown session {session_id!r}") from None
+
+    def results(self, session_id: str) -> list[torch.Tensor]:
+        """Latents of each generated chunk of the session: [F, C, Hl, Wl] fp32 on the CPU."""
+        return [r.latents for r in self.chunk_results(session_id)]
+
+    def metrics(self) -> dict:
+        bm, page_bytes = self.block_manager, self.runner.page_bytes
+        return {
+            "model": self.model_config.name,
+            "attention_window": self.args.attention_window,
+            "steps": self._step,
+            "chunks": self._chunks,
+            "busy_seconds": self._busy_s,
+            "chunks_per_s": self._chunks / self._busy_s if self._busy_s else 0.0,
+            "num_pages": bm.num_pages,
+            "page_size": bm.page_size,
+            "page_bytes": page_bytes,
+            "kv_cache_bytes": self.runner.kv_cache_bytes,
+            "used_pages": bm.num_used,
+            "peak_pages": bm.peak_used,
+            "resident_kv_bytes": bm.num_used * page_bytes,
+            "peak_resident_kv_bytes": max(self._peak_resident, bm.peak_used * page_bytes),
+            "sessions_running": len(self.scheduler.running()),
+            "sessions_total": len(self.scheduler.sessions),
+            "connector": self.connector.metrics() if self.connector is not None else None,
+        }
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("VideoEngine is closed")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.connector is not None:
+            self.connector.close()
+        self.scheduler.release_everything()
+        self.runner.close()
+
+    def __enter__(self) -> "VideoEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,94 @@
+"""EngineArgs: every knob of the video backend, validated in one place (the CLI flags map 1:1)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+__all__ = ["EngineArgs", "ATTENTION_WINDOWS", "DTYPES"]
+
+ATTENTION_WINDOWS = ("full", "sliding")
+DTYPES = ("bf16", "fp16", "fp32")
+_GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """Configuration of a :class:`~worldkv_connector.integration.video.engine.VideoEngine`.
+
+    Window without a connector: ``full`` keeps every committed chunk; ``sliding`` keeps the first
+    ``sink_frames`` and the last ``recent_frames`` latent frames (whole chunks). A connector puts
+    its chunks between the two.
+    """
+
+    model: str = "tiny"  # named model config (integration/video/model_config.py)
+    checkpoint: str | None = None  # safetensors file (or directory of shards) in Wan's key layout
+    device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
+    dtype: str | None = None  # "bf16", "fp16", "fp32"; None: the model config's dtype
+    seed: int = 0  # model weights seed (random weights when no checkpoint) and default session seed
+    attention_window: str = "sliding"  # "full" or "sliding"
+    sink_frames: int = 3  # latent frames of the sink (sliding window / connector)
+    recent_frames: int = 6  # latent frames of the recent window (sliding window / connector)
+    num_denoising_steps: int = 4  # flow-matching steps per chunk before the clean pass
+    timestep_shift: float = 5.0  # flow-matching sigma shift (Self-Forcing's warped steps); 1.0: none
+    kv_cache_memory: float | None = None  # GiB for the paged KV cache; None: auto (see model_runner)
+    page_size: int = 64  # tokens per KV page
+    attention_backend: str = "torch"  # "torch" (reference) or "triton"
+    kv_connector: str | None = None  # registered connector name or "module:Class"
+    kv_connector_config: str | None = None  # JSON passed to the connector
+
+    def __post_init__(self) -> None:
+        def fail(name: str, allowed: str) -> None:
+            raise ValueError(f"EngineArgs.{name}={getattr(self, name)!r}: {allowed}")
+
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not isinstance(self.model, str) or not self.model:
+            fail("model", "expected a model config name")
+        if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith("cuda")):
+            fail("device", "choose cpu, cuda or cuda:N")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            fail("dtype", f"choose one of {list(DTYPES)} or None")
+        if not is_int(self.seed) or not 0 <= self.seed < 2**63:
+            fail("seed", "allowed 0 <= seed < 2**63")
+        if self.attention_window not in ATTENTION_WINDOWS:
+            fail("attention_window", f"choose one of {list(ATTENTION_WINDOWS)}")
+        for name in ("sink_frames", "recent_frames"):
+            if not is_int(getattr(self, name)) or not 0 <= getattr(self, name) <= 1 << 20:
+                fail(name, "allowed 0 <= frames <= 1048576")
+        if not is_int(self.num_denoising_steps) or not 1 <= self.num_denoising_steps <= 1000:
+            fail("num_denoising_steps", "allowed 1 <= num_denoising_steps <= 1000")
+        if not isinstance(self.timestep_shift, (int, float)) or not 0 < self.timestep_shift <= 100:
+            fail("timestep_shift", "allowed 0 < timestep_shift <= 100")
+        if self.kv_cache_memory is not None and (
+            not isinstance(self.kv_cache_memory, (int, float)) or not 0 < self.kv_cache_memory <= 1 << 20
+        ):
+            fail("kv_cache_memory", "expected GiB > 0 (--kv-cache-memory), or None for auto")
+        if not is_int(self.page_size) or not 1 <= self.page_size <= 1 << 16:
+            fail("page_size", "allowed 1 <= page_size <= 65536")
+        if self.attention_backend not in ("torch", "triton"):
+            fail("attention_backend", "choose torch or triton")
+        if self.kv_connector is not None and (not isinstance(self.kv_connector, str) or not self.kv_connector):
+            fail("kv_connector", "expected a registered connector name or module:Class")
+        if self.kv_connector_config is not None and not isinstance(self.kv_connector_config, str):
+            fail("kv_connector_config", "expected a JSON string")
+
+    def check_frames(self, frames_per_chunk: int) -> None:
+        """The window is made of whole chunks: sink and recent frames must be multiples of a chunk."""
+        for name in ("sink_frames", "recent_frames"):
+            value = getattr(self, name)
+            if value % frames_per_chunk:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} {value}: must be a multiple of the chunk size "
+                    f"({frames_per_chunk} latent frames)"
+                )
+
+    @property
+    def kv_cache_bytes(self) -> int | None:
+        return None if self.kv_cache_memory is None else int(self.kv_cache_memory * _GiB)
+
+    def replace(self, **changes) -> "EngineArgs":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,246 @@
+"""``worldkv generate``: roll out a camera trajectory with the video backend and report speed/memory.
+
+Prints a progress bar per chunk (stderr) and a summary table (stdout). ``--json`` writes per-chunk
+records ``{session, index, step_seconds, resident_kv_bytes, pose, retrieved}`` plus the summary;
+``--plot`` draws step time and resident KV against chunk index; ``--output`` saves the latents
+(off by default: one fp32 tensor ``[num_chunks, F, C, Hl, Wl]`` per session, keyed by session id).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["register", "add_engine_arguments", "engine_args_from", "summarize", "cpu_threads"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRAJECTORY = "R_L_R_L_R_L90"
+
+
+def add_engine_arguments(p: argparse.ArgumentParser, *, model_default: str = "tiny") -> None:
+    """Engine flags shared by ``generate`` and the e2e bench (names = EngineArgs fields)."""
+    from worldkv_connector.integration.video.engine_args import EngineArgs
+
+    d = EngineArgs()
+    p.add_argument("--model", default=model_default,
+                   help=f"named model config: tiny, small, wan-1.3b, matrix-game-2, lingbot-fast (default {model_default})")
+    p.add_argument("--checkpoint", metavar="PATH.safetensors",
+                   help="load weights from a safetensors file (or directory of shards) in Wan's key layout; "
+                   "default: random weights from --seed")
+    p.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="model and KV dtype (default: the model's)")
+    p.add_argument("--attention-window", choices=("full", "sliding"), default=d.attention_window,
+                   help="full: keep every chunk; sliding: sink + recent frames only (default sliding)")
+    p.add_argument("--sink-frames", type=int, default=d.sink_frames,
+                   help=f"latent frames kept at the start of the window, a multiple of 3 (default {d.sink_frames})")
+    p.add_argument("--recent-frames", type=int, default=d.recent_frames,
+                   help=f"latent frames of the recent window, a multiple of 3 (default {d.recent_frames})")
+    p.add_argument("--num-denoising-steps", type=int, default=d.num_denoising_steps,
+                   help=f"flow-matching steps per chunk before the clean pass (default {d.num_denoising_steps})")
+    p.add_argument("--timestep-shift", type=float, default=d.timestep_shift,
+                   help=f"flow-matching sigma shift (default {d.timestep_shift}; 1.0 = evenly spaced sigmas)")
+    p.add_argument("--kv-cache-memory", type=float, metavar="GiB",
+                   help="memory of the paged KV cache in GiB (default: auto, 80%% of free GPU memory or 0.25 GiB on CPU)")
+    p.add_argument("--page-size", type=int, default=d.page_size, help=f"tokens per KV page (default {d.page_size})")
+    p.add_argument("--attention-backend", choices=("torch", "triton"), default=d.attention_backend,
+                   help="paged attention implementation (default torch, the reference)")
+    p.add_argument("--kv-connector", metavar="NAME",
+                   help="KV connector: a registered name (e.g. worldkv) or module:Class (default none)")
+    p.add_argument("--kv-connector-config", metavar="JSON", help="JSON configuration passed to the connector")
+    p.add_argument("--seed", type=int, default=d.seed, help="weights seed; session i uses seed + i (default 0)")
+
+
+def engine_args_from(args: argparse.Namespace, **overrides):
+    from worldkv_connector.integration.video.engine_args import EngineArgs
+
+    fields = ("model", "checkpoint", "device", "dtype", "attention_window", "sink_frames", "recent_frames",
+              "num_denoising_steps", "timestep_shift", "kv_cache_memory", "page_size", "attention_backend",
+              "kv_connector", "kv_connector_config", "seed")
+    values = {f: getattr(args, f) for f in fields}
+    values.update(overrides)
+    return EngineArgs(**values)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate a rollout along a camera trajectory with the video backend",
+        description="Roll out a causal video DiT chunk by chunk (3 latent frames) along a camera trajectory. "
+        "Trajectory frames map to latent frames 1:1; a trajectory shorter than the rollout holds its last pose.",
+    )
+    add_engine_arguments(p)
+    p.add_argument("--trajectory", help=f"revisit trajectory spec, e.g. R_L_R_L_R_L90 (default {DEFAULT_TRAJECTORY})")
+    p.add_argument("--poses", metavar="FILE.npy", help="camera-to-world poses [F, 4, 4], one per latent frame "
+                   "(instead of --trajectory)")
+    p.add_argument("--num-chunks", type=int, help="chunks per session (default: enough for the trajectory)")
+    p.add_argument("--sessions", type=int, default=1, help="sessions generated together, batched per step (default 1)")
+    p.add_argument("--json", metavar="PATH", help="write per-chunk records and the summary as JSON")
+    p.add_argument("--plot", metavar="PATH.png", help="plot step time and resident KV against chunk index")
+    p.add_argument("--output", metavar="PATH.safetensors",
+                   help="save latents (one [num_chunks, F, C, Hl, Wl] tensor per session); default: not saved")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
+    p.set_defaults(func=run)
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None):
+    """Run the block with ``n`` torch CPU threads (None: unchanged), restoring the count after."""
+    import torch
+
+    if n is not None and n < 1:
+        raise ValueError(f"--threads {n}: expected >= 1")
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _load_poses(path: str) -> np.ndarray:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--poses {path}: no such file")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:  # numpy raises several kinds for a file that is not an .npy array
+        raise ValueError(f"--poses {path}: not a numpy .npy array ({exc})") from None
+
+
+def summarize(records: list[dict], metrics: dict) -> dict:
+    """Summary of a run: chunks/s over all steps and over the last quarter of the steps, memory."""
+    steps: dict[int, list[dict]] = {}
+    for r in records:
+        steps.setdefault(r["step"], []).append(r)
+    order = sorted(steps)
+    secs = [steps[s][0]["step_seconds"] for s in order]
+    counts = [len(steps[s]) for s in order]
+    q = max(1, len(order) // 4)
+    connector = metrics.get("connector") or {}
+    return {
+        "chunks": len(records),
+        "steps": len(order),
+        "chunks_per_s": sum(counts) / sum(secs) if sum(secs) else 0.0,
+        "chunks_per_s_last_quarter": sum(counts[-q:]) / sum(secs[-q:]) if sum(secs[-q:]) else 0.0,
+        "resident_kv_bytes_last": records[-1]["resident_kv_bytes"] if records else 0,
+        "peak_resident_kv_bytes": metrics["peak_resident_kv_bytes"],
+        "peak_pages": metrics["peak_pages"],
+        "num_pages": metrics["num_pages"],
+        "bank_bytes": connector.get("bank_bytes"),
+    }
+
+
+def _table(title: str, summary: dict, connector: dict | None) -> str:
+    mib = 1 << 20
+    lines = [title, "-" * len(title)]
+    rows = [
+        ("chunks generated", f"{summary['chunks']}"),
+        ("chunks/s (all steps)", f"{summary['chunks_per_s']:.2f}"),
+        ("chunks/s (last quarter)", f"{summary['chunks_per_s_last_quarter']:.2f}"),
+        ("resident KV, last step", f"{summary['resident_kv_bytes_last'] / mib:.2f} MiB"),
+        ("resident KV, peak", f"{summary['peak_resident_kv_bytes'] / mib:.2f} MiB"),
+        ("pages, peak / total", f"{summary['peak_pages']} / {summary['num_pages']}"),
+    ]
+    if connector is not None:
+        bank = summary.get("bank_bytes")
+        rows.append(("bank", "n/a" if bank is None else f"{bank / mib:.2f} MiB"))
+        for k, v in sorted(connector.items()):
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "bank_bytes":
+                rows.append((f"connector {k}", f"{v:.4g}" if isinstance(v, float) else str(v)))
+    width = max(len(k) for k, _ in rows)
+    lines += [f"{k:<{width}}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def _plot(path: str, records: list[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = [r for r in records if r["session"] == records[0]["session"]]
+    idx = [r["index"] for r in first]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(idx, [r["step_seconds"] * 1e3 for r in first], color="tab:blue", label="step time")
+    ax.set_xlabel("chunk index")
+    ax.set_ylabel("step time (ms)", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(idx, [r["resident_kv_bytes"] / (1 << 20) for r in first], color="tab:red", label="resident KV")
+    ax2.set_ylabel("resident KV (MiB)", color="tab:red")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from worldkv_connector.integration.video.engine import VideoEngine
+
+    if args.sessions < 1:
+        raise ValueError(f"--sessions {args.sessions}: expected >= 1")
+    if args.trajectory is not None and args.poses is not None:
+        raise ValueError("give either --trajectory or --poses, not both")
+    for flag, path, suffix in (("--plot", args.plot, ".png"), ("--output", args.output, ".safetensors")):
+        if path is not None and not path.endswith(suffix):
+            raise ValueError(f"{flag} {path}: expected a {suffix} path")
+    from worldkv_connector.integration.video.model_config import get_model_config
+    from worldkv_connector.poses import parse_trajectory, validate_poses
+
+    get_model_config(args.model)  # bad inputs fail before any model or cache is built
+    if args.poses is not None:
+        source = {"poses": validate_poses(_load_poses(args.poses), "--poses")}
+    else:
+        source = {"poses": parse_trajectory(args.trajectory or DEFAULT_TRAJECTORY)}
+    engine_args = engine_args_from(args)
+    with cpu_threads(args.threads), VideoEngine(engine_args) as engine:
+        for i in range(args.sessions):
+            engine.add_session(f"s{i}", num_chunks=args.num_chunks, seed=args.seed + i, **source)
+        total = sum(s.num_chunks for s in engine.scheduler.sessions.values())
+        records: list[dict] = []
+        from tqdm import tqdm
+
+        with tqdm(total=total, unit="chunk", file=sys.stderr, disable=args.no_progress, desc="generate") as bar:
+            def on_result(r) -> None:
+                records.append({
+                    "session": r.session_id, "index": r.chunk_index, "step": r.step,
+                    "step_seconds": r.step_seconds, "resident_kv_bytes": r.resident_kv_bytes,
+                    "pose": np.asarray(r.pose).tolist(), "retrieved": [int(c) for c in r.retrieved],
+                })
+                bar.update(1)
+
+            engine.run(on_result)
+        metrics = engine.metrics()
+        summary = summarize(records, metrics)
+        window = args.attention_window if args.attention_window == "full" else (
+            f"sliding (sink {args.sink_frames}, recent {args.recent_frames} frames)")
+        title = (f"worldkv generate: {args.model}, {window}, {args.sessions} session(s), "
+                 f"{args.num_denoising_steps} denoising steps, connector {args.kv_connector or 'none'}")
+        print(_table(title, summary, metrics["connector"]))
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"args": engine_args.to_dict(), "summary": summary, "metrics": metrics,
+                           "records": records}, fh, indent=2, default=float)
+            print(f"wrote {args.json}")
+        if args.plot:
+            _plot(args.plot, records, title)
+            print(f"wrote {args.plot}")
+        if args.output:
+            _save(args.output, engine, engine_args)
+            print(f"wrote {args.output}")
+    return 0
+
+
+def _save(path: str, engine, engine_args) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {sid: torch.stack(engine.results(sid)).contiguous() for sid in engine.scheduler.sessions}
+    save_file(tensors, path, metadata={"engine_args": json.dumps(engine_args.to_dict()),
+                                       "layout": "[num_chunks, frames_per_chunk, channels, latent_h, latent_w]"})
