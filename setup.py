@@ -6,6 +6,8 @@ setup(
         "worldkv_connector",
         "worldkv_connector.cli",
         "worldkv_connector.bench",
+        "worldkv_connector.connector",
+        "worldkv_connector.transfer",
         "worldkv_connector.kernels",
         "worldkv_connector.integration",
         "worldkv_connector.integration.video",

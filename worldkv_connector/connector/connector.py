@@ -1,0 +1,177 @@
+"""``WorldKVConnector``: the WorldKV connector of the video backend, a thin facade over its halves.
+
+Selected with ``--kv-connector worldkv`` (``VideoEngine(kv_connector="worldkv",
+kv_connector_config='{"retrieval_chunks": 6, "keep_ratio": 0.25}')``). The JSON is a
+``WorldKVConfig``; the window keys must agree with the engine (see :func:`resolve_config`).
+The scheduler half (``WorldKVScheduler``: ids, poses, page bookkeeping) and the worker half
+(``WorldKVWorker``: bank, copies, tensors) are separate objects cut along the process boundary,
+as in vLLM's offloading connector; here they share a process and ``get_finished`` hands the
+worker's report to the scheduler half.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+
+from worldkv_connector.config import WorldKVConfig
+from worldkv_connector.connector.scheduler import WorldKVScheduler
+from worldkv_connector.connector.worker import WorldKVWorker
+from worldkv_connector.integration.video.connector_api import (
+    AttentionMetadata, ChunkRequest, EngineView, ForwardContext, SchedulerOutput, VideoKVConnector, register_connector,
+)
+from worldkv_connector.metrics import ConnectorMetrics
+from worldkv_connector.shapes import KVShape
+
+__all__ = ["WorldKVConnector", "resolve_config"]
+
+logger = logging.getLogger(__name__)
+
+# config keys that must equal the engine's value: (config key, EngineView attribute, engine flag)
+_ENGINE_KEYS = (
+    ("sink_frames", "sink_frames", "--sink-frames"),
+    ("recent_frames", "recent_frames", "--recent-frames"),
+    ("frames_per_chunk", "frames_per_chunk", "the model's frames per chunk"),
+    ("page_size", "page_size", "--page-size"),
+)
+
+
+def resolve_config(connector_config_json: str | None, engine: EngineView, kv_shape: KVShape) -> WorldKVConfig:
+    """Parse ``--kv-connector-config`` and reconcile it with the engine.
+
+    Keys given in the JSON that the engine also sets (sink_frames, recent_frames, frames_per_chunk,
+    page_size) must equal the engine's values (``ValueError`` naming both); keys left out take the
+    engine's values. The engine must use the sliding window (the connector sits between its sink
+    and recent window). Bad keys or values raise ``ValueError`` naming the key.
+    """
+    config = WorldKVConfig.from_json(connector_config_json)
+    given = json.loads(connector_config_json) if connector_config_json and connector_config_json.strip() else {}
+    changes = {}
+    for key, attr, flag in _ENGINE_KEYS:
+        ours, theirs = getattr(config, key), getattr(engine, attr)
+        if key in given and ours != theirs:
+            raise ValueError(
+                f"--kv-connector-config {key}={ours} disagrees with the engine's {flag} {theirs}: "
+                f"give the same value to both (or leave {key} out of the connector config)"
+            )
+        changes[key] = theirs
+    if engine.attention_window != "sliding":
+        raise ValueError(
+            f"--attention-window {engine.attention_window!r}: the worldkv connector needs 'sliding' "
+            "(retrieved chunks sit between the sink and the recent window)"
+        )
+    if (kv_shape.num_layers, kv_shape.frame_tokens) != (engine.num_layers, engine.frame_tokens):
+        raise ValueError(
+            f"KV shape {kv_shape.name!r} ({kv_shape.num_layers} layers, {kv_shape.frame_tokens} tokens/frame) does not "
+            f"match the engine ({engine.num_layers} layers, {engine.frame_tokens} tokens/frame)"
+        )
+    return config.replace(**changes)
+
+
+@register_connector("worldkv")
+class WorldKVConnector(VideoKVConnector):
+    """WorldKV world memory: pose-indexed, compressed, write-through bank of committed chunks,
+    reinserted as pages between the sink and the recent window."""
+
+    def __init__(self, engine_config: EngineView, kv_shape: KVShape, connector_config_json: str | None, device):
+        super().__init__(engine_config, kv_shape, connector_config_json, device)
+        self.config = resolve_config(connector_config_json, engine_config, kv_shape)
+        self.scheduler = WorldKVScheduler(self.config, frame_tokens=engine_config.frame_tokens,
+                                          page_size=engine_config.page_size)
+        self.worker = WorldKVWorker(self.config, kv_shape, page_size=engine_config.page_size, device=self.device)
+        logger.info(
+            "worldkv: retrieval_chunks=%d keep_ratio=%g policy=%s bank=%s (%d slots of %d bytes)",
+            self.config.retrieval_chunks, self.config.keep_ratio, self.config.policy, self.config.bank,
+            self.worker.bank.num_slots, self.worker.bank.slot_bytes,
+        )
+
+    # --- scheduler side -------------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: ChunkRequest, num_computed_tokens: int) -> tuple[int, bool]:
+        return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: ChunkRequest, block_ids: list[list[int]],
+                                 num_external_tokens: int) -> None:
+        self.scheduler.update_state_after_alloc(request, block_ids, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> object:
+        return self.scheduler.build_connector_meta(scheduler_output)
+
+    def request_finished(self, session_id: str, block_ids: list[int]) -> tuple[bool, dict | None]:
+        return self.scheduler.request_finished(session_id, block_ids)
+
+    def take_pages_to_free(self) -> list[int]:
+        return self.scheduler.take_pages_to_free()
+
+    # --- worker side ----------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.worker.register_kv_caches(kv_caches)
+
+    def bind_connector_metadata(self, meta: object) -> None:
+        super().bind_connector_metadata(meta)
+        self.worker.bind(meta)
+
+    def clear_connector_metadata(self) -> None:
+        super().clear_connector_metadata()
+        self.worker.bind(None)
+
+    def start_load_kv(self, forward_context: ForwardContext) -> None:
+        self.worker.start_load_kv()
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        self.worker.wait_for_layer_load(layer_name)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata) -> None:
+        if attn_metadata is not None and not attn_metadata.is_clean_pass:
+            return  # only the clean pass (t = 0) writes the K/V that is committed
+        self.worker.save_kv_layer(layer_name, kv_layer)
+
+    def wait_for_save(self) -> None:
+        self.worker.wait_for_save()
+
+    def get_finished(self, finished_req_ids: set) -> tuple[set | None, set | None]:
+        """Poll the copies; hand the report to the scheduler half. Returns (store keys that ended
+        and finished sessions whose stores all ended, load keys that completed)."""
+        report = self.worker.poll()
+        self.scheduler.update_connector_output(report)
+        done = self.scheduler.finished(finished_req_ids)
+        return (done or None), (set(report.loads_done) or None)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker.load_error_pages()
+
+    # --- diagnostics ----------------------------------------------------------------------------
+    def kept_indices(self, session_id: str, chunk_id: int) -> torch.Tensor | None:
+        """Kept token ids [L, T'] (CPU int64, ascending, anchor first) of a banked or resident
+        chunk: which of its ``frames_per_chunk * frame_tokens`` tokens the window holds. None once
+        the chunk left both the bank and the hot set."""
+        return self.worker.kept_indices((session_id, chunk_id))
+
+    def drop_session(self, session_id: str) -> int:
+        """Free a finished session's bank entries now instead of leaving them to bank eviction."""
+        return len(self.worker.drop_session(session_id))
+
+    def _merged_metrics(self) -> ConnectorMetrics:
+        if not self.worker.bank.closed:
+            self.worker.metrics.set_bank(self.worker.bank.stats())
+        return ConnectorMetrics().merge(self.scheduler.metrics).merge(self.worker.metrics)
+
+    def metrics(self) -> dict:
+        """Counters (bytes stored/loaded, jobs, hits, misses, errors, copy paths), the compression
+        ratio and the bank gauges (``bank_bytes``, ``bank_entries``), plus connector state."""
+        out = self._merged_metrics().as_dict()
+        bank = self.worker.bank
+        out.update(
+            bank_capacity_bytes=bank.capacity_bytes,
+            bank_evictions=bank.evictions,
+            held_pages=self.scheduler.held_pages(),
+            pending_stores=self.scheduler.pending_stores(),
+        )
+        return out
+
+    def metrics_prometheus(self) -> str:
+        """Prometheus text exposition of the counters (names prefixed ``worldkv_``)."""
+        return self._merged_metrics().to_prometheus()
+
+    def close(self) -> None:
+        self.worker.close()

@@ -1,0 +1,159 @@
+"""Load path of the worker half: copy retrieved chunks from the bank into their new pages, one job
+per layer, and (``rope_correction``) move resident chunks' keys in time.
+
+``begin_step`` pins the step's bank entries, builds every layer's (bank rows -> page) pairs once
+and enqueues one load job per layer, so layer ``i``'s copy overlaps the compute of earlier layers;
+``wait_layer`` orders the compute stream after that layer's job only. A retrieved chunk of T'
+tokens fills its pages in order: page ``i`` gets rows ``[i*page_size, (i+1)*page_size)``, the last
+page partial. A failed load (job error, missing entry, exception) marks the chunk's pages as load
+errors for the engine, which then leaves the chunk out of the step's window.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from worldkv_connector.bank import Bank
+from worldkv_connector.connector.meta import ChunkKey, LoadSpec, RopeDelta
+from worldkv_connector.metrics import ConnectorMetrics
+from worldkv_connector.transfer import TransferEngine, TransferJob
+
+__all__ = ["LoadPath"]
+
+logger = logging.getLogger(__name__)
+
+
+class LoadPath:
+    """Bank -> page loads and RoPE deltas of one worker; not thread-safe."""
+
+    def __init__(self, bank: Bank, metrics: ConnectorMetrics, *, page_size: int, device: torch.device) -> None:
+        self.bank = bank
+        self.metrics = metrics
+        self.page_size = page_size
+        self.device = device
+        self.error_pages: set[int] = set()  # pages of this step's failed loads
+        self.failed: list[ChunkKey] = []  # since the last collect
+        self.done: list[ChunkKey] = []
+        self._layer_jobs: dict[int, TransferJob] = {}
+        self._jobs: dict[int, list[LoadSpec]] = {}  # job id -> loads it copies
+        self._outstanding: dict[ChunkKey, int] = {}  # pinned keys -> jobs not yet observed done
+        self._ropes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._rotated: set[int] = set()
+        self.resident_indices: dict[ChunkKey, torch.Tensor] = {}  # kept ids of chunks in the hot set
+
+    # --- per step -------------------------------------------------------------------------------
+    def begin_step(self, loads: list[LoadSpec], ropes: list[RopeDelta], layer_names: list[str],
+                   kv_caches: dict[str, torch.Tensor], transfer: TransferEngine) -> None:
+        """Enqueue this step's loads (one job per layer) and plan its RoPE deltas."""
+        self.error_pages = set()
+        self._layer_jobs, self._rotated = {}, set()
+        live: list[LoadSpec] = []
+        bad: list[LoadSpec] = []
+        for spec in loads:
+            entry = self.bank.get(spec.key)
+            if entry is None or not entry.ready or entry.num_tokens != spec.num_tokens:
+                bad.append(spec)  # evicted or rewritten since it was planned: never load stale rows
+                self.metrics.load_errors += 1
+                continue
+            self.bank.pin(spec.key)  # an entry being read must not be evicted or reused
+            self.bank.touch(spec.key)  # a retrieval: young end of LRU
+            self._outstanding[spec.key] = 0
+            if entry.indices is not None:
+                self.resident_indices[spec.key] = entry.indices
+            live.append(spec)
+        if live:
+            ps = self.page_size
+            views = [self.bank.view(spec.key) for spec in live]  # [L, 2, T', H, D] each
+            for layer, name in enumerate(layer_names):
+                pool = kv_caches[name]  # [2, num_pages, page_size, H, D]
+                srcs, dsts = [], []
+                for spec, view in zip(live, views):
+                    for kv in (0, 1):
+                        for i, page in enumerate(spec.page_ids):
+                            n = min(ps, spec.num_tokens - i * ps)
+                            srcs.append(view[layer, kv, i * ps : i * ps + n])
+                            dsts.append(pool[kv, page, :n])
+                try:
+                    # after=None: the copy waits for all work queued on the compute stream, so it
+                    # never overwrites pages an earlier kernel still reads
+                    job = transfer.submit("load", srcs, dsts, tag=("load", layer))
+                except Exception as exc:  # noqa: BLE001 - reported as load errors, never fails the step
+                    self.metrics.load_errors += 1  # no job: record_job will not count it
+                    bad.extend(s for s in live if s not in bad)
+                    logger.debug("load of layer %d could not be submitted: %s: %s", layer, type(exc).__name__, exc)
+                    continue
+                for spec in live:
+                    self._outstanding[spec.key] += 1
+                self._jobs[job.job_id] = list(live)
+                self._layer_jobs[layer] = job
+                if job.error is not None:
+                    bad.extend(s for s in live if s not in bad)
+        for spec in bad:
+            self.error_pages.update(spec.page_ids)
+            self.failed.append(spec.key)
+            self.resident_indices.pop(spec.key, None)
+        if bad:
+            # one warning per step, not per layer: the engine drops these chunks from the window
+            logger.warning("KV load failed for chunk(s) %s: left out of this step's window", [s.key for s in bad])
+        self._release_unsubmitted()
+        self._ropes = None
+        if ropes:
+            pages = [p for r in ropes for p in r.page_ids]
+            lens = [n for r in ropes for n in r.page_lens]
+            deltas = [r.delta for r in ropes for _ in r.page_ids]
+            self._ropes = tuple(torch.tensor(x, dtype=torch.int64, device=self.device) for x in (pages, deltas, lens))
+
+    def _release_unsubmitted(self) -> None:
+        """Unpin keys no job reads (their submit failed for every layer)."""
+        for key in [k for k, n in self._outstanding.items() if n == 0]:
+            del self._outstanding[key]
+            if key in self.bank:
+                self.bank.unpin(key)
+
+    def wait_layer(self, layer: int, kv_layer: torch.Tensor) -> None:
+        """Order the compute stream after layer ``layer``'s load, then apply the step's RoPE deltas
+        to that layer's K pages (once per step). kv_layer: [2, num_pages, page_size, H, D]."""
+        job = self._layer_jobs.pop(layer, None)
+        if job is not None and not job.done():
+            # the attention kernels must see the loaded rows: a device-side wait, the host runs on
+            torch.cuda.current_stream(self.device).wait_event(job.end_event)
+        if self._ropes is not None and layer not in self._rotated:
+            self._rotated.add(layer)
+            pages, deltas, lens = self._ropes
+            if kv_layer.device.type == "cuda":
+                from worldkv_connector.kernels.rope_delta import rope_delta_
+
+                rope_delta_(kv_layer[0], pages, deltas, lens, validate=False)
+            else:
+                from worldkv_connector.kernels.rope_delta import rope_delta_torch
+
+                rope_delta_torch(kv_layer[0], pages, deltas, lens)
+
+    # --- completion -----------------------------------------------------------------------------
+    def on_job(self, job: TransferJob) -> None:
+        """A load job finished: unpin entries no other job of theirs still reads."""
+        for spec in self._jobs.pop(job.job_id, ()):
+            if job.error is not None and spec.key not in self.failed:
+                self.failed.append(spec.key)
+                self.resident_indices.pop(spec.key, None)
+            n = self._outstanding.get(spec.key, 0) - 1
+            if n > 0:
+                self._outstanding[spec.key] = n
+                continue
+            self._outstanding.pop(spec.key, None)
+            if spec.key in self.bank:
+                self.bank.unpin(spec.key)
+            if spec.key not in self.failed:
+                self.done.append(spec.key)
+
+    def collect(self) -> tuple[list[ChunkKey], list[ChunkKey]]:
+        """(loads done, loads failed) since the last call."""
+        done, failed = self.done, self.failed
+        self.done, self.failed = [], []
+        return done, failed
+
+    def release(self, keys: list[ChunkKey]) -> None:
+        """Chunks that left the hot set: forget their kept ids."""
+        for key in keys:
+            self.resident_indices.pop(key, None)

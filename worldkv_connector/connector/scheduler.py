@@ -1,0 +1,296 @@
+"""Scheduler half of the WorldKV connector: ids, poses, page ids and bookkeeping only (no tensors).
+
+Per step and session it scores the banked chunks against the new chunk's pose (``PoseIndex`` with
+the configured policy), picks ``retrieval_chunks`` of them and plans:
+
+- **loads** for chosen chunks that are not resident. Retrieved chunks stay in a per-session hot
+  set of at most ``hot_chunks`` chunks between steps, so consecutive steps copy only the chunks
+  that changed. Hot chunks that are neither chosen nor among the most recently used go back to
+  the engine through ``request.release_pages`` (the engine frees those after the step, so within
+  a step a session may hold up to ``hot_chunks`` + the step's new loads).
+- **stores** for every committed chunk (write-through: every chunk is banked, not only evicted
+  ones). A chunk becomes a retrieval candidate only once its store completed.
+- **frees** of evicted chunks' pages, only after their store ended (``take_pages_to_free``).
+- **RoPE deltas** (``rope_correction``): each resident chunk's current temporal position is
+  tracked, so a hot chunk kept across steps is re-rotated by the difference only.
+
+Window order of the retrieved chunks: ascending original chunk index (so the retrieved part of the
+window reads in the order the world was generated, and a chunk kept across steps keeps its
+relative place). Sink and recent chunks are never candidates.
+
+Eviction timing: the engine evicts a chunk from its sliding window at the end of a step but
+announces it in the *next* step's ``SchedulerOutput.evicted``. With the window config checked
+equal to the engine's, the chunk leaving the window in a step is known when the step is planned
+(``chunk - recent_chunks``), so its pages are queued for freeing then and returned by the
+``take_pages_to_free`` that follows the step, instead of one step later: a session never holds an
+extra chunk of pages. The later announcement is then only acknowledged.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from worldkv_connector.config import WorldKVConfig
+from worldkv_connector.connector.meta import ChunkKey, LoadSpec, RopeDelta, StoreSpec, WorkerReport, WorldKVMetadata
+from worldkv_connector.index import PoseIndex
+from worldkv_connector.integration.video.connector_api import ChunkRequest, ExternalChunk, SchedulerOutput
+from worldkv_connector.metrics import ConnectorMetrics
+
+__all__ = ["WorldKVScheduler"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Resident:
+    """A retrieved chunk held in pages of the connector's hot set."""
+
+    page_ids: tuple[int, ...]
+    num_tokens: int
+    position: int  # latent frame its first frame's keys currently sit at (temporal RoPE)
+    last_used: int  # step it was last in a window
+    valid: bool = True  # False once its load failed: the pages hold no usable K/V
+
+
+@dataclass
+class _Session:
+    banked: dict[int, int] = field(default_factory=dict)  # chunk id -> tokens per layer in the bank
+    resident: dict[int, _Resident] = field(default_factory=dict)  # hot set
+    pages: dict[int, tuple[int, ...]] = field(default_factory=dict)  # committed chunk -> pages the engine holds
+    finished: bool = False
+
+
+class WorldKVScheduler:
+    """Retrieval planning and page bookkeeping of one engine (one scheduler process).
+
+    config: the resolved ``WorldKVConfig`` (window equal to the engine's). frame_tokens: tokens per
+    latent frame; page_size: the engine's tokens per page.
+    """
+
+    def __init__(self, config: WorldKVConfig, *, frame_tokens: int, page_size: int) -> None:
+        self.config = config
+        self.frame_tokens = frame_tokens
+        self.page_size = page_size
+        self.fpc = config.frames_per_chunk
+        self.chunk_tokens = self.fpc * frame_tokens
+        self.index = PoseIndex.from_config(config)
+        self.metrics = ConnectorMetrics()
+        self._sessions: dict[str, _Session] = {}
+        self._step = 0
+        # per-step plan, filled by get_num_new_matched_tokens / update_state_after_alloc
+        self._loads: list[LoadSpec] = []
+        self._ropes: list[RopeDelta] = []
+        self._released: list[ChunkKey] = []
+        self._finished: list[str] = []
+        # stores: key -> frame poses [F, 4, 4] until the store ends
+        self._store_pending: dict[ChunkKey, np.ndarray] = {}
+        self._stores_ended: set[ChunkKey] = set()  # since the last get_finished
+        # evicted chunks whose pages wait for their store to end
+        self._awaiting: dict[ChunkKey, tuple[int, ...]] = {}
+        self._predicted: set[ChunkKey] = set()  # queued ahead of the engine's announcement
+        self._free_now: list[int] = []  # pages to return at the next take_pages_to_free
+        self._waiting_sessions: set[str] = set()  # finished sessions whose stores are still running
+
+    # --- helpers --------------------------------------------------------------------------------
+    def _session(self, session_id: str) -> _Session:
+        s = self._sessions.get(session_id)
+        if s is None:
+            s = self._sessions[session_id] = _Session()
+        return s
+
+    def _page_lens(self, num_tokens: int) -> tuple[int, ...]:
+        n = -(-num_tokens // self.page_size)
+        return tuple([self.page_size] * (n - 1) + [num_tokens - self.page_size * (n - 1)])
+
+    def window_excluded(self, chunk_index: int) -> range | list[int]:
+        """Chunk ids in the sink or the recent window of the chunk ``chunk_index`` (never retrieved)."""
+        sink = min(self.config.sink_chunks, chunk_index)
+        recent_start = max(self.config.sink_chunks, chunk_index - self.config.recent_chunks)
+        return list(range(sink)) + list(range(recent_start, chunk_index))
+
+    # --- engine hooks (scheduler side) ----------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: ChunkRequest, num_computed_tokens: int) -> tuple[int, bool]:
+        """Fill ``request.external`` (window order: ascending chunk index) and ``request.release_pages``.
+        Returns (tokens the engine must allocate pages for, False: loads finish within the step)."""
+        if request.page_size != self.page_size or request.frame_tokens != self.frame_tokens:
+            raise ValueError(
+                f"request of {request.session_id!r}: page_size {request.page_size} / frame_tokens "
+                f"{request.frame_tokens}, the connector was built for {self.page_size} / {self.frame_tokens}"
+            )
+        s = self._session(request.session_id)
+        c = request.chunk_index
+        k = self.config.retrieval_chunks
+        chosen = self.index.query(request.session_id, request.frame_poses, k, self.window_excluded(c)) if k else []
+        chosen.sort()  # window order: ascending original chunk index (see module docstring)
+        externals, new_tokens = [], 0
+        for cid in chosen:
+            r = s.resident.get(cid)
+            if r is not None and r.valid:
+                self.metrics.retrieval_hits += 1
+                r.last_used = self._step
+                externals.append(ExternalChunk(cid, r.num_tokens, list(r.page_ids), needs_load=False))
+            else:
+                self.metrics.retrieval_misses += 1
+                n = s.banked[cid]
+                externals.append(ExternalChunk(cid, n, [], needs_load=True))
+                new_tokens += n
+        # hot set: the chosen chunks plus the most recently used others, at most hot_chunks
+        keep = set(chosen)
+        others = sorted(
+            (cid for cid, r in s.resident.items() if cid not in keep and r.valid and cid in s.banked),
+            key=lambda cid: (-s.resident[cid].last_used, cid),
+        )
+        keep.update(others[: max(0, self.config.hot_chunks - len(chosen))])
+        release = []
+        for cid in [cid for cid in s.resident if cid not in keep or not s.resident[cid].valid]:
+            r = s.resident.pop(cid)
+            release.extend(r.page_ids)
+            self._released.append((request.session_id, cid))
+        request.external = externals
+        request.release_pages = release
+        return new_tokens, False
+
+    def update_state_after_alloc(self, request: ChunkRequest, block_ids: list[list[int]],
+                                 num_external_tokens: int) -> None:
+        """Record the pages the engine allocated for the ``needs_load`` chunks; plan their loads and
+        the RoPE deltas of this request's window."""
+        s = self._session(request.session_id)
+        fresh = [e for e in request.external if e.needs_load]
+        if len(block_ids) != len(fresh):
+            raise ValueError(
+                f"update_state_after_alloc: {len(block_ids)} page lists for {len(fresh)} chunks to load "
+                f"(session {request.session_id!r}, chunk {request.chunk_index})"
+            )
+        for ext, pages in zip(fresh, block_ids):
+            if len(pages) != ext.num_pages(self.page_size):
+                raise ValueError(
+                    f"chunk {ext.chunk_id} of {ext.num_tokens} tokens needs {ext.num_pages(self.page_size)} pages, "
+                    f"the engine allocated {len(pages)}"
+                )
+            key = (request.session_id, ext.chunk_id)
+            # banked keys sit at their original absolute positions
+            s.resident[ext.chunk_id] = _Resident(tuple(pages), ext.num_tokens, ext.chunk_id * self.fpc, self._step)
+            self._loads.append(LoadSpec(key, tuple(pages), ext.num_tokens))
+        if self.config.rope_correction and request.external:
+            # retrieved chunks sit contiguously just before the recent window (which starts at the
+            # first frame after the sink when the rollout is still short)
+            c = request.chunk_index
+            recent_start = max(self.config.sink_chunks, c - self.config.recent_chunks) * self.fpc
+            m = len(request.external)
+            for j, ext in enumerate(request.external):
+                r = s.resident[ext.chunk_id]
+                target = recent_start - (m - j) * self.fpc
+                if target != r.position:
+                    key = (request.session_id, ext.chunk_id)
+                    self._ropes.append(RopeDelta(key, r.page_ids, self._page_lens(r.num_tokens), target - r.position))
+                    r.position = target
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> WorldKVMetadata:
+        """The step's plan: loads, stores of every committed chunk, RoPE deltas, hot-set releases."""
+        self._step = scheduler_output.step
+        for ev in scheduler_output.evicted:
+            key = (ev.session_id, ev.chunk_id)
+            if key in self._predicted:
+                self._predicted.discard(key)  # queued when its eviction was planned
+            else:
+                self._awaiting[key] = tuple(ev.page_ids)
+        stores = []
+        for cc in scheduler_output.committed:
+            key = (cc.session_id, cc.chunk_id)
+            s = self._session(cc.session_id)
+            s.pages[cc.chunk_id] = tuple(cc.page_ids)
+            self._store_pending[key] = np.asarray(cc.frame_poses, dtype=np.float64)
+            stores.append(StoreSpec(key, tuple(cc.page_ids), cc.num_tokens))
+            # the chunk leaving the engine's sliding window at the end of this step (module docstring)
+            if cc.chunk_id >= self.config.sink_chunks:
+                victim = cc.chunk_id - self.config.recent_chunks
+                if victim >= self.config.sink_chunks and victim in s.pages:
+                    vkey = (cc.session_id, victim)
+                    self._awaiting[vkey] = s.pages.pop(victim)
+                    self._predicted.add(vkey)
+        meta = WorldKVMetadata(self._step, self._loads, stores, self._ropes, self._released, self._finished)
+        self._loads, self._ropes, self._released, self._finished = [], [], [], []
+        return meta
+
+    def request_finished(self, session_id: str, block_ids: list[int]) -> tuple[bool, dict | None]:
+        """Session ended. Its hot set goes back at the next ``take_pages_to_free``; True asks the
+        engine to keep ``block_ids`` until the session's stores ended (``finished_sessions``)."""
+        s = self._session(session_id)
+        s.finished = True
+        self._finished.append(session_id)
+        for cid, r in s.resident.items():
+            self._free_now.extend(r.page_ids)
+            self._released.append((session_id, cid))
+        s.resident.clear()
+        s.pages.clear()
+        wait = any(key[0] == session_id for key in self._store_pending)
+        if wait:
+            self._waiting_sessions.add(session_id)
+        return wait, None
+
+    def take_pages_to_free(self) -> list[int]:
+        """Pages of evicted chunks whose store ended, and hot pages of finished sessions."""
+        out, self._free_now = self._free_now, []
+        for key in [k for k in self._awaiting if k not in self._store_pending]:
+            out.extend(self._awaiting.pop(key))
+        return out
+
+    # --- worker feedback ------------------------------------------------------------------------
+    def update_connector_output(self, report: WorkerReport) -> None:
+        """Apply what the worker finished: banked chunks become candidates, evicted entries leave
+        the index, failed loads leave the hot set."""
+        for res in report.stores:
+            poses = self._store_pending.pop(res.key, None)
+            self._stores_ended.add(res.key)
+            if poses is None:
+                logger.debug("store result for unknown chunk %s ignored", res.key)
+                continue
+            if res.ok:
+                sid, cid = res.key
+                self.index.add(sid, cid, poses)
+                self._session(sid).banked[cid] = res.num_tokens
+        for sid, cid in report.evicted:
+            self.index.remove(sid, cid)
+            s = self._sessions.get(sid)
+            if s is not None:
+                s.banked.pop(cid, None)
+        for sid, cid in report.loads_failed:
+            s = self._sessions.get(sid)
+            r = None if s is None else s.resident.get(cid)
+            if r is not None:
+                r.valid = False
+
+    def finished(self, finished_req_ids: set) -> set:
+        """Store keys that ended since the last call, plus finished sessions (from
+        ``finished_req_ids``) whose stores all ended."""
+        out: set = set(self._stores_ended)
+        self._stores_ended.clear()
+        pending_sessions = {key[0] for key in self._store_pending}
+        for sid in list(self._waiting_sessions):
+            # reported once, to an engine that is waiting for it
+            if sid not in pending_sessions and (finished_req_ids is None or sid in finished_req_ids):
+                self._waiting_sessions.discard(sid)
+                out.add(sid)
+        return out
+
+    # --- introspection --------------------------------------------------------------------------
+    def resident_chunks(self, session_id: str) -> dict[int, tuple[int, ...]]:
+        """chunk id -> pages of the session's hot set (a copy)."""
+        s = self._sessions.get(session_id)
+        return {} if s is None else {cid: r.page_ids for cid, r in s.resident.items()}
+
+    def banked_chunks(self, session_id: str) -> list[int]:
+        """Chunk ids of the session that are banked and retrievable, ascending."""
+        s = self._sessions.get(session_id)
+        return [] if s is None else sorted(s.banked)
+
+    def pending_stores(self) -> int:
+        return len(self._store_pending)
+
+    def held_pages(self) -> int:
+        """Pages the connector holds: hot sets, evicted chunks waiting for their store, and pages
+        queued to go back."""
+        hot = sum(len(r.page_ids) for s in self._sessions.values() for r in s.resident.values())
+        return hot + sum(len(p) for p in self._awaiting.values()) + len(self._free_now)

@@ -1,0 +1,205 @@
+"""Store path of the worker half: compress each committed chunk's K/V per layer and copy it into
+its bank slot (pages -> bank), write-through, during the clean pass.
+
+Per step the committed chunks' page slots are turned into one gather index (planned once, reused by
+every layer). At ``save_kv_layer`` the layer's rows are gathered, compressed (novelty pruning:
+``compression.compress_chunk`` on the CPU, the Triton ``kernels.compress`` path on CUDA) and one
+store job per layer copies K, V and the kept token ids into the bank on a copy stream, after an
+event on the compute stream. An entry becomes ready (and retrievable) only when all its layers'
+jobs completed; a failed copy or a full bank leaves the chunk unbanked.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from worldkv_connector.bank import Bank, BankEntry
+from worldkv_connector.compression import compress_chunk
+from worldkv_connector.config import WorldKVConfig
+from worldkv_connector.connector.meta import ChunkKey, StoreResult, StoreSpec
+from worldkv_connector.metrics import ConnectorMetrics
+from worldkv_connector.transfer import TransferEngine, TransferJob
+
+__all__ = ["StorePath"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Store:
+    """One chunk being banked."""
+
+    spec: StoreSpec
+    entry: BankEntry | None  # None: no bank slot (full bank or an error before reserving)
+    layers_submitted: int = 0
+    outstanding: int = 0  # submitted jobs not yet observed done
+    closed: bool = False  # no more layers will be submitted (end of the clean pass)
+    failed: bool = False
+
+
+class StorePath:
+    """Compress-and-store of committed chunks. One per worker; not thread-safe."""
+
+    def __init__(self, config: WorldKVConfig, bank: Bank, metrics: ConnectorMetrics, *, frame_tokens: int,
+                 num_layers: int, page_size: int, device: torch.device) -> None:
+        self.config = config
+        self.bank = bank
+        self.metrics = metrics
+        self.frame_tokens = frame_tokens
+        self.num_layers = num_layers
+        self.page_size = page_size
+        self.device = device
+        self.kept = config.kept_tokens(frame_tokens)
+        self._stores: dict[ChunkKey, _Store] = {}
+        self._step: list[_Store] = []  # this step's stores, batch order
+        self._rows: torch.Tensor | None = None  # [B, T] int64 flat page slots of the step's chunks
+        self._jobs: dict[int, list[ChunkKey]] = {}  # job id -> keys it writes
+        # one event serves every store job: the copy stream's wait_event captures the record at call
+        # time, so re-recording it for the next layer cannot release an earlier wait
+        self._event = torch.cuda.Event() if device.type == "cuda" else None
+        self._warned = False
+        # page-locked ids so their device-to-host copy joins the job's DMA batch (pageable memory
+        # would force a copy that blocks the host until the compute stream caught up)
+        self._pin = device.type == "cuda"
+
+    # --- per step -------------------------------------------------------------------------------
+    def begin_step(self, stores: list[StoreSpec]) -> None:
+        """Reserve bank slots and plan the page gather of this step's committed chunks."""
+        if any(not st.closed for st in self._stores.values()):
+            self.end_step()  # the previous clean pass never reached wait_for_save (a failed step)
+        chunk_tokens = None
+        for spec in stores:
+            if spec.key in self._stores:
+                logger.warning("chunk %s is already being stored; store request ignored", spec.key)
+                continue
+            if chunk_tokens is None:
+                chunk_tokens = spec.num_tokens
+            entry = None
+            if spec.num_tokens != chunk_tokens:
+                self._fail_early(spec, f"{spec.num_tokens} tokens, the step's other chunks have {chunk_tokens}")
+            elif spec.num_tokens % self.frame_tokens:
+                self._fail_early(spec, f"{spec.num_tokens} tokens is not a whole number of frames")
+            else:
+                # indices land per layer with the layer's store job (no device sync on CUDA)
+                idx = torch.zeros(self.num_layers, self.kept, dtype=torch.int64, pin_memory=self._pin)
+                entry = self.bank.reserve(spec.key, self.kept, indices=idx)
+                if entry is None:
+                    self._fail_early(spec, "the bank has no free slot (every entry is pinned or being written)")
+            st = _Store(spec, entry, failed=entry is None)
+            self._stores[spec.key] = st
+            if entry is not None:
+                self._step.append(st)
+        if self._step:
+            ps = self.page_size
+            pages = torch.tensor([st.spec.page_ids for st in self._step], dtype=torch.int64)  # [B, P]
+            rows = (pages[:, :, None] * ps + torch.arange(ps)).reshape(len(self._step), -1)  # [B, P * ps]
+            self._rows = rows[:, :chunk_tokens].to(self.device)
+
+    def _fail_early(self, spec: StoreSpec, why: str) -> None:
+        self.metrics.store_errors += 1
+        self._log(f"chunk {spec.key} not banked: {why}")
+
+    def _log(self, msg: str) -> None:
+        # the first failure is a warning; repeats are debug so a full bank cannot flood the log
+        (logger.debug if self._warned else logger.warning)("%s", msg)
+        self._warned = True
+
+    def save_layer(self, layer: int, kv_layer: torch.Tensor, transfer: TransferEngine) -> None:
+        """kv_layer: [2, num_pages, page_size, H, D], the pool of layer ``layer`` after the clean pass
+        wrote the committed chunks. Enqueues one store job (K, V, kept ids of every chunk)."""
+        live = [st for st in self._step if not st.failed]
+        if not live:
+            return
+        try:
+            rows = self._rows if len(live) == len(self._step) else self._rows[[self._step.index(st) for st in live]]
+            _, num_pages, ps, h, d = kv_layer.shape
+            flat = kv_layer.view(2, num_pages * ps, h, d)
+            b, t = rows.shape
+            flat_rows = rows.reshape(-1)
+            k = flat[0].index_select(0, flat_rows).view(b, t, h, d)  # [B, T, H, D] gathered chunk K
+            v = flat[1].index_select(0, flat_rows).view(b, t, h, d)
+            ck, cv, idx = self._compress(k, v)  # [B, T', H, D] x2, [B, T'] int64
+            srcs, dsts = [], []
+            for b, st in enumerate(live):
+                view = self.bank.view(st.spec.key)  # [L, 2, T', H, D]
+                srcs += [ck[b], cv[b], idx[b]]
+                dsts += [view[layer, 0], view[layer, 1], st.entry.indices[layer]]
+            after = None
+            if self._event is not None:
+                # the copy stream must not read the staging rows before compute wrote them
+                self._event.record(torch.cuda.current_stream(self.device))
+                after = self._event
+            job = transfer.submit("store", srcs, dsts, after=after, tag=("store", layer))
+        except Exception as exc:  # noqa: BLE001 - a failed store leaves the chunk unbanked, never fails the step
+            for st in live:
+                st.failed = True
+            self.metrics.store_errors += 1
+            self._log(f"store of layer {layer} failed for {[st.spec.key for st in live]}: {type(exc).__name__}: {exc}")
+            return
+        keys = []
+        for st in live:
+            st.layers_submitted += 1
+            st.outstanding += 1
+            keys.append(st.spec.key)
+        self._jobs[job.job_id] = keys
+
+    def _compress(self, k: torch.Tensor, v: torch.Tensor):
+        """k, v: [B, T, H, D] -> (k [B, T', H, D], v [B, T', H, D], ids [B, T'] int64), on k's device."""
+        b, t = k.shape[:2]
+        if self.kept == t:  # keep_ratio 1: nothing to rank
+            ids = torch.arange(t, device=k.device).expand(b, t).contiguous()
+            return k, v, ids
+        if k.device.type == "cuda":
+            from worldkv_connector.kernels.compress import compress_chunk_kernel
+
+            staging, ids = compress_chunk_kernel(
+                k, v, frame_tokens=self.frame_tokens, keep_ratio=self.config.keep_ratio, pooled=self.config.pooled
+            )  # staging: [B, 2, T', H, D] contiguous
+            return staging[:, 0], staging[:, 1], ids
+        out = compress_chunk(k, v, frame_tokens=self.frame_tokens, keep_ratio=self.config.keep_ratio,
+                             pooled=self.config.pooled)
+        return out.k, out.v, out.indices
+
+    def end_step(self) -> None:
+        """End of the clean pass: a chunk that did not get every layer is not banked."""
+        for st in self._step:
+            st.closed = True
+            if st.layers_submitted != self.num_layers and not st.failed:
+                st.failed = True
+                self.metrics.store_errors += 1
+                self._log(f"chunk {st.spec.key} not banked: {st.layers_submitted} of {self.num_layers} layers saved")
+        for st in self._stores.values():
+            st.closed = True
+        self._step, self._rows = [], None
+
+    # --- completion -----------------------------------------------------------------------------
+    def on_job(self, job: TransferJob) -> None:
+        """A store job finished (successfully or not)."""
+        for key in self._jobs.pop(job.job_id, ()):
+            st = self._stores.get(key)
+            if st is None:
+                continue
+            st.outstanding -= 1
+            if job.error is not None and not st.failed:
+                st.failed = True
+                self._log(f"chunk {key} not banked: store copy failed ({job.error})")
+
+    def collect(self) -> list[StoreResult]:
+        """Stores that ended: ready entries (ok) or freed slots (failed)."""
+        out = []
+        for key in [k for k, st in self._stores.items() if st.closed and st.outstanding == 0]:
+            st = self._stores.pop(key)
+            if st.failed or st.entry is None:
+                if st.entry is not None and key in self.bank:
+                    self.bank.free(key)  # no copy writes into the slot any more: safe to reuse
+                out.append(StoreResult(key, False, 0))
+            else:
+                self.bank.mark_ready(key)
+                self.metrics.record_chunk(st.spec.num_tokens, st.entry.num_tokens)
+                out.append(StoreResult(key, True, st.entry.num_tokens))
+        return out
+
+    def pending(self) -> int:
+        return len(self._stores)

@@ -1,0 +1,185 @@
+"""Worker half of the WorldKV connector: the bank, the transfer engine, streams and tensors.
+
+It runs the scheduler half's per-step plan (``WorldKVMetadata``): loads at ``start_load_kv``
+(``load.LoadPath``), stores at ``save_kv_layer`` (``store.StorePath``), and polls its transfer jobs
+in ``poll`` (called from ``get_finished``), which returns a ``WorkerReport`` for the scheduler half:
+banked chunks, failed loads and bank evictions. Entries become retrievable only once their store
+job completed.
+
+The transfer engine is a public attribute (``worker.transfer``) so a test or a host can swap in an
+instrumented one between steps.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from worldkv_connector.bank import Bank, BankEntry
+from worldkv_connector.config import WorldKVConfig
+from worldkv_connector.connector.load import LoadPath
+from worldkv_connector.connector.meta import ChunkKey, WorkerReport, WorldKVMetadata
+from worldkv_connector.connector.store import StorePath
+from worldkv_connector.metrics import ConnectorMetrics
+from worldkv_connector.shapes import KVShape
+from worldkv_connector.transfer import TransferEngine
+
+__all__ = ["WorldKVWorker"]
+
+logger = logging.getLogger(__name__)
+
+
+class WorldKVWorker:
+    """Tensors and copies of the connector for one device.
+
+    config: resolved ``WorldKVConfig``; kv_shape: the model's KV shape (layers, heads, dims, dtype);
+    page_size: the engine's tokens per page; device: where the KV pools live (cpu or cuda).
+    transfer: an optional ``TransferEngine`` (default: one on ``device``).
+    """
+
+    def __init__(self, config: WorldKVConfig, kv_shape: KVShape, *, page_size: int, device: torch.device | str,
+                 transfer: TransferEngine | None = None) -> None:
+        self.config = config
+        self.kv_shape = kv_shape
+        self.page_size = page_size
+        self.device = torch.device(device)
+        bank_device = self.device if config.bank == "gpu" else None
+        self.bank = Bank.for_shape(kv_shape, config, device=bank_device)
+        self.transfer = transfer if transfer is not None else TransferEngine.for_config(config, self.device)
+        self.metrics = ConnectorMetrics()
+        self._evicted: list[ChunkKey] = []
+        self._dead: set[str] = set()  # finished sessions whose entries may be reclaimed first
+        self.bank.add_evict_listener(self._on_evict)
+        self.kv_caches: dict[str, torch.Tensor] = {}
+        self.layer_names: list[str] = []
+        self._layer_of: dict[str, int] = {}
+        self.loads = LoadPath(self.bank, self.metrics, page_size=page_size, device=self.device)
+        self.stores = StorePath(config, self.bank, self.metrics, frame_tokens=kv_shape.frame_tokens,
+                                num_layers=kv_shape.num_layers, page_size=page_size, device=self.device)
+        self._meta: WorldKVMetadata | None = None
+        self._closed = False
+        self.metrics.set_bank(self.bank.stats())
+
+    def _on_evict(self, key, entry: BankEntry) -> None:
+        self._evicted.append(key)
+
+    # --- setup ----------------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """kv_caches: ``"blocks.{i}"`` -> [2, num_pages, page_size, H, D] (K at [0], V at [1]), in
+        layer order, the KV shape's dtype, on ``device``."""
+        s = self.kv_shape
+        if len(kv_caches) != s.num_layers:
+            raise ValueError(f"register_kv_caches: {len(kv_caches)} layers, the KV shape {s.name!r} has {s.num_layers}")
+        for name, t in kv_caches.items():
+            if t.dim() != 5 or t.shape[0] != 2 or tuple(t.shape[2:]) != (self.page_size, s.num_kv_heads, s.head_dim):
+                raise ValueError(
+                    f"kv cache {name!r}: expected [2, num_pages, {self.page_size}, {s.num_kv_heads}, {s.head_dim}], "
+                    f"got {tuple(t.shape)}"
+                )
+            if t.dtype != s.torch_dtype or t.device.type != self.device.type:
+                raise ValueError(
+                    f"kv cache {name!r}: expected {s.torch_dtype} on {self.device}, got {t.dtype} on {t.device}"
+                )
+        self.kv_caches = dict(kv_caches)
+        self.layer_names = list(kv_caches)
+        self._layer_of = {name: i for i, name in enumerate(self.layer_names)}
+
+    def _layer(self, layer_name: str) -> int:
+        try:
+            return self._layer_of[layer_name]
+        except KeyError:
+            raise ValueError(f"unknown layer {layer_name!r}: registered {self.layer_names[:3]}...") from None
+
+    # --- per step -------------------------------------------------------------------------------
+    def bind(self, meta: WorldKVMetadata | None) -> None:
+        self._meta = meta
+
+    def start_load_kv(self) -> None:
+        """Enqueue the step's loads and reserve its stores' bank slots (plan once per step)."""
+        meta = self._meta
+        if meta is None:
+            return
+        self.loads.release(meta.released)
+        self._dead.update(meta.finished_sessions)
+        # loads first: they pin their entries, so reserving store slots cannot evict them
+        self.loads.begin_step(meta.loads, meta.rope_deltas, self.layer_names, self.kv_caches, self.transfer)
+        if self._dead and self.bank.free_slots < len(meta.stores):
+            self._reclaim(len(meta.stores))
+        self.stores.begin_step(meta.stores)
+
+    def _reclaim(self, slots: int) -> None:
+        """Free entries of finished sessions (oldest first) until ``slots`` slots are free: they
+        stay banked for diagnostics while there is room, but never displace a live session's."""
+        for key in list(self.bank.keys()):
+            if self.bank.free_slots >= slots:
+                return
+            entry = self.bank.get(key)
+            if key[0] in self._dead and entry.ready and not entry.pins:
+                self.bank.free(key)
+                self._evicted.append(key)  # leaves the pose index like an eviction
+        live = {key[0] for key in self.bank.keys()}
+        self._dead &= live  # sessions with nothing left in the bank need no more tracking
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        layer = self._layer(layer_name)
+        self.loads.wait_layer(layer, self.kv_caches[layer_name])
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor) -> None:
+        """kv_layer: [2, num_pages, page_size, H, D] after the clean pass wrote the committed chunks."""
+        self.stores.save_layer(self._layer(layer_name), kv_layer, self.transfer)
+
+    def wait_for_save(self) -> None:
+        """End of the clean pass; does not wait for the copies."""
+        self.stores.end_step()
+
+    def load_error_pages(self) -> set[int]:
+        return set(self.loads.error_pages)
+
+    # --- completion -----------------------------------------------------------------------------
+    def poll(self) -> WorkerReport:
+        """Observe finished jobs (never waits) and report what ended since the last poll."""
+        for job in self.transfer.poll():
+            self.metrics.record_job(job)
+            if job.kind == "store":
+                self.stores.on_job(job)
+            else:
+                self.loads.on_job(job)
+        report = WorkerReport(stores=self.stores.collect())
+        report.loads_done, report.loads_failed = self.loads.collect()
+        report.evicted, self._evicted = self._evicted, []
+        self.metrics.set_bank(self.bank.stats())
+        return report
+
+    def kept_indices(self, key: ChunkKey) -> torch.Tensor | None:
+        """Kept token ids [L, T'] (CPU int64, ascending, anchor first) of a banked or resident chunk."""
+        entry = self.bank.get(key)
+        if entry is not None and entry.ready and entry.indices is not None:
+            return entry.indices
+        return self.loads.resident_indices.get(key)
+
+    def drop_session(self, session_id: str) -> list[ChunkKey]:
+        """Free a session's ready, unpinned bank entries; they are reported as evicted at the next
+        poll (so they leave the pose index). Returns the freed keys."""
+        for key in [k for k in self.loads.resident_indices if k[0] == session_id]:
+            del self.loads.resident_indices[key]
+        freed = []
+        for key in list(self.bank.keys()):
+            entry = self.bank.get(key)
+            if key[0] == session_id and entry.ready and not entry.pins:
+                self.bank.free(key)
+                freed.append(key)
+        self._evicted.extend(freed)
+        return freed
+
+    def stats(self) -> dict:
+        out = {"bank": self.bank.stats(), "transfer": self.transfer.stats(), "pending_stores": self.stores.pending()}
+        return out
+
+    def close(self) -> None:
+        """Wait for every copy, then release the bank. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.transfer.close()
+        self.poll()
+        self.bank.close()
