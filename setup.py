@@ -1,24 +1,26 @@
 """One distribution, one namespace: kernels/, integration/ and csrc/ ship inside worldkv_connector."""
-from setuptools import setup
+from setuptools import find_packages, setup
+
+# top-level folder -> the package it becomes inside the one namespace
+PACKAGE_DIRS = {
+    "worldkv_connector": "worldkv_connector",
+    "worldkv_connector.kernels": "kernels",
+    "worldkv_connector.integration": "integration",
+    "worldkv_connector.csrc": "csrc",
+}
+
+
+def _packages() -> list[str]:
+    packages = []
+    for name, folder in PACKAGE_DIRS.items():
+        packages.append(name)
+        # every sub-package of the folder, except tests (they are not shipped)
+        packages += [f"{name}.{sub}" for sub in find_packages(folder, exclude=["tests", "tests.*"])]
+    return sorted(set(packages))
+
 
 setup(
-    packages=[
-        "worldkv_connector",
-        "worldkv_connector.cli",
-        "worldkv_connector.bench",
-        "worldkv_connector.connector",
-        "worldkv_connector.transfer",
-        "worldkv_connector.kernels",
-        "worldkv_connector.integration",
-        "worldkv_connector.integration.video",
-        "worldkv_connector.integration.vllm",
-        "worldkv_connector.csrc",
-    ],
-    package_dir={
-        "worldkv_connector": "worldkv_connector",
-        "worldkv_connector.kernels": "kernels",
-        "worldkv_connector.integration": "integration",
-        "worldkv_connector.csrc": "csrc",
-    },
+    packages=_packages(),
+    package_dir=PACKAGE_DIRS,
     package_data={"worldkv_connector.csrc": ["*.cu", "*.cuh"]},
 )
