@@ -31,12 +31,14 @@ def wkv_distance(cand, query):
 
 class FakeEngine:
     """The engine's per-step calls on the scheduler half: windows, page allocation, commits,
-    sliding-window evictions announced one step late, and the worker's store reports."""
+    sliding-window evictions announced in the step that evicts (as the video engine does), and the
+    worker's store reports."""
 
     def __init__(self, sched: WorldKVScheduler, poses: np.ndarray, sid="s", store_delay=0):
         self.s, self.poses, self.sid, self.delay = sched, poses, sid, store_delay
         self.next_page, self.held, self.step = 0, {}, 0  # page -> owner
-        self.table, self.recent, self.evicted, self.inflight = {}, [], [], []
+        self.table, self.recent, self.inflight = {}, [], []
+        self.pages_by_chunk = {}  # every chunk's pages, kept after eviction to catch early frees
         self.freed_early = []
 
     def alloc(self, n, owner):
@@ -65,18 +67,19 @@ class FakeEngine:
         self.s.update_state_after_alloc(req, blocks, 0)
         cur = self.alloc(3, "session")
         self.table[c] = cur
+        self.pages_by_chunk[c] = list(cur)
         committed = CommittedChunk(self.sid, c, cur, CHUNK, self.poses[c])
-        meta = self.s.build_connector_meta(SchedulerOutput(self.step, [req], [committed], evicted=self.evicted))
-        self.evicted = []
-        self.inflight.append([(self.sid, c), self.delay])
-        # finish: commit, evict (announced next step), free released pages, poll
+        # the chunk leaving the recent window at the end of this step is announced in this step
+        evicted = []
         if c >= cfg.sink_chunks:
             self.recent.append(c)
             while len(self.recent) > cfg.recent_chunks:
                 v = self.recent.pop(0)
                 for p in self.table[v]:
                     self.held[p] = "evicted"
-                self.evicted.append(CommittedChunk(self.sid, v, self.table.pop(v), CHUNK, self.poses[v]))
+                evicted.append(CommittedChunk(self.sid, v, self.table.pop(v), CHUNK, self.poses[v]))
+        meta = self.s.build_connector_meta(SchedulerOutput(self.step, [req], [committed], evicted=evicted))
+        self.inflight.append([(self.sid, c), self.delay])
         self.free(req.release_pages, {"connector"})
         self.poll()
         self.step += 1
@@ -96,7 +99,7 @@ class FakeEngine:
         self.free(pages, {"evicted", "connector"})
 
     def pages_of(self, key):
-        return self.table.get(key[1], [])
+        return self.pages_by_chunk.get(key[1], [])
 
 
 def make(**cfg):
@@ -174,8 +177,7 @@ def test_evicted_pages_freed_only_after_store_and_without_lag(delay):
     for _ in range(delay + 1):
         eng.poll()
     assert not [p for p, o in eng.held.items() if o == "evicted"]
-    # the engine's late announcements of already-freed chunks are acknowledged, never freed twice
-    # (FakeEngine.free asserts every freed page is still held)
+    # more steps after the drain: nothing freed twice (FakeEngine.free asserts every freed page is held)
     for c in range(12, 16):
         eng.run_step(c)
     eng.poll()

@@ -18,12 +18,9 @@ Window order of the retrieved chunks: ascending original chunk index (so the ret
 window reads in the order the world was generated, and a chunk kept across steps keeps its
 relative place). Sink and recent chunks are never candidates.
 
-Eviction timing: the engine evicts a chunk from its sliding window at the end of a step but
-announces it in the *next* step's ``SchedulerOutput.evicted``. With the window config checked
-equal to the engine's, the chunk leaving the window in a step is known when the step is planned
-(``chunk - recent_chunks``), so its pages are queued for freeing then and returned by the
-``take_pages_to_free`` that follows the step, instead of one step later: a session never holds an
-extra chunk of pages. The later announcement is then only acknowledged.
+Eviction timing: the engine announces a chunk leaving its recent window in the same step's
+``SchedulerOutput.evicted``; its pages wait in ``_awaiting`` until its store ended and are then
+returned by ``take_pages_to_free`` (write-through: never before).
 """
 from __future__ import annotations
 
@@ -89,7 +86,6 @@ class WorldKVScheduler:
         self._stores_ended: set[ChunkKey] = set()  # since the last get_finished
         # evicted chunks whose pages wait for their store to end
         self._awaiting: dict[ChunkKey, tuple[int, ...]] = {}
-        self._predicted: set[ChunkKey] = set()  # queued ahead of the engine's announcement
         self._free_now: list[int] = []  # pages to return at the next take_pages_to_free
         self._waiting_sessions: set[str] = set()  # finished sessions whose stores are still running
 
@@ -191,11 +187,8 @@ class WorldKVScheduler:
         """The step's plan: loads, stores of every committed chunk, RoPE deltas, hot-set releases."""
         self._step = scheduler_output.step
         for ev in scheduler_output.evicted:
-            key = (ev.session_id, ev.chunk_id)
-            if key in self._predicted:
-                self._predicted.discard(key)  # queued when its eviction was planned
-            else:
-                self._awaiting[key] = tuple(ev.page_ids)
+            self._session(ev.session_id).pages.pop(ev.chunk_id, None)
+            self._awaiting[(ev.session_id, ev.chunk_id)] = tuple(ev.page_ids)
         stores = []
         for cc in scheduler_output.committed:
             key = (cc.session_id, cc.chunk_id)
@@ -203,13 +196,6 @@ class WorldKVScheduler:
             s.pages[cc.chunk_id] = tuple(cc.page_ids)
             self._store_pending[key] = np.asarray(cc.frame_poses, dtype=np.float64)
             stores.append(StoreSpec(key, tuple(cc.page_ids), cc.num_tokens))
-            # the chunk leaving the engine's sliding window at the end of this step (module docstring)
-            if cc.chunk_id >= self.config.sink_chunks:
-                victim = cc.chunk_id - self.config.recent_chunks
-                if victim >= self.config.sink_chunks and victim in s.pages:
-                    vkey = (cc.session_id, victim)
-                    self._awaiting[vkey] = s.pages.pop(victim)
-                    self._predicted.add(vkey)
         meta = WorldKVMetadata(self._step, self._loads, stores, self._ropes, self._released, self._finished)
         self._loads, self._ropes, self._released, self._finished = [], [], [], []
         return meta
