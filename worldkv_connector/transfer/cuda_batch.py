@@ -49,10 +49,17 @@ class BatchMemcpy:
         self._attr_idx = ctypes.c_size_t(0)
 
     def copy(self, runs: list[Run], stream: Any) -> None:
-        # descriptor arrays: the driver reads them during the call and does not keep them
         table = np.asarray([r[:3] for r in runs], dtype=np.uint64).reshape(-1, 3)
-        src, dst, size = (np.ascontiguousarray(table[:, c]) for c in range(3))
-        head = (dst.ctypes.data, src.ctypes.data, size.ctypes.data, len(runs),
+        self.copy_arrays(table[:, 0], table[:, 1], table[:, 2], stream)
+
+    def copy_arrays(self, src: np.ndarray, dst: np.ndarray, size: np.ndarray, stream: Any) -> None:
+        """One batch of ``size[i]`` bytes from ``src[i]`` to ``dst[i]`` (addresses, [F] ints) on ``stream``."""
+        # descriptor arrays: the driver reads them during the call and does not keep them
+        src, dst, size = (np.ascontiguousarray(a, dtype=np.uint64) for a in (src, dst, size))
+        count = int(size.shape[0])
+        if count == 0:
+            return
+        head = (dst.ctypes.data, src.ctypes.data, size.ctypes.data, count,
                 ctypes.addressof(self._attrs), ctypes.addressof(self._attr_idx), 1)
         fail = ctypes.c_size_t(0)
         if self.has_fail_idx:
@@ -61,7 +68,7 @@ class BatchMemcpy:
             err = self._fn(*head, stream.cuda_stream)
         if err != 0:
             where = f" (failIdx {fail.value})" if self.has_fail_idx else ""
-            raise RuntimeError(f"cuMemcpyBatchAsync of {len(runs)} runs failed with CUresult {err}{where}")
+            raise RuntimeError(f"cuMemcpyBatchAsync of {count} runs failed with CUresult {err}{where}")
 
 
 def _code(err: Any) -> int:

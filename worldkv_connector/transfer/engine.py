@@ -3,10 +3,14 @@
 A job is a list of (src, dst) tensor pairs. Pairs whose bytes follow each other in both source and
 destination memory are merged into one run first: batched DMA collapses for fragments under about
 28 KiB and every descriptor costs CPU time, so fewer, larger runs are what makes PCIe bandwidth
-reachable (DESIGN §2). On CUDA the runs go out as one ``cuMemcpyBatchAsync`` (driver >= 12.8) or, if
-that is unavailable, as a loop of async copies. On the CPU the copies run synchronously and a job is
-done when ``submit`` returns. Completion is polled with ``event.query()``, never waited on unless
-asked. The engine is not thread-safe: one worker thread drives it.
+reachable (DESIGN §2). On CUDA each job then picks its path (``paths.choose_path``) from the median
+run size: below ``kernel_threshold_bytes`` the SM copy kernel (``worldkv_connector.cuda_copy``, when
+CuPy is there and the host memory is mapped), otherwise one ``cuMemcpyBatchAsync`` (driver >= 12.8),
+else a loop of async copies. On the CPU the copies run synchronously and a job is done when
+``submit`` returns. ``submit`` takes tensor pairs; ``submit_plan`` takes a ``FragmentPlan`` of
+addresses planned with numpy (``page_fragments``), for jobs of thousands of page fragments.
+Completion is polled with ``event.query()``, never waited on unless asked. The engine is not
+thread-safe: one worker thread drives it.
 """
 from __future__ import annotations
 
@@ -18,15 +22,22 @@ from typing import Any, Sequence
 
 import torch
 
+from worldkv_connector import cuda_copy
 from worldkv_connector.transfer.cuda_batch import BatchMemcpy, resolve_batch_memcpy
-from worldkv_connector.transfer.runs import check_pairs, copy_runs, plan_runs, Run
+from worldkv_connector.transfer.fragments import (
+    FragmentPlan, copy_runs_by_view, memmove_runs, merge_fragment_arrays, translate_runs,
+)
+from worldkv_connector.transfer.paths import (
+    DEFAULT_KERNEL_THRESHOLD, PATHS, PathOptions, choose_path, host_device_pointers, kernel_fragments,
+    median_run_bytes,
+)
+from worldkv_connector.transfer.runs import check_and_plan, copy_runs, Run
 
 __all__ = ["TransferEngine", "TransferJob"]
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("store", "load")
-PATHS = ("cpu-sync", "dma-batch", "dma-loop")
 
 
 @dataclass(eq=False)
@@ -42,7 +53,7 @@ class TransferJob:
     kind: str
     nbytes: int
     num_fragments: int
-    path: str
+    path: str  # "cpu-sync" | "dma-batch" | "dma-loop" | "sm-kernel" (see paths.py)
     tag: Any = None
     stream: Any = None
     start_event: Any = None
@@ -67,16 +78,30 @@ class TransferEngine:
 
     device: where the pages live; "cpu" copies synchronously. num_streams: copy streams pooled on
     CUDA (jobs round-robin over them). batch_dma: use ``cuMemcpyBatchAsync``; None = when the
-    driver has it (CUDA >= 12.8), True = require it.
+    driver has it (CUDA >= 12.8), True = require it. sm_kernel: use the SM copy kernel for jobs of
+    small runs; None = when CUDA and CuPy are there, True = require it. kernel_threshold_bytes:
+    median merged-run size under which a job takes the kernel (``WorldKVConfig.
+    copy_kernel_threshold_bytes``; 0 = never).
     """
 
-    def __init__(self, device: str | torch.device = "cpu", *, num_streams: int = 2, batch_dma: bool | None = None) -> None:
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        *,
+        num_streams: int = 2,
+        batch_dma: bool | None = None,
+        sm_kernel: bool | None = None,
+        kernel_threshold_bytes: int = DEFAULT_KERNEL_THRESHOLD,
+    ) -> None:
         self.device = torch.device(device)
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"TransferEngine device={device!r}: expected 'cpu' or a cuda device")
         if not isinstance(num_streams, int) or isinstance(num_streams, bool) or not 1 <= num_streams <= 64:
             raise ValueError(f"TransferEngine num_streams={num_streams!r} is out of range: allowed 1 <= num_streams <= 64")
         self.num_streams = num_streams
+        # validates the threshold before any CUDA resource is made
+        self.options = PathOptions(self.device.type, kernel_threshold_bytes=kernel_threshold_bytes)
+        kernel = False
         self._ids = itertools.count(1)
         self._inflight: list[TransferJob] = []
         self._reported: list[TransferJob] = []  # finished, not yet returned by poll()
@@ -97,9 +122,23 @@ class TransferEngine:
             self._streams = [torch.cuda.Stream(self.device) for _ in range(num_streams)]
             if batch_dma is not False:
                 self._batch = resolve_batch_memcpy(self.device, required=bool(batch_dma))
+            if sm_kernel is not False:
+                kernel = cuda_copy.available()
+                if sm_kernel and not kernel:
+                    raise RuntimeError("sm_kernel=True but the SM copy kernel needs CuPy (pip install cupy-cuda12x or cupy-cuda13x)")
         elif batch_dma:
             raise ValueError("TransferEngine batch_dma=True needs a cuda device (cuMemcpyBatchAsync is a CUDA API)")
+        elif sm_kernel:
+            raise ValueError("TransferEngine sm_kernel=True needs a cuda device (the copy kernel runs on the GPU)")
+        self.options = PathOptions(self.device.type, batch_dma=self._batch is not None, sm_kernel=kernel,
+                                   kernel_threshold_bytes=kernel_threshold_bytes)
+        # the path of jobs made of large runs; small-run jobs may take "sm-kernel" (job.path says)
         self.path = "cpu-sync" if self.device.type == "cpu" else ("dma-batch" if self._batch else "dma-loop")
+
+    @classmethod
+    def for_config(cls, config: Any, device: str | torch.device = "cpu", **kwargs: Any) -> "TransferEngine":
+        """An engine whose kernel threshold is ``config.copy_kernel_threshold_bytes`` (a WorldKVConfig)."""
+        return cls(device, kernel_threshold_bytes=config.copy_kernel_threshold_bytes, **kwargs)
 
     # --- submission ----------------------------------------------------------------------------
     def submit(
@@ -122,13 +161,12 @@ class TransferEngine:
             raise RuntimeError("the transfer engine is closed")
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r}: choose one of {list(KINDS)}")
-        check_pairs(srcs, dsts)
+        runs = check_and_plan(srcs, dsts)
         if self.device.type == "cuda":
             for i, (s, d) in enumerate(zip(srcs, dsts)):
                 for side, t in (("src", s), ("dst", d)):
                     if t.device.type != "cpu" and t.device != self.device:
                         raise ValueError(f"pair {i}: {side} is on {t.device}, expected cpu or {self.device}")
-        runs = plan_runs(srcs, dsts)
         job = TransferJob(
             job_id=next(self._ids), kind=kind, nbytes=sum(r[2] for r in runs), num_fragments=len(runs),
             path=self.path, tag=tag, submitted_at=time.perf_counter(), num_pairs=len(srcs),
@@ -138,6 +176,54 @@ class TransferEngine:
             self._run_cpu(job, runs, srcs, dsts)
         else:
             self._run_cuda(job, runs, srcs, dsts, after)
+        return job
+
+    def submit_plan(self, kind: str, plan: FragmentPlan, *, after: "torch.cuda.Event | None" = None,
+                    tag: Any = None) -> TransferJob:
+        """Start the copies of a ``FragmentPlan`` (addresses planned with numpy, e.g. by
+        ``page_fragments``): the fast way to submit thousands of page fragments. Same ``kind``,
+        ``after`` and result as :meth:`submit`; the plan's tensors are kept alive until it ran."""
+        if self._closed:
+            raise RuntimeError("the transfer engine is closed")
+        if kind not in KINDS:
+            raise ValueError(f"kind={kind!r}: choose one of {list(KINDS)}")
+        if not isinstance(plan, FragmentPlan):
+            raise ValueError(f"plan: expected a FragmentPlan (see transfer.fragments), got {type(plan).__name__}")
+        for base, device in plan.storages:
+            if device.type != "cpu" and device != self.device:
+                raise ValueError(f"plan: memory at {base:#x} is on {device}, expected cpu or {self.device}")
+        src, dst, sizes, head = merge_fragment_arrays(plan)
+        job = TransferJob(
+            job_id=next(self._ids), kind=kind, nbytes=int(sizes.sum()), num_fragments=int(sizes.size),
+            path=self.path, tag=tag, submitted_at=time.perf_counter(), num_pairs=plan.num_fragments,
+        )
+        self._account_submit(job)
+        if self.device.type == "cpu":
+            t0 = time.perf_counter()
+            try:
+                memmove_runs(src, dst, sizes)  # host memory only: checked above
+            except Exception as exc:  # noqa: BLE001 - reported on the job, never raised mid-step
+                self._fail(job, exc)
+            self._stats["busy_s"] += time.perf_counter() - t0
+            self._finish(job)
+            return job
+        stream = self._begin_cuda(job, plan.keep, after)
+        try:
+            host = [t for t in plan.keep if t.device.type == "cpu"]
+            job.path, mapping = self._decide(sizes.tolist(), host)
+            if job.path == "sm-kernel":
+                try:
+                    cuda_copy.copy_fragments(*translate_runs(plan, src, dst, head, mapping), sizes, stream=stream)
+                except Exception as exc:  # noqa: BLE001 - e.g. NVRTC failed: DMA still moves the bytes
+                    job.path = self._kernel_failed(exc, sizes.tolist(), host)
+            if job.path == "dma-batch":
+                self._batch.copy_arrays(src, dst, sizes, stream)
+            elif job.path == "dma-loop":
+                with torch.cuda.stream(stream):
+                    copy_runs_by_view(plan, src, dst, sizes, head, non_blocking=True)
+        except Exception as exc:  # noqa: BLE001 - reported on the job (connector's load-error API)
+            self._fail(job, exc)
+        self._end_cuda(job, stream)
         return job
 
     def _account_submit(self, job: TransferJob) -> None:
@@ -168,11 +254,12 @@ class TransferEngine:
     def _event(self) -> Any:
         return self._events.pop() if self._events else torch.cuda.Event(enable_timing=True)
 
-    def _run_cuda(self, job: TransferJob, runs: list[Run], srcs, dsts, after: Any) -> None:
+    def _begin_cuda(self, job: TransferJob, keep: tuple, after: Any) -> Any:
+        """Pick the job's stream, order it after compute, record the start event. Returns the stream."""
         stream = self._streams[self._next_stream]
         self._next_stream = (self._next_stream + 1) % len(self._streams)
         job.stream = stream
-        job._keep = (tuple(srcs), tuple(dsts))
+        job._keep = keep
         if after is None:
             # a store must not read pages compute is still writing, and a load must not overwrite
             # pages compute still reads: order the copy after all work queued on the caller's stream
@@ -184,18 +271,52 @@ class TransferEngine:
             stream.wait_event(after)
         job.start_event, job.end_event = self._event(), self._event()
         job.start_event.record(stream)
-        try:
-            if runs:
-                if self._batch is not None and self._can_batch(srcs, dsts):
-                    self._batch.copy(runs, stream)
-                else:
-                    job.path = "dma-loop"
-                    with torch.cuda.stream(stream):
-                        copy_runs(runs, srcs, dsts, non_blocking=True)
-        except Exception as exc:  # noqa: BLE001 - reported on the job (connector's load-error API)
-            self._fail(job, exc)
+        return stream
+
+    def _end_cuda(self, job: TransferJob, stream: Any) -> None:
         job.end_event.record(stream)
         self._inflight.append(job)
+
+    def _run_cuda(self, job: TransferJob, runs: list[Run], srcs, dsts, after: Any) -> None:
+        stream = self._begin_cuda(job, (tuple(srcs), tuple(dsts)), after)
+        try:
+            job.path = self._choose(runs, srcs, dsts, stream)
+            if job.path == "dma-batch" and runs:
+                self._batch.copy(runs, stream)
+            elif job.path == "dma-loop" and runs:
+                with torch.cuda.stream(stream):
+                    copy_runs(runs, srcs, dsts, non_blocking=True)
+        except Exception as exc:  # noqa: BLE001 - reported on the job (connector's load-error API)
+            self._fail(job, exc)
+        self._end_cuda(job, stream)
+
+    def _decide(self, sizes: list[int], host: list[torch.Tensor]) -> tuple[str, dict | None]:
+        """The job's path and, for the kernel, the device addresses of its host storages."""
+        pinned = self._can_batch(host, [])
+        mapped, mapping = False, None
+        # the pointer query costs a driver call per host storage: only ask when the kernel could win
+        if self.options.sm_kernel and sizes and median_run_bytes(sizes) < self.options.kernel_threshold_bytes:
+            mapping = host_device_pointers(host)
+            mapped = all(v is not None for v in mapping.values())
+        return choose_path(sizes, self.options, host_pinned=pinned, host_mapped=mapped), mapping
+
+    def _kernel_failed(self, exc: BaseException, sizes: list[int], host: list[torch.Tensor]) -> str:
+        logger.warning("SM copy kernel failed (%s: %s): using DMA from now on", type(exc).__name__, exc)
+        self.options = PathOptions("cuda", batch_dma=self.options.batch_dma, sm_kernel=False,
+                                   kernel_threshold_bytes=self.options.kernel_threshold_bytes)
+        return choose_path(sizes, self.options, host_pinned=self._can_batch(host, []), host_mapped=False)
+
+    def _choose(self, runs: list[Run], srcs, dsts, stream: Any) -> str:
+        """Pick the job's path; runs the kernel path itself (it can fail over to DMA here)."""
+        sizes = [r[2] for r in runs]
+        host = [t for t in itertools.chain(srcs, dsts) if t.device.type == "cpu"]
+        path, mapping = self._decide(sizes, host)
+        if path == "sm-kernel":
+            try:
+                cuda_copy.copy_fragments(*kernel_fragments(runs, srcs, dsts, mapping), stream=stream)
+            except Exception as exc:  # noqa: BLE001 - e.g. NVRTC failed: DMA still moves the bytes
+                path = self._kernel_failed(exc, sizes, host)
+        return path
 
     @staticmethod
     def _can_batch(srcs: Sequence[torch.Tensor], dsts: Sequence[torch.Tensor]) -> bool:
@@ -254,6 +375,8 @@ class TransferEngine:
         out["paths"] = dict(self._paths)
         out["pending"] = len(self._inflight)
         out["batch_dma"] = self._batch is not None
+        out["sm_kernel"] = self.options.sm_kernel
+        out["kernel_threshold_bytes"] = self.options.kernel_threshold_bytes
         return out
 
     def close(self) -> None:

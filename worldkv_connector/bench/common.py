@@ -1,0 +1,382 @@
+"""Shared pieces of the transfer benchmarks: flags, timing, tables, plots, targets and the paged
+layout (per-layer pools with shuffled pages, a bank of slots) that offload/reinsert/overlap move
+data between.
+
+Every figure is a ratio against a baseline measured in the same run, after a warm-up, as the
+median of ``--repeats`` runs (STYLE §12).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from worldkv_connector.bank import Bank
+from worldkv_connector.shapes import KVShape, get_preset
+from worldkv_connector.transfer import FragmentPlan, TransferEngine, page_fragments
+
+__all__ = [
+    "BENCH_PRESETS", "CPU_PRESETS", "add_common_arguments", "resolve_device", "check_preset", "Timing",
+    "measure_many", "gbps", "print_table", "save_plot", "target", "PagedLayout", "flat", "cpu_target_shape",
+    "parse_sizes", "sync", "cpu_threads", "time_copies", "sweep_page_sizes", "plot_sweep", "print_targets",
+]
+
+BENCH_PRESETS = ("tiny", "small", "wan-1.3b", "matrix-game-2", "lingbot-fast-sp4")
+CPU_PRESETS = ("tiny", "small")
+_KIB = 1024
+FLUSH_BYTES = 64 << 20  # twice a large server L3: evicts what the previous timed run left there
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, plot: bool = False, multi_preset: bool = False,
+                         repeats: int = 5, warmup: int = 1) -> None:
+    """--preset, --device, --repeats, --warmup (and --plot)."""
+    parser.add_argument("--preset", choices=BENCH_PRESETS, nargs="+" if multi_preset else None,
+                        help=f"model KV layout (default: tiny on CPU, wan-1.3b on CUDA; CPU allows {list(CPU_PRESETS)})")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"timed runs per figure (median; default {repeats})")
+    parser.add_argument("--warmup", type=int, default=warmup, help=f"untimed runs first (default {warmup})")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 steadies CPU figures "
+                        "on a busy machine, where multi-threaded copies wait on each other")
+    if plot:
+        parser.add_argument("--plot", metavar="PATH.png", help="write a plot of GB/s against fragment size")
+
+
+def resolve_device(args: argparse.Namespace) -> torch.device:
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch.cuda.is_available() is False on this machine")
+    if args.threads is not None and not 1 <= args.threads <= 1024:
+        raise ValueError(f"--threads={args.threads} is out of range: allowed 1 <= threads <= 1024")
+    for flag in ("repeats", "warmup"):
+        value = getattr(args, flag)
+        lo = 1 if flag == "repeats" else 0
+        if not lo <= value <= 10_000:
+            raise ValueError(f"--{flag}={value} is out of range: allowed {lo} <= {flag} <= 10000")
+    return torch.device(name)
+
+
+@contextlib.contextmanager
+def cpu_threads(args: argparse.Namespace) -> Iterator[int]:
+    """Run with ``--threads`` torch CPU threads, then restore the previous count (the bench may run
+    inside a longer process, e.g. a test session)."""
+    before = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def check_preset(name: str | None, device: torch.device) -> KVShape:
+    """The preset's KVShape; on the CPU only the small presets (time and memory limits)."""
+    name = name or ("tiny" if device.type == "cpu" else "wan-1.3b")
+    shape = get_preset(name)
+    if device.type == "cpu" and name not in CPU_PRESETS:
+        raise ValueError(
+            f"--preset {name}: not allowed on the CPU ({shape.chunk_bytes() / 1e6:.0f} MB of KV per chunk would take "
+            f"minutes and gigabytes of memory); use one of {list(CPU_PRESETS)} or --device cuda"
+        )
+    return shape
+
+
+def cpu_target_shape(page_size: int) -> KVShape:
+    """A CPU-sized layout whose page of one layer's K is a wan-1.3b page (192 KiB at 64 tokens):
+    wan-1.3b's heads and dtype, fewer layers and tokens so it fits the CPU memory limit."""
+    wan = get_preset("wan-1.3b")
+    return dataclasses.replace(wan, name="wan-1.3b-page", num_layers=2, frame_tokens=4 * page_size)
+
+
+def parse_sizes(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}={text!r}: expected comma-separated ints, e.g. 16,64,256") from None
+    if not values or any(not 1 <= v <= 1 << 16 for v in values):
+        raise ValueError(f"{flag}={text!r}: every value must lie in 1..65536")
+    return sorted(set(values))
+
+
+# --- timing ------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_s: float
+    min_s: float
+    max_s: float
+    repeats: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def measure_many(fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int,
+                 repeats: int, flush_bytes: int = 0) -> dict[str, Timing]:
+    """Wall time of each function including its device work (synchronized before and after each
+    run), interleaved (a b c a b c ...): the load of a shared
+    machine drifts, and interleaving makes every method see the same drift as its baseline.
+
+    flush_bytes: on the CPU, write that many scratch bytes before each timed run, so no method
+    finds the data the previous one left in the last-level cache (copies of a few tens of MB
+    fit in it and would otherwise favour whichever method runs second).
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    scratch = torch.empty(flush_bytes, dtype=torch.uint8) if device.type == "cpu" and flush_bytes > 0 else None
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(repeats):
+        for name, fn in fns.items():
+            if scratch is not None:
+                scratch.fill_(i & 0xFF)
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            samples[name].append(time.perf_counter() - t0)
+    return {n: Timing(statistics.median(v), min(v), max(v), repeats) for n, v in samples.items()}
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9 if seconds > 0 else float("inf")
+
+
+# --- output ------------------------------------------------------------------------------------
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    text = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in text)) if text else len(h) for i, h in enumerate(headers)]
+    print(f"\n{title}")
+    print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in text:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+
+
+def save_plot(path: str, series: dict[str, tuple[list[float], list[float]]], *, xlabel: str, ylabel: str,
+              title: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: write the file only
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
+
+
+def target(name: str, measured: float | None, op: str, goal: float, *, applies: bool, note: str = "") -> dict:
+    """A target beside its measured figure. ``met`` is None where it cannot be checked here."""
+    met = None
+    if applies and measured is not None:
+        met = measured >= goal if op == ">=" else measured <= goal
+    return {"name": name, "goal": f"{op} {goal:g}", "measured": measured, "met": met, "note": note}
+
+
+def print_targets(targets: Sequence[dict]) -> None:
+    rows = []
+    for t in targets:
+        status = {True: "met", False: "MISSED", None: "n/a here"}[t["met"]]
+        measured = "-" if t["measured"] is None else f"{t['measured']:.3g}"
+        rows.append((t["name"], t["goal"], measured, status, t["note"]))
+    print_table("targets", ("target", "goal", "measured", "status", "note"), rows)
+
+
+# --- the paged layout ---------------------------------------------------------------------------
+def flat(t: torch.Tensor, numel: int) -> torch.Tensor:
+    """1-d view of ``numel`` elements of ``t``'s storage from ``t``'s first element."""
+    out = t.new_empty(0)
+    return out.set_(t.untyped_storage(), t.storage_offset(), (numel,))
+
+
+class PagedLayout:
+    """``num_chunks`` chunks of ``tokens`` tokens in paged pools on ``device`` plus a bank of slots.
+
+    pools: [L, 2, num_pages, page_size, H, D] (``pools[l]`` is one layer's [2, num_pages, ...]),
+    shape's dtype, ``device``; each chunk's pages are scattered (shuffled page ids), as a block
+    manager hands them out after a while. bank: one slot per chunk, ``[L, 2, tokens, H, D]`` per
+    slot, host memory (pinned when CUDA is present) or device memory for ``bank_tier='gpu'``.
+    """
+
+    def __init__(self, shape: KVShape, page_size: int, tokens: int, num_chunks: int, device: torch.device,
+                 *, seed: int = 0, bank_tier: str = "cpu") -> None:
+        self.shape, self.page_size, self.tokens, self.num_chunks = shape, page_size, tokens, num_chunks
+        self.device = device
+        self.pages_per_chunk = -(-tokens // page_size)
+        num_pages = num_chunks * self.pages_per_chunk
+        gen = torch.Generator().manual_seed(seed)
+        dims = (shape.num_layers, 2, num_pages, page_size, shape.num_kv_heads, shape.head_dim)
+        self.pools = torch.empty(dims, dtype=shape.torch_dtype, device=device)
+        self.pools.fill_(0.5)  # touch every page now: no first-use page faults inside the timings
+        perm = torch.randperm(num_pages, generator=gen).tolist()
+        self.page_ids = [perm[c * self.pages_per_chunk:(c + 1) * self.pages_per_chunk] for c in range(num_chunks)]
+        self.bank = Bank(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
+                         dtype=shape.torch_dtype, slot_tokens=tokens,
+                         capacity_bytes=num_chunks * shape.chunk_bytes(tokens), tier=bank_tier,
+                         device=device if bank_tier == "gpu" else None)
+        for c in range(num_chunks):
+            self.bank.reserve(c, tokens)
+            self.bank.view(c).fill_(float(c))
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.shape.chunk_bytes(self.tokens)
+
+    @property
+    def fragment_bytes(self) -> int:
+        """Bytes of one full page of one layer's K (or V): one copy fragment."""
+        return self.shape.page_bytes(self.page_size)
+
+    def pairs(self, chunks: Sequence[int], *, to_bank: bool, page_ids: dict[int, list[int]] | None = None):
+        """(srcs, dsts) of moving ``chunks`` between their pages and their bank slots, one pair per
+        (chunk, layer, K/V, page); the last page of a row may be partial. ``page_ids`` overrides
+        where a chunk's pages are (reinsertion into freshly allocated pages)."""
+        pages_side, bank_side = [], []
+        ps, t = self.page_size, self.tokens
+        for c in chunks:
+            ids = self.page_ids[c] if page_ids is None else page_ids[c]
+            slot = self.bank.view(c)  # [L, 2, T, H, D]
+            for layer in range(self.shape.num_layers):
+                for kv in range(2):
+                    for j, pid in enumerate(ids):
+                        n = min(ps, t - j * ps)
+                        pages_side.append(self.pools[layer, kv, pid, :n])
+                        bank_side.append(slot[layer, kv, j * ps:j * ps + n])
+        return (pages_side, bank_side) if to_bank else (bank_side, pages_side)
+
+    def plan(self, chunks: Sequence[int], *, to_bank: bool, page_ids: dict[int, list[int]] | None = None) -> FragmentPlan:
+        """The same copies as :meth:`pairs`, planned as address arrays (``page_fragments``)."""
+        full, last = divmod(self.tokens, self.page_size)
+        lens = [self.page_size] * full + ([last] if last else [])
+        ids = [self.page_ids[c] if page_ids is None else page_ids[c] for c in chunks]
+        return page_fragments(self.pools, ids, [self.bank.view(c) for c in chunks], lens, to_slot=to_bank)
+
+    def contiguous_pair(self, nbytes: int, *, to_bank: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One contiguous pages-memory <-> bank-memory pair of ``nbytes`` (the practical peak)."""
+        numel = nbytes // self.shape.itemsize
+        pages, bank = flat(self.pools, numel), flat(self.bank.slot_view(0), numel)
+        return (pages, bank) if to_bank else (bank, pages)
+
+    def close(self) -> None:
+        self.bank.close()
+
+
+def kib(nbytes: float) -> float:
+    return nbytes / _KIB
+
+
+def nearest_point(points: Sequence[dict], fragment_bytes: int, key: str = "fragment_bytes") -> dict:
+    """The sweep point whose ``key`` (mean fragment or page bytes) is closest, in log scale."""
+    return min(points, key=lambda p: abs(math.log(p[key] / fragment_bytes)))
+
+
+def time_copies(layout: PagedLayout, chunks: Sequence[int], *, to_bank: bool, engine: TransferEngine,
+                reference: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> dict:
+    """Time one move of ``chunks`` five ways: ours (planned with ``page_fragments`` inside the
+    timing, one ``submit_plan`` job, path chosen per job), pairs (the engine's tensor-pair
+    ``submit``), one contiguous copy of the same bytes between the same memories, a per-fragment
+    copy loop, and the reference implementation's style (``reference``). GB/s and ratios to the
+    contiguous copy."""
+    srcs, dsts = layout.pairs(chunks, to_bank=to_bank)
+    nbytes = sum(s.numel() * s.element_size() for s in srcs)
+    kind = "store" if to_bank else "load"
+    cuda = device.type == "cuda"
+    stream = torch.cuda.Stream(device) if cuda else None
+    jobs: list = []
+
+    def run_job(job) -> None:
+        engine.wait(job)
+        engine.poll()  # drop the report: the figure is the time, not the job list
+        if job.error:
+            raise RuntimeError(f"transfer job failed: {job.error}")
+        jobs[:] = [job]
+
+    def ours() -> None:
+        run_job(engine.submit_plan(kind, layout.plan(chunks, to_bank=to_bank)))
+
+    def pairs() -> None:
+        run_job(engine.submit(kind, srcs, dsts))
+
+    big_src, big_dst = layout.contiguous_pair(nbytes, to_bank=to_bank)
+
+    def contiguous() -> None:
+        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+            big_dst.copy_(big_src, non_blocking=cuda)
+
+    def loop() -> None:
+        # one copy call per fragment, as a per-block cudaMemcpyAsync offloader issues them
+        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+            for s, d in zip(srcs, dsts):
+                d.copy_(s, non_blocking=cuda)
+
+    times = measure_many({"contiguous": contiguous, "ours": ours, "pairs": pairs, "loop": loop,
+                          "reference": reference}, device,
+                         warmup=warmup, repeats=repeats, flush_bytes=min(FLUSH_BYTES, 4 * nbytes))
+    rates = {name: gbps(nbytes, t.median_s) for name, t in times.items()}
+    return {
+        "page_size": layout.page_size,
+        "page_bytes": layout.fragment_bytes,
+        # mean bytes per fragment: a page larger than the chunk holds only the chunk's tokens
+        "fragment_bytes": nbytes / len(srcs),
+        "fragment_kib": kib(nbytes / len(srcs)),
+        "bytes": nbytes,
+        "fragments": len(srcs),
+        "runs": jobs[0].num_fragments if jobs else None,
+        "path": jobs[0].path if jobs else None,
+        "time_s": {n: t.median_s for n, t in times.items()},
+        "gbps": rates,
+        "ratio_to_contiguous": {n: r / rates["contiguous"] for n, r in rates.items()},
+        "ours_over_loop": rates["ours"] / rates["loop"],
+    }
+
+
+SWEEP_HEADERS = ("page", "frag KiB", "frags", "runs", "path", "contig GB/s", "ours GB/s", "ours x", "pairs x",
+                 "loop GB/s", "loop x", "ref GB/s", "ref x", "ours/loop")
+
+
+def sweep_row(p: dict) -> tuple:
+    g, r = p["gbps"], p["ratio_to_contiguous"]
+    return (p["page_size"], p["fragment_kib"], p["fragments"], p["runs"], p["path"], g["contiguous"], g["ours"],
+            r["ours"], r["pairs"], g["loop"], r["loop"], g["reference"], r["reference"], p["ours_over_loop"])
+
+
+def sweep_page_sizes(text: str | None, shape: KVShape) -> list[int]:
+    """--page-sizes, or the default sweep plus the page size whose fragment is about 16 KiB (the
+    size the per-fragment-loop target is defined at)."""
+    if text:
+        return parse_sizes(text, "--page-sizes")
+    near_16k = max(1, round(16 * _KIB / shape.token_bytes))
+    return sorted({16, 32, 64, 128, 256, near_16k})
+
+
+def plot_sweep(path: str, points: Sequence[dict], title: str) -> str:
+    xs = [p["fragment_kib"] for p in points]
+    series = {name: (xs, [p["gbps"][name] for p in points])
+              for name in ("contiguous", "ours", "pairs", "loop", "reference")}
+    return save_plot(path, series, xlabel="fragment (KiB, one page of one layer's K)", ylabel="GB/s", title=title)
