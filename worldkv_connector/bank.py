@@ -67,9 +67,16 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
+_HOST_REGISTER_PORTABLE = 0x01  # cudaHostRegisterPortable
+_HOST_REGISTER_MAPPED = 0x02  # cudaHostRegisterMapped
+
+
 def _host_register(t: torch.Tensor) -> bool:
     """Pin ``t``'s memory in place (no power-of-two rounding). False, with a warning, on failure."""
-    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+    # Portable: usable from every device's context; Mapped: device-addressable, so the SM copy
+    # kernel can read and write the slab directly (unified addressing) instead of only DMA.
+    flags = _HOST_REGISTER_PORTABLE | _HOST_REGISTER_MAPPED
+    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), flags)
     code = int(getattr(err, "value", err))
     if code != 0:
         logger.warning("cudaHostRegister of %d bytes failed (error %s): the bank stays pageable", t.nbytes, err)
