@@ -142,7 +142,7 @@ class WorldKVWorker:
             eviction=self.config.eviction, disk=DiskTier.from_config(self.config),
         )
         self.bank.add_evict_listener(self._on_evict)
-        self.engine = TransferEngine(first.device)
+        self.engine = TransferEngine.for_config(self.config, first.device)
         logger.info(
             "WorldKV vLLM worker: %d layers, layout %s, bank %s", len(self._layers), self.layout.name, self.bank
         )
