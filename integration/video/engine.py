@@ -10,7 +10,9 @@ session in one batched forward per pass; each session has its own block table, t
 """
 from __future__ import annotations
 
+import json
 import logging
+import sys
 import time
 from typing import Callable
 
@@ -21,13 +23,13 @@ from worldkv_connector.integration.video.block_manager import BlockManager
 from worldkv_connector.integration.video.connector_api import (
     EngineView, VideoKVConnector, create_connector, get_connector_class,
 )
-from worldkv_connector.integration.video.engine_args import EngineArgs
+from worldkv_connector.integration.video.engine_args import DEFAULT_RECENT_FRAMES, DEFAULT_SINK_FRAMES, EngineArgs
 from worldkv_connector.integration.video.model_config import get_model_config
 from worldkv_connector.integration.video.model_runner import ModelRunner
 from worldkv_connector.integration.video.scheduler import ChunkResult, Scheduler, Session
 from worldkv_connector.poses import chunk_mean_pose, chunk_poses, parse_trajectory, validate_poses
 
-__all__ = ["VideoEngine", "mean_pose_matrix"]
+__all__ = ["VideoEngine", "mean_pose_matrix", "resolve_window"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +45,60 @@ def mean_pose_matrix(frame_poses: np.ndarray) -> np.ndarray:
     return out
 
 
+def _connector_window(connector_cls: type, config_json: str | None) -> tuple[int, int, str, set] | None:
+    """(sink_frames, recent_frames, source, keys left at their default) a connector's config asks
+    for, or None when it has no say. A connector class may define ``window_frames(connector_config_json) -> (sink, recent) |
+    None`` (a classmethod: the window is needed before the connector is built); the WorldKV
+    connector does not, so its ``WorldKVConfig`` is read here (defaults 3 and 6 when left out)."""
+    fn = getattr(connector_cls, "window_frames", None)
+    if callable(fn):
+        window = fn(config_json)
+        return None if window is None else (int(window[0]), int(window[1]), "the connector's window", set())
+    module = sys.modules.get("worldkv_connector.connector")  # imported by get_connector_class when used
+    if module is not None and issubclass(connector_cls, module.WorldKVConnector):
+        from worldkv_connector.config import WorldKVConfig
+
+        config = WorldKVConfig.from_json(config_json)
+        given = json.loads(config_json) if (config_json or "").strip() else {}  # valid: from_json parsed it
+        defaults = {k for k in ("sink_frames", "recent_frames") if k not in given}
+        return config.sink_frames, config.recent_frames, "--kv-connector-config", defaults
+    return None
+
+
+def resolve_window(args: EngineArgs) -> EngineArgs:
+    """``args`` with ``sink_frames``/``recent_frames`` filled in. Without a connector (or one whose
+    config has no say): the values given, else 3 and 6. With a WorldKV connector its config defines
+    the window; a value also given in ``args`` that disagrees raises ``ValueError`` naming both."""
+    window = None
+    if args.kv_connector:
+        # an unknown name fails here, before the model is built
+        window = _connector_window(get_connector_class(args.kv_connector), args.kv_connector_config)
+    if window is None:
+        sink = DEFAULT_SINK_FRAMES if args.sink_frames is None else args.sink_frames
+        recent = DEFAULT_RECENT_FRAMES if args.recent_frames is None else args.recent_frames
+        return args.replace(sink_frames=sink, recent_frames=recent)
+    for key, theirs in zip(("sink_frames", "recent_frames"), window[:2]):
+        ours = getattr(args, key)
+        if ours is not None and ours != theirs:
+            default = " (its default)" if key in window[3] else ""
+            raise ValueError(
+                f"{window[2]} {key}={theirs}{default} disagrees with the engine's --{key.replace('_', '-')} {ours}: "
+                f"with a connector its config defines the window; give the same value to both or leave "
+                f"--{key.replace('_', '-')} out"
+            )
+    return args.replace(sink_frames=window[0], recent_frames=window[1])
+
+
 class VideoEngine:
     def __init__(self, args: EngineArgs | None = None, **kwargs):
         args = EngineArgs(**kwargs) if args is None else (args.replace(**kwargs) if kwargs else args)
-        self.args = args
         config = get_model_config(args.model)
         if args.dtype is not None and args.dtype != config.dtype:
             config = config.replace(dtype=args.dtype)
         args.check_frames(config.frames_per_chunk)
-        if args.kv_connector:
-            get_connector_class(args.kv_connector)  # an unknown name fails before the model is built
+        args = resolve_window(args)  # from here on sink_frames / recent_frames are ints
+        args.check_frames(config.frames_per_chunk)
+        self.args = args
         self.model_config = config
         self.runner = ModelRunner(args, config)
         self.block_manager = BlockManager(self.runner.num_pages, args.page_size)
@@ -135,7 +181,16 @@ class VideoEngine:
             if self.connector is not None:
                 self.connector.clear_connector_metadata()
         elapsed = time.perf_counter() - start
+        if self.runner.recall is not None:
+            # after the timing (the diagnostic is not part of the step) and before finish, which may
+            # end sessions and let the connector drop what the window held (kept_indices)
+            self.runner.recall.finish_step()
         results = self.scheduler.finish(batch, latents, elapsed, resident, mean_pose_matrix)
+        if self.runner.recall is not None:
+            for r in results:
+                r.attention_recall = self.runner.recall.take(r.session_id, r.chunk_index)
+                if r.finished:
+                    self.runner.recall.end_session(r.session_id)
         self._step += 1
         self._chunks += len(results)
         self._busy_s += elapsed

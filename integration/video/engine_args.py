@@ -4,10 +4,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["EngineArgs", "ATTENTION_WINDOWS", "DTYPES"]
+__all__ = ["EngineArgs", "ATTENTION_WINDOWS", "DTYPES", "DEFAULT_SINK_FRAMES", "DEFAULT_RECENT_FRAMES"]
 
 ATTENTION_WINDOWS = ("full", "sliding")
 DTYPES = ("bf16", "fp16", "fp32")
+# the window without a connector when --sink-frames / --recent-frames are not given (WorldKV's reference)
+DEFAULT_SINK_FRAMES = 3
+DEFAULT_RECENT_FRAMES = 6
 _GiB = 1 << 30
 
 
@@ -16,8 +19,10 @@ class EngineArgs:
     """Configuration of a :class:`~worldkv_connector.integration.video.engine.VideoEngine`.
 
     Window without a connector: ``full`` keeps every committed chunk; ``sliding`` keeps the first
-    ``sink_frames`` and the last ``recent_frames`` latent frames (whole chunks). A connector puts
-    its chunks between the two.
+    ``sink_frames`` and the last ``recent_frames`` latent frames (whole chunks); None ("not given")
+    means 3 and 6. A connector puts its chunks between the two, and its own config defines the
+    window (the WorldKV connector: ``sink_frames``/``recent_frames`` of its JSON, defaults 3 and 6);
+    values given here must then agree with it (the engine raises ``ValueError`` naming both).
     """
 
     model: str = "tiny"  # named model config (integration/video/model_config.py)
@@ -26,8 +31,8 @@ class EngineArgs:
     dtype: str | None = None  # "bf16", "fp16", "fp32"; None: the model config's dtype
     seed: int = 0  # model weights seed (random weights when no checkpoint) and default session seed
     attention_window: str = "sliding"  # "full" or "sliding"
-    sink_frames: int = 3  # latent frames of the sink (sliding window / connector)
-    recent_frames: int = 6  # latent frames of the recent window (sliding window / connector)
+    sink_frames: int | None = None  # latent frames of the sink; None: 3, or the connector's
+    recent_frames: int | None = None  # latent frames of the recent window; None: 6, or the connector's
     num_denoising_steps: int = 4  # flow-matching steps per chunk before the clean pass
     timestep_shift: float = 5.0  # flow-matching sigma shift (Self-Forcing's warped steps); 1.0: none
     kv_cache_memory: float | None = None  # GiB for the paged KV cache; None: auto (see model_runner)
@@ -35,6 +40,9 @@ class EngineArgs:
     attention_backend: str = "torch"  # "torch" (reference) or "triton"
     kv_connector: str | None = None  # registered connector name or "module:Class"
     kv_connector_config: str | None = None  # JSON passed to the connector
+    # diagnostic: keep a shadow full-KV history and measure, per chunk and layer, the share of
+    # full-history attention mass the window holds (integration/video/recall.py); costs nothing when off
+    eval_attention_recall: bool = False
 
     def __post_init__(self) -> None:
         def fail(name: str, allowed: str) -> None:
@@ -54,8 +62,9 @@ class EngineArgs:
         if self.attention_window not in ATTENTION_WINDOWS:
             fail("attention_window", f"choose one of {list(ATTENTION_WINDOWS)}")
         for name in ("sink_frames", "recent_frames"):
-            if not is_int(getattr(self, name)) or not 0 <= getattr(self, name) <= 1 << 20:
-                fail(name, "allowed 0 <= frames <= 1048576")
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or not 0 <= value <= 1 << 20):
+                fail(name, "allowed 0 <= frames <= 1048576, or None (not given)")
         if not is_int(self.num_denoising_steps) or not 1 <= self.num_denoising_steps <= 1000:
             fail("num_denoising_steps", "allowed 1 <= num_denoising_steps <= 1000")
         if not isinstance(self.timestep_shift, (int, float)) or not 0 < self.timestep_shift <= 100:
@@ -72,12 +81,14 @@ class EngineArgs:
             fail("kv_connector", "expected a registered connector name or module:Class")
         if self.kv_connector_config is not None and not isinstance(self.kv_connector_config, str):
             fail("kv_connector_config", "expected a JSON string")
+        if not isinstance(self.eval_attention_recall, bool):
+            fail("eval_attention_recall", "expected True or False")
 
     def check_frames(self, frames_per_chunk: int) -> None:
         """The window is made of whole chunks: sink and recent frames must be multiples of a chunk."""
         for name in ("sink_frames", "recent_frames"):
             value = getattr(self, name)
-            if value % frames_per_chunk:
+            if value is not None and value % frames_per_chunk:
                 raise ValueError(
                     f"--{name.replace('_', '-')} {value}: must be a multiple of the chunk size "
                     f"({frames_per_chunk} latent frames)"

@@ -1,6 +1,10 @@
 """ModelRunner: the only part of the video backend that touches devices. It owns the model, the
 paged KV pools (one ``[2, num_pages, page_size, H, D]`` tensor per layer) and runs one engine step:
-N denoising passes and the clean pass of one chunk for every row of the batch."""
+N denoising passes and the clean pass of one chunk for every row of the batch.
+
+``attention`` (a PagedAttention) is what the model's layers call; a benchmark or a test may swap in
+an object with the same interface between steps (``bench/reference_style.py``). With
+``eval_attention_recall`` each step wraps it in a ``RecallProbe`` (integration/video/recall.py)."""
 from __future__ import annotations
 
 import logging
@@ -14,6 +18,7 @@ from worldkv_connector.integration.video.connector_api import ChunkRequest, Forw
 from worldkv_connector.integration.video.engine_args import EngineArgs
 from worldkv_connector.integration.video.kv_cache import PagedKVCache
 from worldkv_connector.integration.video.model_config import ModelConfig
+from worldkv_connector.integration.video.recall import RecallProbe, RecallTracker
 from worldkv_connector.integration.video.sampling import FlowMatchSchedule
 
 __all__ = ["ModelRunner", "RowInput", "resolve_device"]
@@ -75,6 +80,9 @@ class ModelRunner:
         self.schedule = FlowMatchSchedule(args.num_denoising_steps, float(args.timestep_shift))
         self.attention = PagedAttention(self.kv_caches, args.attention_backend)
         self.connector: VideoKVConnector | None = None
+        self.recall: RecallTracker | None = None
+        if args.eval_attention_recall:
+            self.recall = RecallTracker(model_config.num_layers)
         logger.info(
             "KV cache: %d pages x %d tokens (%.3f GiB) on %s", self.num_pages, self.page_size,
             self.kv_cache_bytes / _GiB, self.device,
@@ -94,6 +102,9 @@ class ModelRunner:
         self.connector = connector
         self.attention.connector = connector
         connector.register_kv_caches(self.kv_caches)
+        if self.recall is not None:
+            # retrieved chunks count only their kept tokens as held (connectors without it: all)
+            self.recall.kept_fn = getattr(connector, "kept_indices", None)
 
     # --- one step -------------------------------------------------------------------------------
     def _inputs(self, rows: list[RowInput]):
@@ -126,6 +137,8 @@ class ModelRunner:
             return torch.stack([torch.randn(lat, generator=g) for g in gens]).to(self.device)
 
         meta = self.attention.begin_step(plan, self.device)
+        # the recall probe wraps the step's attention only when the diagnostic is on (no cost otherwise)
+        attn_fn = self.attention if self.recall is None else RecallProbe(self.attention, self.recall)
         try:
             if self.connector is not None:
                 # loads start before the first layer of the first pass; each layer waits for its own
@@ -136,14 +149,14 @@ class ModelRunner:
             for i, s in enumerate(sigmas):
                 t = torch.full((b,), s, dtype=torch.float32, device=self.device)
                 self.attention.set_pass(t, clean=False)
-                v = self.model(x, t, context, offsets, self.attention, cam)
+                v = self.model(x, t, context, offsets, attn_fn, cam)
                 x0 = self.schedule.predict_x0(x, v, t)
                 if i + 1 < len(sigmas):
                     x = self.schedule.renoise(x0, noise(), torch.full_like(t, sigmas[i + 1]))
             # clean pass at t = 0: its K/V is the one left in the chunk's pages (the commit)
             t0 = torch.zeros(b, dtype=torch.float32, device=self.device)
             self.attention.set_pass(t0, clean=True)
-            self.model(x0, t0, context, offsets, self.attention, cam)
+            self.model(x0, t0, context, offsets, attn_fn, cam)
             if self.connector is not None:
                 self.connector.wait_for_save()
             return x0.float().cpu()  # the copy to the CPU also ends the step on CUDA (timings are honest)

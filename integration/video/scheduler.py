@@ -50,6 +50,12 @@ class ChunkResult:
     resident_kv_bytes: int  # KV bytes allocated on the device during that step
     finished: bool  # last chunk of its session
     step: int = 0  # engine step that produced it (sessions in one step share it)
+    # per-layer attention recall (EngineArgs.eval_attention_recall; integration/video/recall.py), else None
+    attention_recall: list[float] | None = None
+
+    @property
+    def attention_recall_mean(self) -> float | None:
+        return None if not self.attention_recall else sum(self.attention_recall) / len(self.attention_recall)
 
 
 @dataclass

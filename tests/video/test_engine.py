@@ -162,3 +162,63 @@ def test_cuda_rollout_matches_the_cpu_reference(backend):
     for x, y in zip(cpu["a"], gpu["a"]):
         assert y.device.type == "cpu" and (x - y).abs().max().item() < 1e-3
     assert free and m["peak_pages"] == 4
+
+
+# --- the window with a connector ---------------------------------------------------------------
+def test_window_defaults_without_a_connector_and_from_the_worldkv_config_with_one():
+    assert EngineArgs().sink_frames is None and EngineArgs().recent_frames is None  # "not given"
+    with VideoEngine(model="tiny", kv_cache_memory=0.01) as engine:
+        assert (engine.args.sink_frames, engine.args.recent_frames) == (3, 6)
+        assert (engine.scheduler.sink_chunks, engine.scheduler.recent_chunks) == (1, 2)
+    cfg = '{"sink_frames": 6, "recent_frames": 3, "bank_bytes": 4194304}'
+    with VideoEngine(model="tiny", kv_cache_memory=0.01, kv_connector="worldkv", kv_connector_config=cfg) as engine:
+        assert (engine.args.sink_frames, engine.args.recent_frames) == (6, 3)
+        assert (engine.scheduler.sink_chunks, engine.scheduler.recent_chunks) == (2, 1)
+        assert (engine.connector.config.sink_frames, engine.connector.config.recent_frames) == (6, 3)
+    # the same values given twice are fine
+    with VideoEngine(model="tiny", kv_cache_memory=0.01, kv_connector="worldkv", kv_connector_config=cfg,
+                     sink_frames=6, recent_frames=3) as engine:
+        assert engine.scheduler.sink_chunks == 2
+
+
+def test_window_flags_that_disagree_with_the_connector_config_are_an_error():
+    with pytest.raises(ValueError, match=r"sink_frames=6 disagrees with the engine's --sink-frames 3"):
+        VideoEngine(model="tiny", kv_cache_memory=0.01, kv_connector="worldkv", sink_frames=3,
+                    kv_connector_config='{"sink_frames": 6}')
+    # left out of the JSON: the connector's default (6 recent frames) defines the window
+    with pytest.raises(ValueError, match=r"recent_frames=6 \(its default\) disagrees with the engine's --recent-frames 9"):
+        VideoEngine(model="tiny", kv_cache_memory=0.01, kv_connector="worldkv", recent_frames=9)
+
+
+def test_a_connector_class_may_define_the_window():
+    from worldkv_connector.integration.video.connector_api import VideoKVConnector, register_connector
+
+    @register_connector("window-test")
+    class WindowConnector(VideoKVConnector):
+        @classmethod
+        def window_frames(cls, config_json):
+            return (0, 3) if config_json == "short" else None
+
+    with VideoEngine(model="tiny", kv_cache_memory=0.01, kv_connector="window-test",
+                     kv_connector_config="short") as engine:
+        assert (engine.args.sink_frames, engine.args.recent_frames) == (0, 3)
+    with VideoEngine(model="tiny", kv_cache_memory=0.01, kv_connector="window-test", recent_frames=9) as engine:
+        assert (engine.args.sink_frames, engine.args.recent_frames) == (3, 9)  # no say: the flags / defaults
+    with pytest.raises(ValueError, match=r"recent_frames=3 disagrees with the engine's --recent-frames 9"):
+        VideoEngine(model="tiny", kv_cache_memory=0.01, kv_connector="window-test", kv_connector_config="short",
+                    recent_frames=9)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sink-frames", "6"], "--kv-connector-config sink_frames=3 (its default) disagrees with the engine's --sink-frames 6"),
+    (["--recent-frames", "3", "--kv-connector-config", '{"recent_frames": 9}'],
+     "--kv-connector-config recent_frames=9 disagrees with the engine's --recent-frames 3"),
+])
+def test_cli_window_flags_against_the_connector_config(capsys, flags, message):
+    from worldkv_connector.cli import main
+
+    rc = main(["generate", "--kv-connector", "worldkv", "--num-chunks", "2", "--no-progress",
+               "--kv-cache-memory", "0.01", *flags])
+    _, err = capsys.readouterr()
+    assert rc == 2 and "Traceback" not in err
+    assert err.count("worldkv generate: error:") == 1 and message in err

@@ -2,20 +2,29 @@
 
 Prints chunks/s and resident KV per window of chunks (default 8) for every mode. The baseline is
 ``full`` (keep every chunk): its attention window grows with the rollout, so it slows down, while
-``sliding`` stays flat. Modes are a registry (``register_mode``), so connector modes (``worldkv``,
-``reference-style``...) are one entry each: a function from options to EngineArgs overrides.
+``sliding`` stays flat. ``worldkv`` is the WorldKV connector (paged reinsertion); ``reference-style``
+is the WorldKV reference scripts' data path with the same retrieval and compression (CPU lists,
+synchronous ``.to()``, per-step ``torch.cat``, dense attention; bench/reference_style.py). The bench
+prints ``worldkv`` vs ``full`` over the last window (target >= 2x on ``small``, 48 chunks) and
+``worldkv`` vs ``reference-style`` per-step time (target: faster), and checks that both retrieve
+the same chunks. Modes are a registry (``register_mode``): EngineArgs overrides, plus an optional
+``attach(engine, options)`` that swaps a variant into the engine after it is built.
 """
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from typing import Callable
 
+from worldkv_connector.bench import reference_style
 from worldkv_connector.cli.generate import cpu_threads
 
-__all__ = ["HELP", "add_arguments", "run", "run_rollout", "register_mode", "MODES", "window_rates"]
+__all__ = ["HELP", "add_arguments", "run", "run_rollout", "register_mode", "MODES", "Mode", "window_rates"]
 
-HELP = "end-to-end rollout: chunks/s and resident KV per chunk window for full, sliding and connector modes"
+HELP = ("end-to-end rollout: chunks/s and resident KV per chunk window for full, sliding, worldkv and "
+        "reference-style")
+DEFAULT_MODES = "full,sliding,worldkv,reference-style"
 
 DEFAULT_TRAJECTORY = "R_L_R_L_R_L90"
 # the bench's own default: 2 denoising steps keep a 48-chunk CPU run short while attention over a
@@ -23,47 +32,74 @@ DEFAULT_TRAJECTORY = "R_L_R_L_R_L90"
 BENCH_DENOISING_STEPS = 2
 
 ModeFn = Callable[[dict], dict]
-MODES: dict[str, ModeFn] = {}
+AttachFn = Callable[[object, dict], object]
 
 
-def register_mode(name: str, overrides: ModeFn) -> None:
-    """``overrides(options) -> dict`` of EngineArgs fields for mode ``name``; ``options`` holds the
-    run_rollout keyword arguments (e.g. ``kv_connector_config``)."""
-    MODES[name] = overrides
+@dataclass(frozen=True)
+class Mode:
+    """``overrides(options)``: EngineArgs fields; ``attach(engine, options)``: optional, swaps a variant
+    into the built engine and returns an object the bench may ask for ``retrieved(session, chunk)``,
+    ``extra_resident_bytes()`` and ``bank_bytes()``. ``options`` holds run_rollout's keyword arguments
+    (e.g. ``kv_connector_config``)."""
+
+    overrides: ModeFn
+    attach: AttachFn | None = None
+
+
+MODES: dict[str, Mode] = {}
+
+
+def register_mode(name: str, overrides: ModeFn, attach: AttachFn | None = None) -> None:
+    MODES[name] = Mode(overrides, attach)
 
 
 register_mode("full", lambda o: {"attention_window": "full"})
 register_mode("sliding", lambda o: {"attention_window": "sliding"})
 register_mode("worldkv", lambda o: {"attention_window": "sliding", "kv_connector": "worldkv",
                                     "kv_connector_config": o.get("kv_connector_config")})
+register_mode("reference-style", reference_style.overrides, reference_style.attach)
+
+
+def _engine_args(mode: str, options: dict, base: dict):
+    from worldkv_connector.integration.video.engine_args import EngineArgs
+
+    values = dict(base)
+    for key, value in MODES[mode].overrides(options).items():
+        given = values.get(key)
+        if key in ("sink_frames", "recent_frames") and given is not None and given != value:
+            raise ValueError(f"mode {mode}: --{key.replace('_', '-')} {given} disagrees with the WorldKV config's "
+                             f"{key}={value} (--kv-connector-config); give the same value or leave it out")
+        values[key] = value
+    return EngineArgs(**values)
 
 
 def run_rollout(mode: str, preset: str = "small", num_chunks: int = 48, *,
                 num_denoising_steps: int = BENCH_DENOISING_STEPS, sessions: int = 1, device: str = "cpu",
                 dtype: str | None = None, seed: int = 0, trajectory: str = DEFAULT_TRAJECTORY,
-                sink_frames: int = 3, recent_frames: int = 6, page_size: int = 64,
+                sink_frames: int | None = None, recent_frames: int | None = None, page_size: int = 64,
                 kv_cache_memory: float | None = None, attention_backend: str = "torch",
                 kv_connector_config: str | None = None, warmup_chunks: int = 1) -> dict:
     """Roll out ``sessions`` x ``num_chunks`` chunks of model config ``preset`` in ``mode``.
 
     A warm-up session of ``warmup_chunks`` chunks runs first (first-call costs) and is not timed.
+    ``sink_frames``/``recent_frames`` None: 3 and 6, or the WorldKV config's in connector modes.
     Returns ``{mode, preset, num_chunks, step_seconds: [per step], resident_kv_bytes: [per step],
-    retrieved: [per step, first session], chunks_per_s, metrics}``.
+    retrieved: [per step, first session], chunks_per_s, bank_bytes, metrics}``.
     """
     from worldkv_connector.integration.video.engine import VideoEngine
-    from worldkv_connector.integration.video.engine_args import EngineArgs
 
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: choose one of {sorted(MODES)}")
     if num_chunks < 1 or sessions < 1:
         raise ValueError(f"num_chunks={num_chunks}, sessions={sessions}: expected >= 1")
     options = dict(kv_connector_config=kv_connector_config)
-    args = EngineArgs(
+    args = _engine_args(mode, options, dict(
         model=preset, device=device, dtype=dtype, seed=seed, sink_frames=sink_frames, recent_frames=recent_frames,
         num_denoising_steps=num_denoising_steps, page_size=page_size, kv_cache_memory=kv_cache_memory,
-        attention_backend=attention_backend, **MODES[mode](options),
-    )
+        attention_backend=attention_backend,
+    ))
     with VideoEngine(args) as engine:
+        attached = MODES[mode].attach(engine, options) if MODES[mode].attach else None
         if warmup_chunks:
             engine.add_session("warmup", trajectory=trajectory, num_chunks=warmup_chunks, seed=seed)
             engine.run()
@@ -73,15 +109,20 @@ def run_rollout(mode: str, preset: str = "small", num_chunks: int = 48, *,
         start = time.perf_counter()
         while engine.has_unfinished_sessions():
             results = engine.step()
-            step_s.append(results[0].step_seconds)
-            resident.append(results[0].resident_kv_bytes)
-            retrieved.append(list(results[0].retrieved))
+            r = results[0]
+            step_s.append(r.step_seconds)
+            extra = attached.extra_resident_bytes() if hasattr(attached, "extra_resident_bytes") else 0
+            resident.append(r.resident_kv_bytes + extra)
+            ids = attached.retrieved(r.session_id, r.chunk_index) if hasattr(attached, "retrieved") else r.retrieved
+            retrieved.append([int(c) for c in ids])
         wall = time.perf_counter() - start
+        engine.drain()
         metrics = engine.metrics()
+    bank = attached.bank_bytes() if hasattr(attached, "bank_bytes") else (metrics["connector"] or {}).get("bank_bytes")
     return {
         "mode": mode, "preset": preset, "num_chunks": num_chunks, "sessions": sessions,
         "num_denoising_steps": num_denoising_steps, "step_seconds": step_s, "resident_kv_bytes": resident,
-        "retrieved": retrieved, "wall_seconds": wall,
+        "retrieved": retrieved, "wall_seconds": wall, "bank_bytes": bank,
         "chunks_per_s": sessions * num_chunks / sum(step_s) if sum(step_s) else 0.0, "metrics": metrics,
     }
 
@@ -98,9 +139,9 @@ def window_rates(step_seconds: list[float], window: int, sessions: int = 1) -> l
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="small", help="model config (tiny, small, wan-1.3b, ...; default small)")
     p.add_argument("--num-chunks", type=int, default=48, help="chunks per session (default 48)")
-    p.add_argument("--modes", default="full,sliding",
-                   help="comma-separated modes, the first is the baseline (default full,sliding; "
-                   "registered: full, sliding, worldkv and any added by connector modules)")
+    p.add_argument("--modes", default=DEFAULT_MODES,
+                   help=f"comma-separated modes, the first is the baseline (default {DEFAULT_MODES}; "
+                   "registered: full, sliding, worldkv, reference-style and any added by connector modules)")
     p.add_argument("--num-denoising-steps", type=int, default=BENCH_DENOISING_STEPS,
                    help=f"denoising steps per chunk, plus the clean pass (default {BENCH_DENOISING_STEPS})")
     p.add_argument("--sessions", type=int, default=1, help="sessions batched per step (default 1)")
@@ -108,8 +149,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="model/KV dtype (default: the preset's)")
     p.add_argument("--trajectory", default=DEFAULT_TRAJECTORY, help=f"camera trajectory (default {DEFAULT_TRAJECTORY})")
-    p.add_argument("--sink-frames", type=int, default=3, help="sink latent frames (default 3)")
-    p.add_argument("--recent-frames", type=int, default=6, help="recent latent frames (default 6)")
+    p.add_argument("--sink-frames", type=int, help="sink latent frames (default 3, or the WorldKV config's in "
+                   "worldkv / reference-style modes; a different value there is an error)")
+    p.add_argument("--recent-frames", type=int, help="recent latent frames (default 6, or the WorldKV config's in "
+                   "worldkv / reference-style modes)")
     p.add_argument("--page-size", type=int, default=64, help="tokens per KV page (default 64)")
     p.add_argument("--kv-cache-memory", type=float, metavar="GiB", help="KV cache GiB (default auto)")
     p.add_argument("--attention-backend", choices=("torch", "triton"), default="torch", help="default torch")
@@ -142,12 +185,46 @@ def run(args: argparse.Namespace) -> dict:
             "last_window_chunks_per_s": rates[m][-1],
             "last_over_first": rates[m][-1] / rates[m][0] if rates[m][0] else 0.0,
             f"last_window_speedup_vs_{base}": rates[m][-1] / rates[base][-1] if rates[base][-1] else 0.0,
-            "peak_resident_kv_bytes": r["metrics"]["peak_resident_kv_bytes"],
+            "peak_resident_kv_bytes": max(r["metrics"]["peak_resident_kv_bytes"], max(r["resident_kv_bytes"])),
+            "step_seconds_mean": _mean(r["step_seconds"]),
+            "bank_bytes": r["bank_bytes"],
         }
         for m, r in runs.items()
     }
+    comparisons = _comparisons(runs, rates)
+    _print_comparisons(args, comparisons)
     return {"config": {k: v for k, v in vars(args).items() if k != "func"}, "window_chunks_per_s": rates,
-            "summary": summary, "runs": runs}
+            "summary": summary, "comparisons": comparisons, "runs": runs}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _comparisons(runs: dict, rates: dict) -> dict:
+    """worldkv vs full over the last window, worldkv vs reference-style per-step time and retrieval."""
+    out: dict = {}
+    if "worldkv" in runs and "full" in runs:
+        full_last = rates["full"][-1]
+        out["worldkv_vs_full_last_window"] = rates["worldkv"][-1] / full_last if full_last else 0.0
+    if "worldkv" in runs and "reference-style" in runs:
+        ours, ref = runs["worldkv"]["step_seconds"], runs["reference-style"]["step_seconds"]
+        out["worldkv_step_seconds_mean"] = _mean(ours)
+        out["reference_style_step_seconds_mean"] = _mean(ref)
+        out["reference_style_over_worldkv_step_time"] = _mean(ref) / _mean(ours) if _mean(ours) else 0.0
+        out["same_retrieval"] = runs["worldkv"]["retrieved"] == runs["reference-style"]["retrieved"]
+    return out
+
+
+def _print_comparisons(args, comp: dict) -> None:
+    if "worldkv_vs_full_last_window" in comp:
+        print(f"worldkv vs full, last {args.window} chunks: {comp['worldkv_vs_full_last_window']:.2f}x "
+              f"(target >= 2.0x on small, 48 chunks)")
+    if "same_retrieval" in comp:
+        print(f"per-step time: worldkv {comp['worldkv_step_seconds_mean'] * 1e3:.1f} ms vs reference-style "
+              f"{comp['reference_style_step_seconds_mean'] * 1e3:.1f} ms: reference-style / worldkv "
+              f"{comp['reference_style_over_worldkv_step_time']:.2f}x (target: > 1, worldkv faster); same retrieved "
+              f"chunks: {'yes' if comp['same_retrieval'] else 'NO'}")
 
 
 def _run_mode(args: argparse.Namespace, mode: str) -> dict:
@@ -158,6 +235,10 @@ def _run_mode(args: argparse.Namespace, mode: str) -> dict:
         page_size=args.page_size, kv_cache_memory=args.kv_cache_memory,
         attention_backend=args.attention_backend, kv_connector_config=args.kv_connector_config,
     )
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def _threads() -> int:
@@ -171,7 +252,8 @@ def _print_table(args, runs: dict, rates: dict) -> None:
     modes = list(runs)
     print(f"e2e rollout: preset {args.preset}, {args.sessions} session(s) x {args.num_chunks} chunks, "
           f"{args.num_denoising_steps} denoising steps + clean pass per chunk, device {args.device}, "
-          f"sink {args.sink_frames} / recent {args.recent_frames} frames, {args.threads or _threads()} CPU thread(s)")
+          f"sink {_or(args.sink_frames, 3)} / recent {_or(args.recent_frames, 6)} frames (connector modes: the "
+          f"config's), {args.threads or _threads()} CPU thread(s)")
     head = f"{'chunks':>9}" + "".join(f"  {m + ' ch/s':>16}" for m in modes) + "".join(
         f"  {m + ' KV MiB':>18}" for m in modes)
     print(head)

@@ -1,7 +1,9 @@
 """``worldkv generate``: roll out a camera trajectory with the video backend and report speed/memory.
 
 Prints a progress bar per chunk (stderr) and a summary table (stdout). ``--json`` writes per-chunk
-records ``{session, index, step_seconds, resident_kv_bytes, pose, retrieved}`` plus the summary;
+records ``{session, index, step_seconds, resident_kv_bytes, pose, retrieved}`` (plus
+``attention_recall`` [per layer] and ``attention_recall_mean`` with ``--eval-attention-recall``)
+and the summary;
 ``--plot`` draws step time and resident KV against chunk index; ``--output`` saves the latents
 (off by default: one fp32 tensor ``[num_chunks, F, C, Hl, Wl]`` per session, keyed by session id).
 """
@@ -16,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["register", "add_engine_arguments", "engine_args_from", "summarize", "cpu_threads"]
+__all__ = ["register", "add_engine_arguments", "engine_args_from", "summarize", "cpu_threads", "chunk_record",
+           "engine_recall_summary"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +40,12 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, model_default: str = "ti
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="model and KV dtype (default: the model's)")
     p.add_argument("--attention-window", choices=("full", "sliding"), default=d.attention_window,
                    help="full: keep every chunk; sliding: sink + recent frames only (default sliding)")
-    p.add_argument("--sink-frames", type=int, default=d.sink_frames,
-                   help=f"latent frames kept at the start of the window, a multiple of 3 (default {d.sink_frames})")
-    p.add_argument("--recent-frames", type=int, default=d.recent_frames,
-                   help=f"latent frames of the recent window, a multiple of 3 (default {d.recent_frames})")
+    p.add_argument("--sink-frames", type=int, default=None,
+                   help="latent frames kept at the start of the window, a multiple of 3 (default 3; with a "
+                   "connector its config's sink_frames, and a different value here is an error)")
+    p.add_argument("--recent-frames", type=int, default=None,
+                   help="latent frames of the recent window, a multiple of 3 (default 6; with a connector "
+                   "its config's recent_frames, and a different value here is an error)")
     p.add_argument("--num-denoising-steps", type=int, default=d.num_denoising_steps,
                    help=f"flow-matching steps per chunk before the clean pass (default {d.num_denoising_steps})")
     p.add_argument("--timestep-shift", type=float, default=d.timestep_shift,
@@ -54,6 +59,10 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, model_default: str = "ti
                    help="KV connector: a registered name (e.g. worldkv) or module:Class (default none)")
     p.add_argument("--kv-connector-config", metavar="JSON", help="JSON configuration passed to the connector")
     p.add_argument("--seed", type=int, default=d.seed, help="weights seed; session i uses seed + i (default 0)")
+    p.add_argument("--eval-attention-recall", action="store_true",
+                   help="diagnostic: keep a shadow full-KV history and report, per chunk and layer, the share of "
+                   "full-history attention mass the window holds (1.0 for full; costs memory and one dense "
+                   "attention per layer per chunk, outside the step timings)")
 
 
 def engine_args_from(args: argparse.Namespace, **overrides):
@@ -63,6 +72,7 @@ def engine_args_from(args: argparse.Namespace, **overrides):
               "num_denoising_steps", "timestep_shift", "kv_cache_memory", "page_size", "attention_backend",
               "kv_connector", "kv_connector_config", "seed")
     values = {f: getattr(args, f) for f in fields}
+    values["eval_attention_recall"] = bool(getattr(args, "eval_attention_recall", False))
     values.update(overrides)
     return EngineArgs(**values)
 
@@ -114,6 +124,32 @@ def _load_poses(path: str) -> np.ndarray:
         raise ValueError(f"--poses {path}: not a numpy .npy array ({exc})") from None
 
 
+def chunk_record(r) -> dict:
+    """The JSON record of one ChunkResult."""
+    rec = {
+        "session": r.session_id, "index": r.chunk_index, "step": r.step,
+        "step_seconds": r.step_seconds, "resident_kv_bytes": r.resident_kv_bytes,
+        "pose": np.asarray(r.pose).tolist(), "retrieved": [int(c) for c in r.retrieved],
+    }
+    if r.attention_recall is not None:
+        rec["attention_recall"] = list(r.attention_recall)
+        rec["attention_recall_mean"] = r.attention_recall_mean
+    return rec
+
+
+def engine_recall_summary(engine, **revisit) -> dict:
+    """Attention recall over every session of a finished engine run (integration/video/recall.py:
+    mean past the window and at revisit chunks). ``revisit``: max_degrees / max_distance."""
+    from worldkv_connector.integration.video.recall import recall_summary
+
+    sessions = []
+    for sid in engine.scheduler.sessions:
+        res = engine.chunk_results(sid)
+        if res:
+            sessions.append((np.stack([r.pose for r in res]), [r.attention_recall for r in res]))
+    return recall_summary(sessions, engine.scheduler.sink_chunks, engine.scheduler.recent_chunks, **revisit)
+
+
 def summarize(records: list[dict], metrics: dict) -> dict:
     """Summary of a run: chunks/s over all steps and over the last quarter of the steps, memory."""
     steps: dict[int, list[dict]] = {}
@@ -148,6 +184,12 @@ def _table(title: str, summary: dict, connector: dict | None) -> str:
         ("resident KV, peak", f"{summary['peak_resident_kv_bytes'] / mib:.2f} MiB"),
         ("pages, peak / total", f"{summary['peak_pages']} / {summary['num_pages']}"),
     ]
+    if summary.get("attention_recall_chunks") is not None:
+        for key, label in (("attention_recall_mean", "attention recall, past the window"),
+                           ("attention_recall_revisit_mean", "attention recall, revisit chunks")):
+            value = summary.get(key)
+            count = summary["attention_recall_chunks" if key == "attention_recall_mean" else "revisit_chunks"]
+            rows.append((label, "n/a (no such chunk)" if value is None else f"{value:.3f} over {count} chunks"))
     if connector is not None:
         bank = summary.get("bank_bytes")
         rows.append(("bank", "n/a" if bank is None else f"{bank / mib:.2f} MiB"))
@@ -208,31 +250,30 @@ def run(args: argparse.Namespace) -> int:
 
         with tqdm(total=total, unit="chunk", file=sys.stderr, disable=args.no_progress, desc="generate") as bar:
             def on_result(r) -> None:
-                records.append({
-                    "session": r.session_id, "index": r.chunk_index, "step": r.step,
-                    "step_seconds": r.step_seconds, "resident_kv_bytes": r.resident_kv_bytes,
-                    "pose": np.asarray(r.pose).tolist(), "retrieved": [int(c) for c in r.retrieved],
-                })
+                records.append(chunk_record(r))
                 bar.update(1)
 
             engine.run(on_result)
         metrics = engine.metrics()
         summary = summarize(records, metrics)
-        window = args.attention_window if args.attention_window == "full" else (
-            f"sliding (sink {args.sink_frames}, recent {args.recent_frames} frames)")
+        if engine_args.eval_attention_recall:
+            summary.update(engine_recall_summary(engine))
+        ea = engine.args  # the window as resolved (a connector's config may define it)
+        window = ea.attention_window if ea.attention_window == "full" else (
+            f"sliding (sink {ea.sink_frames}, recent {ea.recent_frames} frames)")
         title = (f"worldkv generate: {args.model}, {window}, {args.sessions} session(s), "
                  f"{args.num_denoising_steps} denoising steps, connector {args.kv_connector or 'none'}")
         print(_table(title, summary, metrics["connector"]))
         if args.json:
             with open(args.json, "w") as fh:
-                json.dump({"args": engine_args.to_dict(), "summary": summary, "metrics": metrics,
+                json.dump({"args": engine.args.to_dict(), "summary": summary, "metrics": metrics,
                            "records": records}, fh, indent=2, default=float)
             print(f"wrote {args.json}")
         if args.plot:
             _plot(args.plot, records, title)
             print(f"wrote {args.plot}")
         if args.output:
-            _save(args.output, engine, engine_args)
+            _save(args.output, engine, engine.args)
             print(f"wrote {args.output}")
     return 0
 
