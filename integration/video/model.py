@@ -167,5 +167,13 @@ def build_model(config: ModelConfig, seed: int = 0, device: str | torch.device =
     gen.manual_seed(seed)
     init_weights_(model, gen)
     model.eval().requires_grad_(False)
-    logger.info("built %s: %.3fB params, %s on %s", config.name, config.num_params() / 1e9, config.dtype, dev)
+    logger.info("built %s: %s params, %s on %s", config.name, _human_count(config.num_params()), config.dtype, dev)
     return model
+
+
+def _human_count(n: int) -> str:
+    """1234 -> '1.2K', 1_300_000_000 -> '1.30B' (for logs)."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.{2 if unit == 'B' else 1}f}{unit}"
+    return str(n)
