@@ -246,7 +246,10 @@ def _check_compat(manifest: dict, config: WorldKVConfig, kv_shape: KVShape) -> N
     for name in _SHAPE_FIELDS:
         saved = manifest["kv_shape"].get(name)
         if saved != want[name]:
-            raise ValueError(f"kv_shape.{name}: saved {saved!r}, expected {want[name]!r}")
+            extra = manifest.get("extra") if isinstance(manifest.get("extra"), dict) else {}
+            model = f" ({extra['model']!r})" if isinstance(extra.get("model"), str) else ""
+            raise ValueError(f"kv_shape.{name}: saved {saved!r}, expected {want[name]!r}: the bank was saved "
+                             f"for another model{model} than {kv_shape.name!r}, whose KV it cannot hold")
 
 
 def _damaged_names(data: Path) -> str:

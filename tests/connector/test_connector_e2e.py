@@ -20,11 +20,23 @@ from worldkv_connector.transfer import TransferEngine
 PS = 20  # page size: a whole tiny chunk (48 tokens) is 20 + 20 + 8, a compressed one leaves a partial page
 
 
-def make_engine(steps=1, **cfg):
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny shapes: one thread is as fast, and a busy 2-core host cannot oversubscribe it
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_engine(steps=1, retain=True, **cfg):
+    """retain: finished sessions stay banked, so the replays below can read their entries."""
     cfg.setdefault("bank_bytes", 1 << 22)
-    return VideoEngine(model="tiny", attention_window="sliding", sink_frames=3, recent_frames=6, page_size=PS,
-                       kv_cache_memory=0.004, num_denoising_steps=steps, kv_connector="worldkv",
-                       kv_connector_config=json.dumps(cfg))
+    engine = VideoEngine(model="tiny", attention_window="sliding", sink_frames=3, recent_frames=6, page_size=PS,
+                         kv_cache_memory=0.004, num_denoising_steps=steps, kv_connector="worldkv",
+                         kv_connector_config=json.dumps(cfg))
+    engine.connector.retain_finished_sessions = retain
+    return engine
 
 
 class DelayedTransfer(TransferEngine):

@@ -301,3 +301,36 @@ def test_resolve_config_adopts_engine_window_and_rejects_disagreement():
 def test_bad_config_json_names_the_key(text, key):
     with pytest.raises(ValueError, match=key):
         resolve_config(text, VIEW, PRESETS["tiny"])
+
+
+def test_adopted_chunks_are_candidates_and_resumed_chunk_ids_continue():
+    """A resumed session (chunks adopted from a saved bank): the loaded chunks are retrieval
+    candidates with their saved positions, and the engine's chunk c is chunk id base + c."""
+    poses = chunk_poses(parse_trajectory("R_L90"), 3)
+    sched = make(rope_correction=True, retrieval_chunks=2, hot_chunks=2)
+    for cid in range(5):
+        sched.adopt("s", cid, CHUNK, poses[cid], first_frame=30 + 3 * cid)  # saved at frames 30, 33, ...
+    assert sched.chunk_base("s") == 5 and sched.banked_chunks("s") == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="already banked"):
+        sched.adopt("s", 2, CHUNK, poses[2], None)
+    req = ChunkRequest("s", 0, 0, poses[2], FT, PS)
+    sched.get_num_new_matched_tokens(req, 0)
+    got = [e.chunk_id for e in req.external]
+    assert 2 in got and len(got) == 2 and all(e.needs_load for e in req.external)
+    blocks = [[10, 11, 12], [13, 14, 15]]
+    sched.update_state_after_alloc(req, blocks, 0)
+    cur = CommittedChunk("s", 0, [0, 1, 2], CHUNK, poses[2])
+    meta = sched.build_connector_meta(SchedulerOutput(0, [req], [cur]))
+    # RoPE: from the saved positions to just before the recent window (which starts at frame 3)
+    assert [(d.key, d.delta) for d in meta.rope_deltas] == [
+        (("s", got[0]), -3 - (30 + 3 * got[0])), (("s", got[1]), 0 - (30 + 3 * got[1]))]
+    # the engine's chunk 0 is stored as chunk 5, with its poses and the frame its keys sit at
+    (spec,) = meta.stores
+    assert spec.key == ("s", 5) and spec.first_frame == 0 and np.array_equal(spec.frame_poses, poses[2])
+    sched.update_connector_output(WorkerReport(stores=[StoreResult(("s", 5), True, CHUNK)]))
+    assert sched.banked_chunks("s") == [0, 1, 2, 3, 4, 5]
+    # later: chunk 5 is the engine's sink chunk 0, so it is never a candidate
+    assert [5 + e for e in sched.window_excluded(3)] == [5, 6, 7]
+    req = ChunkRequest("s", 3, 9, poses[0], FT, PS)
+    sched.get_num_new_matched_tokens(req, 0)
+    assert 5 not in [e.chunk_id for e in req.external]

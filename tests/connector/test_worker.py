@@ -156,7 +156,7 @@ def test_load_fills_pages_in_order_and_unpins():
     before = {name: c.clone() for name, c in caches.items()}
     run_load(worker, [LoadSpec(("s", 0), (40, 33), 32)])
     entry = worker.bank.get(("s", 0))
-    assert entry.pins == 1  # pinned while its load jobs are in flight (until observed done)
+    assert entry.pins == L  # one pin per load job (one per layer) in flight, until observed done
     report = worker.poll()
     assert report.loads_done == [("s", 0)] and entry.pins == 0
     view = worker.bank.view(("s", 0))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TRAJECTORY = "R_L_R_L_R_L90"
 _MiB = 1 << 20
-_STORE_TIMEOUT_S = 10.0  # longest wait for the rollout's last stores before saving what is ready
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -206,54 +204,23 @@ def _save_synthetic(args, config, shape, frames: np.ndarray, extra: dict) -> dic
         return save_bank(bank, args.path, session_id=args.session_id, config=config, kv_shape=shape, extra=extra)
 
 
-def _find_bank(obj, depth: int = 2):
-    """The Bank a connector holds (its own attribute or one of its parts')."""
-    from worldkv_connector.bank import Bank
-
-    if isinstance(obj, Bank):
-        return obj
-    if depth == 0 or not hasattr(obj, "__dict__"):
-        return None
-    for value in vars(obj).values():
-        found = _find_bank(value, depth - 1) if not isinstance(value, (str, int, float, dict, list)) else None
-        if found is not None:
-            return found
-    return None
-
-
 def _save_engine(args, config, frames: np.ndarray, extra: dict) -> dict:
-    from worldkv_connector.config import WorldKVConfig
     from worldkv_connector.integration.video.engine import VideoEngine
     from worldkv_connector.integration.video.engine_args import EngineArgs
-    from worldkv_connector.persist import save_bank
 
     engine_args = EngineArgs(model=args.model, device=args.device, seed=args.seed, checkpoint=args.checkpoint,
                              kv_connector="worldkv", kv_connector_config=config.to_json())
     sid = args.session_id
     with VideoEngine(engine_args) as engine:
-        # one chunk more than asked and stop before it: a connector may free a session's entries
-        # when the session ends, and the bank is saved while the session is still live
-        engine.add_session(sid, poses=frames, num_chunks=args.num_chunks + 1, seed=args.seed)
-        while len(engine.chunk_results(sid)) < args.num_chunks:
-            engine.step()
-        bank = _find_bank(engine.connector)
-        if bank is None:
-            raise ValueError("the WorldKV connector exposes no Bank to save: use --source synthetic")
-        deadline = time.monotonic() + _STORE_TIMEOUT_S
-        while time.monotonic() < deadline:  # collect finished stores, so their entries are ready
-            engine.scheduler.poll()
-            if all(bank.get(k).ready for k in bank.keys() if isinstance(k, tuple) and k[0] == sid):
-                break
-            time.sleep(0.001)
-        conn_config = getattr(engine.connector, "config", None)
-        config = conn_config if isinstance(conn_config, WorldKVConfig) else config
-        per_chunk = engine.scheduler.sessions[sid].chunk_poses  # [C, F, 4, 4]
-        for key in bank.keys():
-            entry = bank.get(key)
-            if entry.pose is None and isinstance(key, tuple) and key[0] == sid and 0 <= key[1] < len(per_chunk):
-                entry.pose = per_chunk[key[1]].copy()  # the chunk's frame poses, for retrieval on resume
-        manifest = save_bank(bank, args.path, session_id=sid, config=config,
-                             kv_shape=engine.model_config.kv_shape(), extra=extra)
+        connector = engine.connector
+        if not hasattr(connector, "save_bank"):
+            raise ValueError("the WorldKV connector of this build cannot save its bank: use --source synthetic")
+        # the session's entries must outlive its end, which would otherwise free them
+        connector.retain_finished_sessions = True
+        engine.add_session(sid, poses=frames, num_chunks=args.num_chunks, seed=args.seed)
+        engine.run()
+        # waits for the stores in flight; entries carry their frame poses for retrieval on resume
+        manifest = connector.save_bank(args.path, session_id=sid, extra=extra)
     if not manifest["entries"]:
         raise ValueError(f"the rollout banked no chunk of session {sid!r}: nothing was saved worth loading")
     return manifest

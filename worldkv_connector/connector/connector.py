@@ -7,15 +7,33 @@ The scheduler half (``WorldKVScheduler``: ids, poses, page bookkeeping) and the 
 (``WorldKVWorker``: bank, copies, tensors) are separate objects cut along the process boundary,
 as in vLLM's offloading connector; here they share a process and ``get_finished`` hands the
 worker's report to the scheduler half.
+
+Lifecycle and reliability hooks (beyond vLLM's method names):
+
+- Session end: once a finished session's stores all ended, ``get_finished`` frees its bank
+  entries and index entries (its pages went back to the engine already). Set
+  ``retain_finished_sessions = True`` to keep them (for ``save_bank`` after the run, or
+  diagnostics); retained entries are still reclaimed first when a live session needs room.
+- ``save_bank(path, session_id=None)`` / ``load_bank(path)``: persist and resume the world memory
+  (``connector/resume.py``); ``load_bank`` goes after construction and before the resumed
+  session's first step.
+- ``wrap_transfer(fn)``: put a wrapper (e.g. ``faults.FaultyTransferEngine``) around the transfer
+  engine; ``transfer=`` in the constructor replaces it outright.
+- ``close()`` (also on ``with`` exit and from ``VideoEngine.close``) waits for the copies and
+  closes the transfer engine and the bank.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
+from typing import Any, Callable
 
 import torch
 
 from worldkv_connector.config import WorldKVConfig
+from worldkv_connector.connector.meta import ChunkKey
+from worldkv_connector.connector.resume import load_connector_bank, save_connector_bank
 from worldkv_connector.connector.scheduler import WorldKVScheduler
 from worldkv_connector.connector.worker import WorldKVWorker
 from worldkv_connector.integration.video.connector_api import (
@@ -23,6 +41,7 @@ from worldkv_connector.integration.video.connector_api import (
 )
 from worldkv_connector.metrics import ConnectorMetrics
 from worldkv_connector.shapes import KVShape
+from worldkv_connector.transfer import TransferEngine
 
 __all__ = ["WorldKVConnector", "resolve_config"]
 
@@ -74,12 +93,17 @@ class WorldKVConnector(VideoKVConnector):
     """WorldKV world memory: pose-indexed, compressed, write-through bank of committed chunks,
     reinserted as pages between the sink and the recent window."""
 
-    def __init__(self, engine_config: EngineView, kv_shape: KVShape, connector_config_json: str | None, device):
+    def __init__(self, engine_config: EngineView, kv_shape: KVShape, connector_config_json: str | None, device,
+                 *, transfer: TransferEngine | None = None):
         super().__init__(engine_config, kv_shape, connector_config_json, device)
         self.config = resolve_config(connector_config_json, engine_config, kv_shape)
         self.scheduler = WorldKVScheduler(self.config, frame_tokens=engine_config.frame_tokens,
                                           page_size=engine_config.page_size)
-        self.worker = WorldKVWorker(self.config, kv_shape, page_size=engine_config.page_size, device=self.device)
+        self.worker = WorldKVWorker(self.config, kv_shape, page_size=engine_config.page_size, device=self.device,
+                                    transfer=transfer)
+        # False: a finished session's bank and index entries go once its stores ended
+        self.retain_finished_sessions = False
+        self._closed = False
         logger.info(
             "worldkv: retrieval_chunks=%d keep_ratio=%g policy=%s bank=%s (%d slots of %d bytes)",
             self.config.retrieval_chunks, self.config.keep_ratio, self.config.policy, self.config.bank,
@@ -132,10 +156,19 @@ class WorldKVConnector(VideoKVConnector):
     def get_finished(self, finished_req_ids: set) -> tuple[set | None, set | None]:
         """Poll the copies; hand the report to the scheduler half. Returns (store keys that ended
         and finished sessions whose stores all ended, load keys that completed)."""
+        done, loads_done = self._collect(finished_req_ids)
+        return (done or None), (set(loads_done) or None)
+
+    def _collect(self, finished_req_ids: set | None) -> tuple[set, list[ChunkKey]]:
         report = self.worker.poll()
         self.scheduler.update_connector_output(report)
         done = self.scheduler.finished(finished_req_ids)
-        return (done or None), (set(report.loads_done) or None)
+        for sid in self.scheduler.take_ended_sessions():
+            if not self.retain_finished_sessions:
+                # after the last store ended: nothing writes its entries any more
+                self.scheduler.forget_session(sid)
+                self.worker.end_session(sid)
+        return done, report.loads_done
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.load_error_pages()
@@ -150,6 +183,29 @@ class WorldKVConnector(VideoKVConnector):
     def drop_session(self, session_id: str) -> int:
         """Free a finished session's bank entries now instead of leaving them to bank eviction."""
         return len(self.worker.drop_session(session_id))
+
+    # --- persistence and hooks ------------------------------------------------------------------
+    def save_bank(self, path: str | os.PathLike, session_id: str | None = None, *, extra: dict | None = None) -> dict:
+        """Save the banked chunks (every session's, or ``session_id``'s) to the directory ``path``,
+        after the stores in flight landed. Call it between engine steps. Returns the manifest."""
+        self._check_open()
+        return save_connector_bank(self, path, session_id, extra=extra)
+
+    def load_bank(self, path: str | os.PathLike) -> list[ChunkKey]:
+        """Load a bank saved by ``save_bank`` and index its chunks by pose, so a session with a
+        saved session's id retrieves them (its new chunk ids continue after the saved ones). Call
+        it after construction, before that session's first step. ``ValueError`` with nothing
+        changed on a bad or mismatched bank (corrupted bytes, other model shape or config)."""
+        self._check_open()
+        return load_connector_bank(self, path)
+
+    def wrap_transfer(self, wrap: Callable[[TransferEngine], Any]) -> Any:
+        """Replace the transfer engine by ``wrap(current)``, e.g. ``lambda t: FaultyTransferEngine(t,
+        fail_loads=0.05)``; the wrapper must poll the engine it wraps (jobs in flight stay
+        visible). Call it between steps. Returns the wrapper; ``close`` closes it."""
+        self._check_open()
+        self.worker.transfer = wrap(self.worker.transfer)
+        return self.worker.transfer
 
     def _merged_metrics(self) -> ConnectorMetrics:
         if not self.worker.bank.closed:
@@ -173,5 +229,19 @@ class WorldKVConnector(VideoKVConnector):
         """Prometheus text exposition of the counters (names prefixed ``worldkv_``)."""
         return self._merged_metrics().to_prometheus()
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the WorldKV connector is closed")
+
     def close(self) -> None:
+        """Wait for every copy, close the transfer engine and the bank. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         self.worker.close()
+
+    def __enter__(self) -> "WorldKVConnector":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -37,7 +37,7 @@ class LoadPath:
         self.done: list[ChunkKey] = []
         self._layer_jobs: dict[int, TransferJob] = {}
         self._jobs: dict[int, list[LoadSpec]] = {}  # job id -> loads it copies
-        self._outstanding: dict[ChunkKey, int] = {}  # pinned keys -> jobs not yet observed done
+        self._outstanding: dict[ChunkKey, int] = {}  # key -> its load jobs not yet observed done (= its pins)
         self._ropes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._rotated: set[int] = set()
         self.resident_indices: dict[ChunkKey, torch.Tensor] = {}  # kept ids of chunks in the hot set
@@ -56,9 +56,7 @@ class LoadPath:
                 bad.append(spec)  # evicted or rewritten since it was planned: never load stale rows
                 self.metrics.load_errors += 1
                 continue
-            self.bank.pin(spec.key)  # an entry being read must not be evicted or reused
             self.bank.touch(spec.key)  # a retrieval: young end of LRU
-            self._outstanding[spec.key] = 0
             if entry.indices is not None:
                 self.resident_indices[spec.key] = entry.indices
             live.append(spec)
@@ -84,7 +82,10 @@ class LoadPath:
                     logger.debug("load of layer %d could not be submitted: %s: %s", layer, type(exc).__name__, exc)
                     continue
                 for spec in live:
-                    self._outstanding[spec.key] += 1
+                    # one pin per job reading the entry (it must not be evicted or reused under the
+                    # copy); added, not reset: a job of an earlier step may still read it
+                    self.bank.pin(spec.key)
+                    self._outstanding[spec.key] = self._outstanding.get(spec.key, 0) + 1
                 self._jobs[job.job_id] = list(live)
                 self._layer_jobs[layer] = job
                 if job.error is not None:
@@ -96,7 +97,6 @@ class LoadPath:
         if bad:
             # one warning per step, not per layer: the engine drops these chunks from the window
             logger.warning("KV load failed for chunk(s) %s: left out of this step's window", [s.key for s in bad])
-        self._release_unsubmitted()
         self._ropes = None
         if ropes:
             pages = [p for r in ropes for p in r.page_ids]
@@ -104,19 +104,13 @@ class LoadPath:
             deltas = [r.delta for r in ropes for _ in r.page_ids]
             self._ropes = tuple(torch.tensor(x, dtype=torch.int64, device=self.device) for x in (pages, deltas, lens))
 
-    def _release_unsubmitted(self) -> None:
-        """Unpin keys no job reads (their submit failed for every layer)."""
-        for key in [k for k, n in self._outstanding.items() if n == 0]:
-            del self._outstanding[key]
-            if key in self.bank:
-                self.bank.unpin(key)
-
     def wait_layer(self, layer: int, kv_layer: torch.Tensor) -> None:
         """Order the compute stream after layer ``layer``'s load, then apply the step's RoPE deltas
         to that layer's K pages (once per step). kv_layer: [2, num_pages, page_size, H, D]."""
         job = self._layer_jobs.pop(layer, None)
-        if job is not None and not job.done():
+        if job is not None and job.end_event is not None and not job.done():
             # the attention kernels must see the loaded rows: a device-side wait, the host runs on
+            # (a CPU job has no event: its copy ran at submit, even if its report is held back)
             torch.cuda.current_stream(self.device).wait_event(job.end_event)
         if self._ropes is not None and layer not in self._rotated:
             self._rotated.add(layer)
@@ -132,18 +126,18 @@ class LoadPath:
 
     # --- completion -----------------------------------------------------------------------------
     def on_job(self, job: TransferJob) -> None:
-        """A load job finished: unpin entries no other job of theirs still reads."""
+        """A load job finished: drop its pins; a key is done once no job of its reads it."""
         for spec in self._jobs.pop(job.job_id, ()):
             if job.error is not None and spec.key not in self.failed:
                 self.failed.append(spec.key)
                 self.resident_indices.pop(spec.key, None)
+            if spec.key in self.bank:
+                self.bank.unpin(spec.key)
             n = self._outstanding.get(spec.key, 0) - 1
             if n > 0:
                 self._outstanding[spec.key] = n
                 continue
             self._outstanding.pop(spec.key, None)
-            if spec.key in self.bank:
-                self.bank.unpin(spec.key)
             if spec.key not in self.failed:
                 self.done.append(spec.key)
 

@@ -5,11 +5,15 @@ no tensors, so it could cross a process boundary as vLLM's connector metadata do
 half turns it into copy descriptors once per step and reuses them for every layer (STYLE §9).
 It reports back with one :class:`WorkerReport` per ``get_finished`` call.
 
-A bank key is ``(session_id, chunk_id)``: chunk ids are chunk indices within their session.
+A bank key is ``(session_id, chunk_id)``: chunk ids are chunk indices within their session, offset
+for a resumed session (``WorldKVConnector.load_bank``): its chunk ``c`` in this run has chunk id
+``base + c``, ``base`` being one past the largest chunk id loaded for that session.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import numpy as np
 
 __all__ = ["ChunkKey", "LoadSpec", "StoreSpec", "RopeDelta", "WorldKVMetadata", "StoreResult", "WorkerReport"]
 
@@ -33,6 +37,10 @@ class StoreSpec:
     key: ChunkKey
     page_ids: tuple[int, ...]
     num_tokens: int  # tokens per layer of the uncompressed chunk (frames_per_chunk * frame_tokens)
+    # [frames_per_chunk, 4, 4] float64 camera-to-world: stored with the entry so a saved bank can
+    # be re-indexed by pose after load_bank (None: unknown, the entry is not re-indexable)
+    frame_poses: np.ndarray | None = field(default=None, compare=False, repr=False)
+    first_frame: int = -1  # latent frame its keys were written at (temporal RoPE), -1: unknown
 
 
 @dataclass(frozen=True)

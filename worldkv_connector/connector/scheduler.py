@@ -21,6 +21,16 @@ relative place). Sink and recent chunks are never candidates.
 Eviction timing: the engine announces a chunk leaving its recent window in the same step's
 ``SchedulerOutput.evicted``; its pages wait in ``_awaiting`` until its store ended and are then
 returned by ``take_pages_to_free`` (write-through: never before).
+
+Session end: ``request_finished`` returns the hot set at once; once the session's last store
+ended, ``take_ended_sessions`` hands it to the facade, which forgets it here (``forget_session``:
+index entries and state) and frees its bank entries in the worker. Nothing per chunk outlives its
+bank entry, so the bookkeeping is bounded by the bank and the windows, not by the rollout length.
+
+Resumed sessions (``adopt``, from ``WorldKVConnector.load_bank``): loaded chunks keep their saved
+chunk ids and a session's ``base`` becomes one past the largest of them; the engine's chunk ``c`` of
+that session is then chunk id ``base + c`` here and in the bank, so ids continue the saved world.
+Window exclusions and RoPE targets stay in the engine's chunk/frame numbering.
 """
 from __future__ import annotations
 
@@ -55,8 +65,10 @@ class _Resident:
 class _Session:
     banked: dict[int, int] = field(default_factory=dict)  # chunk id -> tokens per layer in the bank
     resident: dict[int, _Resident] = field(default_factory=dict)  # hot set
-    pages: dict[int, tuple[int, ...]] = field(default_factory=dict)  # committed chunk -> pages the engine holds
     finished: bool = False
+    base: int = 0  # chunk id of the engine's chunk 0 (> 0 for a resumed session)
+    # loaded chunks: chunk id -> latent frame their keys were written at (own chunks: (id - base) * fpc)
+    origin: dict[int, int] = field(default_factory=dict)
 
 
 class WorldKVScheduler:
@@ -88,6 +100,7 @@ class WorldKVScheduler:
         self._awaiting: dict[ChunkKey, tuple[int, ...]] = {}
         self._free_now: list[int] = []  # pages to return at the next take_pages_to_free
         self._waiting_sessions: set[str] = set()  # finished sessions whose stores are still running
+        self._ending: set[str] = set()  # finished sessions not yet handed out by take_ended_sessions
 
     # --- helpers --------------------------------------------------------------------------------
     def _session(self, session_id: str) -> _Session:
@@ -95,6 +108,11 @@ class WorldKVScheduler:
         if s is None:
             s = self._sessions[session_id] = _Session()
         return s
+
+    def _position(self, s: _Session, cid: int) -> int:
+        """Latent frame the chunk's keys were written at (banked keys keep their positions)."""
+        pos = s.origin.get(cid)
+        return (cid - s.base) * self.fpc if pos is None else pos
 
     def _page_lens(self, num_tokens: int) -> tuple[int, ...]:
         n = -(-num_tokens // self.page_size)
@@ -118,7 +136,8 @@ class WorldKVScheduler:
         s = self._session(request.session_id)
         c = request.chunk_index
         k = self.config.retrieval_chunks
-        chosen = self.index.query(request.session_id, request.frame_poses, k, self.window_excluded(c)) if k else []
+        excluded = [s.base + e for e in self.window_excluded(c)]  # engine chunk index -> chunk id
+        chosen = self.index.query(request.session_id, request.frame_poses, k, excluded) if k else []
         chosen.sort()  # window order: ascending original chunk index (see module docstring)
         externals, new_tokens = [], 0
         for cid in chosen:
@@ -167,7 +186,8 @@ class WorldKVScheduler:
                 )
             key = (request.session_id, ext.chunk_id)
             # banked keys sit at their original absolute positions
-            s.resident[ext.chunk_id] = _Resident(tuple(pages), ext.num_tokens, ext.chunk_id * self.fpc, self._step)
+            s.resident[ext.chunk_id] = _Resident(tuple(pages), ext.num_tokens, self._position(s, ext.chunk_id),
+                                                 self._step)
             self._loads.append(LoadSpec(key, tuple(pages), ext.num_tokens))
         if self.config.rope_correction and request.external:
             # retrieved chunks sit contiguously just before the recent window (which starts at the
@@ -187,15 +207,13 @@ class WorldKVScheduler:
         """The step's plan: loads, stores of every committed chunk, RoPE deltas, hot-set releases."""
         self._step = scheduler_output.step
         for ev in scheduler_output.evicted:
-            self._session(ev.session_id).pages.pop(ev.chunk_id, None)
-            self._awaiting[(ev.session_id, ev.chunk_id)] = tuple(ev.page_ids)
+            self._awaiting[(ev.session_id, self._session(ev.session_id).base + ev.chunk_id)] = tuple(ev.page_ids)
         stores = []
         for cc in scheduler_output.committed:
-            key = (cc.session_id, cc.chunk_id)
-            s = self._session(cc.session_id)
-            s.pages[cc.chunk_id] = tuple(cc.page_ids)
-            self._store_pending[key] = np.asarray(cc.frame_poses, dtype=np.float64)
-            stores.append(StoreSpec(key, tuple(cc.page_ids), cc.num_tokens))
+            key = (cc.session_id, self._session(cc.session_id).base + cc.chunk_id)
+            poses = np.asarray(cc.frame_poses, dtype=np.float64)
+            self._store_pending[key] = poses
+            stores.append(StoreSpec(key, tuple(cc.page_ids), cc.num_tokens, poses, cc.chunk_id * self.fpc))
         meta = WorldKVMetadata(self._step, self._loads, stores, self._ropes, self._released, self._finished)
         self._loads, self._ropes, self._released, self._finished = [], [], [], []
         return meta
@@ -206,15 +224,53 @@ class WorldKVScheduler:
         s = self._session(session_id)
         s.finished = True
         self._finished.append(session_id)
+        self._ending.add(session_id)
         for cid, r in s.resident.items():
             self._free_now.extend(r.page_ids)
             self._released.append((session_id, cid))
         s.resident.clear()
-        s.pages.clear()
         wait = any(key[0] == session_id for key in self._store_pending)
         if wait:
             self._waiting_sessions.add(session_id)
         return wait, None
+
+    def take_ended_sessions(self) -> list[str]:
+        """Finished sessions whose stores all ended, each returned once (sorted)."""
+        if not self._ending:
+            return []
+        pending = {key[0] for key in self._store_pending}
+        out = sorted(sid for sid in self._ending if sid not in pending)
+        self._ending.difference_update(out)
+        return out
+
+    def forget_session(self, session_id: str) -> int:
+        """Drop a session's index entries and state (its bank entries are the worker's to free).
+        Returns how many chunks it had indexed. Its stores must have ended."""
+        if any(key[0] == session_id for key in self._store_pending):
+            raise ValueError(f"forget_session({session_id!r}): its stores are still in flight")
+        self._ending.discard(session_id)
+        s = self._sessions.pop(session_id, None)
+        if s is not None:
+            for r in s.resident.values():  # a live session being dropped: its hot pages go back
+                self._free_now.extend(r.page_ids)
+        return self.index.remove_session(session_id)
+
+    def known_session(self, session_id: str) -> bool:
+        """True once the session ran a step (or was adopted) and was not forgotten."""
+        return session_id in self._sessions
+
+    def adopt(self, session_id: str, chunk_id: int, num_tokens: int, frame_poses, first_frame: int | None) -> None:
+        """Index a chunk loaded into the bank from a saved bank (``load_bank``): it becomes a
+        retrieval candidate of ``session_id``, whose new chunks get ids after it.
+        frame_poses: [frames_per_chunk, 4, 4] camera-to-world; first_frame: latent frame its keys
+        were written at (None: ``chunk_id * frames_per_chunk``)."""
+        s = self._session(session_id)
+        if chunk_id in s.banked:
+            raise ValueError(f"adopt: chunk {chunk_id} of session {session_id!r} is already banked")
+        self.index.add(session_id, chunk_id, frame_poses)
+        s.banked[chunk_id] = num_tokens
+        s.origin[chunk_id] = chunk_id * self.fpc if first_frame is None else first_frame
+        s.base = max(s.base, chunk_id + 1)
 
     def take_pages_to_free(self) -> list[int]:
         """Pages of evicted chunks whose store ended, and hot pages of finished sessions."""
@@ -242,6 +298,7 @@ class WorldKVScheduler:
             s = self._sessions.get(sid)
             if s is not None:
                 s.banked.pop(cid, None)
+                s.origin.pop(cid, None)
         for sid, cid in report.loads_failed:
             s = self._sessions.get(sid)
             r = None if s is None else s.resident.get(cid)
@@ -272,8 +329,20 @@ class WorldKVScheduler:
         s = self._sessions.get(session_id)
         return [] if s is None else sorted(s.banked)
 
-    def pending_stores(self) -> int:
-        return len(self._store_pending)
+    def pending_stores(self, session_id: str | None = None) -> int:
+        """Stores in flight (of one session, or of all)."""
+        if session_id is None:
+            return len(self._store_pending)
+        return sum(1 for key in self._store_pending if key[0] == session_id)
+
+    def chunk_base(self, session_id: str) -> int:
+        """Chunk id of the engine's chunk 0 of the session (0 unless it was resumed)."""
+        s = self._sessions.get(session_id)
+        return 0 if s is None else s.base
+
+    def sessions(self) -> list[str]:
+        """Sessions with state here (running, finished and retained, or adopted), sorted."""
+        return sorted(self._sessions)
 
     def held_pages(self) -> int:
         """Pages the connector holds: hot sets, evicted chunks waiting for their store, and pages

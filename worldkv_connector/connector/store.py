@@ -84,9 +84,14 @@ class StorePath:
             else:
                 # indices land per layer with the layer's store job (no device sync on CUDA)
                 idx = torch.zeros(self.num_layers, self.kept, dtype=torch.int64, pin_memory=self._pin)
-                entry = self.bank.reserve(spec.key, self.kept, indices=idx)
-                if entry is None:
-                    self._fail_early(spec, "the bank has no free slot (every entry is pinned or being written)")
+                # pose and first frame travel with the entry so a saved bank can be re-indexed
+                meta = {"first_frame": spec.first_frame} if spec.first_frame >= 0 else None
+                try:
+                    entry = self.bank.reserve(spec.key, self.kept, indices=idx, pose=spec.frame_poses, meta=meta)
+                    if entry is None:
+                        self._fail_early(spec, "the bank has no free slot (every entry is pinned or being written)")
+                except ValueError as exc:  # e.g. the key is already banked: never fail the step
+                    self._fail_early(spec, str(exc))
             st = _Store(spec, entry, failed=entry is None)
             self._stores[spec.key] = st
             if entry is not None:

@@ -7,7 +7,13 @@ banked chunks, failed loads and bank evictions. Entries become retrievable only 
 job completed.
 
 The transfer engine is a public attribute (``worker.transfer``) so a test or a host can swap in an
-instrumented one between steps.
+instrumented one between steps (``WorldKVConnector.wrap_transfer`` does it for a wrapper such as
+``faults.FaultyTransferEngine``).
+
+Ended sessions: ``end_session`` frees a session's bank entries once nothing pins them (entries an
+in-flight load still reads go at a later ``poll``); finished sessions the host keeps
+(``meta.finished_sessions`` without ``end_session``) stay banked and are reclaimed first when a
+live session needs room.
 """
 from __future__ import annotations
 
@@ -49,6 +55,7 @@ class WorldKVWorker:
         self.metrics = ConnectorMetrics()
         self._evicted: list[ChunkKey] = []
         self._dead: set[str] = set()  # finished sessions whose entries may be reclaimed first
+        self._ending: set[str] = set()  # ended sessions whose entries are freed once unpinned
         self.bank.add_evict_listener(self._on_evict)
         self.kv_caches: dict[str, torch.Tensor] = {}
         self.layer_names: list[str] = []
@@ -100,7 +107,9 @@ class WorldKVWorker:
         if meta is None:
             return
         self.loads.release(meta.released)
-        self._dead.update(meta.finished_sessions)
+        if meta.finished_sessions:
+            self._dead.update(s for s in meta.finished_sessions if s not in self._ending)
+            self._prune_dead()
         # loads first: they pin their entries, so reserving store slots cannot evict them
         self.loads.begin_step(meta.loads, meta.rope_deltas, self.layer_names, self.kv_caches, self.transfer)
         if self._dead and self.bank.free_slots < len(meta.stores):
@@ -117,8 +126,12 @@ class WorldKVWorker:
             if key[0] in self._dead and entry.ready and not entry.pins:
                 self.bank.free(key)
                 self._evicted.append(key)  # leaves the pose index like an eviction
+        self._prune_dead()
+
+    def _prune_dead(self) -> None:
+        # sessions with nothing left in the bank need no more tracking (keeps _dead bounded by the bank)
         live = {key[0] for key in self.bank.keys()}
-        self._dead &= live  # sessions with nothing left in the bank need no more tracking
+        self._dead &= live
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         layer = self._layer(layer_name)
@@ -146,9 +159,37 @@ class WorldKVWorker:
                 self.loads.on_job(job)
         report = WorkerReport(stores=self.stores.collect())
         report.loads_done, report.loads_failed = self.loads.collect()
+        if self._ending:
+            self._free_ending()
         report.evicted, self._evicted = self._evicted, []
         self.metrics.set_bank(self.bank.stats())
         return report
+
+    def end_session(self, session_id: str) -> int:
+        """A session ended and its stores ended: free its bank entries (those an in-flight load
+        still pins go at a later ``poll``) and forget its resident ids. The frees are not reported
+        as evictions: the scheduler half forgets the session itself. Returns entries freed now."""
+        self._ending.add(session_id)
+        self._dead.discard(session_id)
+        for key in [k for k in self.loads.resident_indices if k[0] == session_id]:
+            del self.loads.resident_indices[key]
+        freed = self._free_ending()
+        self.metrics.set_bank(self.bank.stats())
+        return freed
+
+    def _free_ending(self) -> int:
+        freed, left = 0, set()
+        for key in list(self.bank.keys()):
+            if not (isinstance(key, tuple) and key and key[0] in self._ending):
+                continue
+            entry = self.bank.get(key)
+            if entry.pins or not entry.ready:
+                left.add(key[0])  # a copy still uses it: next poll
+                continue
+            self.bank.free(key)
+            freed += 1
+        self._ending = left
+        return freed
 
     def kept_indices(self, key: ChunkKey) -> torch.Tensor | None:
         """Kept token ids [L, T'] (CPU int64, ascending, anchor first) of a banked or resident chunk."""
