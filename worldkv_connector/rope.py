@@ -35,14 +35,24 @@ def rope_angles(positions: torch.Tensor, group_dim: int, theta: float = ROPE_THE
     positions: [N] int, any device. Returns [N, group_dim // 2] fp32 on the same device;
     entry ``[n, j] = positions[n] * theta ** (-2*j/group_dim)``.
     """
+    return _angles64(positions, group_dim, theta).to(torch.float32)
+
+
+def _angles64(positions: torch.Tensor, group_dim: int, theta: float) -> torch.Tensor:
+    """``rope_angles`` in fp64. Angles of late frames are large (thousands of radians), and an fp32
+    angle there is off by ~1e-4 rad; cos/sin are taken in fp64 and only their results cast."""
     if group_dim < 0 or group_dim % 2:
         raise ValueError(f"group_dim={group_dim!r}: expected an even int >= 0")
     if positions.dim() != 1:
         raise ValueError(f"positions: expected shape [N], got {tuple(positions.shape)}")
     half = group_dim // 2
-    # fp64 for the product so large absolute positions lose no precision before the fp32 cast
     inv_freq = theta ** (-2.0 * torch.arange(half, dtype=torch.float64, device=positions.device) / group_dim)
-    return (positions.to(torch.float64)[:, None] * inv_freq[None, :]).to(torch.float32)
+    return positions.to(torch.float64)[:, None] * inv_freq[None, :]
+
+
+def _cos_sin(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp64 angles -> fp32 (cos, sin)."""
+    return torch.cos(angles).float(), torch.sin(angles).float()
 
 
 def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -72,11 +82,11 @@ def rope_tables(
             raise ValueError(f"{name}: expected shape {(t,)}, got {tuple(pos.shape)}")
     dt, dh, dw = rope_split(head_dim)
     dev = frame_pos.device
-    ang_t = rope_angles(frame_pos.reshape(-1), dt, theta).view(b, t, dt // 2)
-    ang_h = rope_angles(row_pos.to(dev), dh, theta).expand(b, t, dh // 2)
-    ang_w = rope_angles(col_pos.to(dev), dw, theta).expand(b, t, dw // 2)
+    ang_t = _angles64(frame_pos.reshape(-1), dt, theta).view(b, t, dt // 2)
+    ang_h = _angles64(row_pos.to(dev), dh, theta).expand(b, t, dh // 2)
+    ang_w = _angles64(col_pos.to(dev), dw, theta).expand(b, t, dw // 2)
     angles = torch.cat((ang_t, ang_h, ang_w), dim=-1)[:, :, None, :]  # [B, T, 1, D/2]
-    return torch.cos(angles), torch.sin(angles)
+    return _cos_sin(angles)
 
 
 def apply_rope_tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -131,12 +141,12 @@ def rotate_temporal(k: torch.Tensor, delta: int | torch.Tensor, theta: float = R
                 f"delta: shape {tuple(delta.shape)} must be a prefix of k's leading dims {lead}"
             )
         flat = delta.reshape(-1).to(k.device)
-        ang = rope_angles(flat, dt, theta).view(*delta.shape, *([1] * (len(lead) - delta.dim())), 1, dt // 2)
+        ang = _angles64(flat, dt, theta).view(*delta.shape, *([1] * (len(lead) - delta.dim())), 1, dt // 2)
     elif isinstance(delta, int) and not isinstance(delta, bool):
-        ang = rope_angles(torch.tensor([delta], device=k.device), dt, theta).view(*([1] * (len(lead) + 1)), dt // 2)
+        ang = _angles64(torch.tensor([delta], device=k.device), dt, theta).view(*([1] * (len(lead) + 1)), dt // 2)
     else:
         raise ValueError(f"delta: expected an int or an int tensor, got {type(delta).__name__}")
     kf = k.float()
     out = kf.clone()
-    out[..., :dt] = _rotate_pairs(kf[..., :dt], torch.cos(ang), torch.sin(ang))
+    out[..., :dt] = _rotate_pairs(kf[..., :dt], *_cos_sin(ang))
     return out.to(k.dtype)
