@@ -128,12 +128,14 @@ class VideoEngine:
     # --- sessions -----------------------------------------------------------------------------------
     def add_session(self, session_id: str, trajectory: str | None = None, poses: np.ndarray | None = None,
                     num_chunks: int | None = None, seed: int | None = None,
-                    context: torch.Tensor | None = None) -> None:
+                    context: torch.Tensor | None = None, keep_results: bool = True) -> None:
         """Queue a rollout. ``trajectory``: a spec such as ``"R_L_R_L_R_L90"``; or ``poses``: [F, 4, 4]
         camera-to-world, one per latent frame; neither: a static camera. ``num_chunks`` defaults to
         ``ceil(F / frames_per_chunk)``; a trajectory shorter than the rollout holds its last pose.
         ``seed`` (default EngineArgs.seed) fixes the session's noise. ``context``: [Lc, text_dim] prompt
-        embedding (default the null prompt)."""
+        embedding (default the null prompt). ``keep_results=False``: the session's ChunkResults (and
+        latents) are only returned by ``step()``, not kept for ``results()`` - for long rollouts
+        whose memory must not grow with the number of chunks."""
         self._check_open()
         if not isinstance(session_id, str) or not session_id:
             raise ValueError(f"session_id={session_id!r}: expected a non-empty str")
@@ -157,7 +159,9 @@ class VideoEngine:
                                     or not 1 <= context.shape[0] <= c.text_len):
             raise ValueError(f"context: expected [Lc <= {c.text_len}, {c.text_dim}], got {tuple(context.shape)}")
         per_chunk = chunk_poses(frames, c.frames_per_chunk, num_chunks)
-        self.scheduler.add_session(Session(session_id, per_chunk, seed, context))
+        if not isinstance(keep_results, bool):
+            raise ValueError(f"keep_results={keep_results!r}: expected a bool")
+        self.scheduler.add_session(Session(session_id, per_chunk, seed, context, keep_results=keep_results))
 
     def has_unfinished_sessions(self) -> bool:
         return bool(self.scheduler.running())
@@ -229,9 +233,13 @@ class VideoEngine:
     # --- results ---------------------------------------------------------------------------------------
     def chunk_results(self, session_id: str) -> list[ChunkResult]:
         try:
-            return list(self.scheduler.sessions[session_id].results)
+            session = self.scheduler.sessions[session_id]
         except KeyError:
             raise ValueError(f"unknown session {session_id!r}") from None
+        if not session.keep_results:
+            raise ValueError(f"session {session_id!r} was added with keep_results=False: its results "
+                             "were only returned by step()")
+        return list(session.results)
 
     def results(self, session_id: str) -> list[torch.Tensor]:
         """Latents of each generated chunk of the session: [F, C, Hl, Wl] fp32 on the CPU."""

@@ -68,6 +68,7 @@ class Session:
     sink: list[int] = field(default_factory=list)  # committed chunk ids in the sink
     recent: collections.deque = field(default_factory=collections.deque)  # committed ids, oldest first
     results: list[ChunkResult] = field(default_factory=list)
+    keep_results: bool = True  # False: ChunkResults are only returned by step(), not kept (long runs)
 
     @property
     def num_chunks(self) -> int:
@@ -222,7 +223,8 @@ class Scheduler:
                 s.session_id, c, latents[row], mean_pose(s.chunk_poses[c]), batch.plan.external_ids(row),
                 step_seconds, resident_kv_bytes, s.finished, batch.step,
             )
-            s.results.append(result)
+            if s.keep_results:
+                s.results.append(result)
             results.append(result)
             if req.release_pages:
                 self._free_connector_pages(req.release_pages, "release_pages")

@@ -3,9 +3,8 @@ with a bank that holds only a quarter of them. Memory stays flat once the bank i
 RSS after chunk 500 within 10 % of its value at chunk 2,000), the bank never exceeds its cap, the
 connector's bookkeeping stays bounded, every session finishes and nothing is left at the end.
 
-The engine keeps every ChunkResult (with its latents) for the user; with no engine option to not
-keep them, the test hands them over and clears them each step (as a ``keep_results=False`` session
-would), so what is measured is the engine + connector, not the user's results.
+Sessions are added with ``keep_results=False``: the engine returns each ChunkResult from step()
+and keeps none, so what is measured is the engine + connector, not the user's results.
 """
 import json
 import logging
@@ -59,7 +58,7 @@ def _soak():
     bank, sched, worker = conn.worker.bank, conn.scheduler, conn.worker
     assert bank.capacity_bytes == cap and bank.num_slots == SESSIONS * CHUNKS // 4
     for i in range(SESSIONS):
-        engine.add_session(f"s{i}", trajectory="R_L_R_L_R_L90", num_chunks=CHUNKS, seed=i)
+        engine.add_session(f"s{i}", trajectory="R_L_R_L_R_L90", num_chunks=CHUNKS, seed=i, keep_results=False)
     produced = {f"s{i}": 0 for i in range(SESSIONS)}
     rss, chunks, start = {}, 0, time.perf_counter()
     page_bound = SESSIONS * (HOT + RETRIEVAL) * 2  # hot sets + a step's new loads (2 pages per compressed chunk)
@@ -68,8 +67,6 @@ def _soak():
         for r in results:
             assert r.chunk_index == produced[r.session_id]
             produced[r.session_id] += 1
-        for s in engine.scheduler.sessions.values():
-            s.results.clear()  # the user took them (see the module docstring)
         chunks += len(results)
         # every step: the bank within its cap, its accounting exact, the bookkeeping bounded
         assert bank.bytes_used <= cap and len(bank) <= bank.num_slots

@@ -222,3 +222,19 @@ def test_cli_window_flags_against_the_connector_config(capsys, flags, message):
     _, err = capsys.readouterr()
     assert rc == 2 and "Traceback" not in err
     assert err.count("worldkv generate: error:") == 1 and message in err
+
+
+def test_keep_results_false_returns_chunks_from_step_only():
+    with VideoEngine(model="tiny", num_denoising_steps=1) as engine:
+        engine.add_session("kept", trajectory="R30", num_chunks=3)
+        engine.add_session("streamed", trajectory="R30", num_chunks=3, keep_results=False)
+        streamed = []
+        while engine.has_unfinished_sessions():
+            streamed += [r.latents for r in engine.step() if r.session_id == "streamed"]
+        assert len(streamed) == 3 and len(engine.results("kept")) == 3
+        # same seed and trajectory: streaming changes what is kept, not what is generated
+        assert all(torch.equal(a, b) for a, b in zip(streamed, engine.results("kept")))
+        with pytest.raises(ValueError, match="keep_results=False"):
+            engine.results("streamed")
+        with pytest.raises(ValueError, match="keep_results"):
+            engine.add_session("bad", num_chunks=1, keep_results="no")
