@@ -11,6 +11,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# One intra-op thread: the tiny test models gain nothing from more, and on a shared 2-core machine
+# torch's thread pool oversubscribes the cores (tests slowed 50-100x under load with 2 threads).
+torch.set_num_threads(1)
+
+
 def _cuda_available() -> bool:
     return torch.cuda.is_available()
 

@@ -94,6 +94,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", metavar="PATH.png", help="plot step time and resident KV against chunk index")
     p.add_argument("--output", metavar="PATH.safetensors",
                    help="save latents (one [num_chunks, F, C, Hl, Wl] tensor per session); default: not saved")
+    p.add_argument("--save-bank", metavar="DIR",
+                   help="after the rollout, save the connector's bank (entries, kept indices, poses, config "
+                   "fingerprint, checksums) to DIR; needs --kv-connector worldkv")
+    p.add_argument("--resume-bank", metavar="DIR",
+                   help="before the rollout, load a bank saved with --save-bank (or `worldkv bank save`): "
+                   "sessions with the saved session ids (s0, s1, ...) retrieve the saved chunks, and their new "
+                   "chunks are numbered after them; refused if the model shape or config differs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
     p.set_defaults(func=run)
@@ -241,7 +248,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         source = {"poses": parse_trajectory(args.trajectory or DEFAULT_TRAJECTORY)}
     engine_args = engine_args_from(args)
+    if args.resume_bank is not None and not Path(args.resume_bank).is_dir():
+        raise FileNotFoundError(f"--resume-bank {args.resume_bank}: no such bank directory")
     with cpu_threads(args.threads), VideoEngine(engine_args) as engine:
+        if args.save_bank or args.resume_bank:
+            bank_api = _bank_api(engine, "--save-bank" if args.save_bank else "--resume-bank")
+            if args.resume_bank:
+                loaded = bank_api.load_bank(args.resume_bank)  # before any session: ids continue after these
+                print(f"resumed {len(loaded)} banked chunk(s) from {args.resume_bank}")
+            if args.save_bank:
+                bank_api.retain_finished_sessions = True  # keep the entries past the sessions' end
         for i in range(args.sessions):
             engine.add_session(f"s{i}", num_chunks=args.num_chunks, seed=args.seed + i, **source)
         total = sum(s.num_chunks for s in engine.scheduler.sessions.values())
@@ -275,7 +291,18 @@ def run(args: argparse.Namespace) -> int:
         if args.output:
             _save(args.output, engine, engine.args)
             print(f"wrote {args.output}")
+        if args.save_bank:
+            manifest = engine.connector.save_bank(args.save_bank)
+            print(f"wrote bank {args.save_bank} ({len(manifest.get('entries', []))} entries)")
     return 0
+
+
+def _bank_api(engine, flag: str):
+    """The connector's bank persistence (save_bank / load_bank), or a clear error."""
+    conn = engine.connector
+    if conn is None or not (hasattr(conn, "save_bank") and hasattr(conn, "load_bank")):
+        raise ValueError(f"{flag} needs a connector with a bank: add --kv-connector worldkv")
+    return conn
 
 
 def _save(path: str, engine, engine_args) -> None:
