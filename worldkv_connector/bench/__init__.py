@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ for _n in _NAMES:
 def machine_info() -> dict:
     import torch
 
-    info = {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     info["date"] = time.strftime("%Y-%m-%d")
