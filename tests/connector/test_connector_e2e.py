@@ -155,12 +155,12 @@ def test_reinsertion_equals_dense_attention_over_banked_chunks(keep_ratio, rope)
     engine.close()
 
 
-def test_retrieval_on_revisit_trajectory_matches_pose_oracle():
+@pytest.mark.parametrize("spec", ["R_L_R_L_R_L90", "L_R_W_S_L_R90", "WSRLRL90"])
+def test_retrieval_on_revisit_trajectory_matches_pose_oracle(spec):
     engine = make_engine(keep_ratio=0.25, retrieval_chunks=4, hot_chunks=4)
-    spec = "WSRLRL90"
-    engine.add_session("a", trajectory=spec, num_chunks=48, seed=0)  # W, S back over W, R, L back over R
+    poses = chunk_poses(parse_trajectory(spec), 3)  # the whole trajectory: every spec goes and comes back
+    engine.add_session("a", trajectory=spec, num_chunks=len(poses), seed=0)
     engine.run()
-    poses = chunk_poses(parse_trajectory(spec), 3, 48)
     hits = total = revisits = 0
     for r in engine.chunk_results("a"):
         c = r.chunk_index
