@@ -99,3 +99,12 @@ def test_prometheus_into_a_server_registry_reads_live_values():
     m.retrieval_hits = 9
     text = m.to_prometheus(registry)  # registered once, not twice
     assert samples(text)[("worldkv_retrieval_hits_total", ())] == 9
+
+
+def test_bank_peak_is_the_high_water_mark():
+    m = ConnectorMetrics()
+    for used in (100, 300, 50, 0):
+        m.set_bank({"bytes_used": used, "entries": used // 50})
+    assert (m.bank_bytes, m.bank_entries, m.bank_peak_bytes) == (0, 0, 300)
+    assert m.as_dict()["bank_peak_bytes"] == 300
+    assert "worldkv_bank_peak_bytes 300" in m.to_prometheus()

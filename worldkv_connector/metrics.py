@@ -30,6 +30,7 @@ _COUNTERS = (
 _GAUGES = (
     ("bank_bytes", "Bytes held by the bank"),
     ("bank_entries", "Entries held by the bank"),
+    ("bank_peak_bytes", "Most bytes the bank has held (sessions' entries are freed when they end)"),
 )
 
 
@@ -50,6 +51,7 @@ class ConnectorMetrics:
     store_errors: int = 0
     bank_bytes: int = 0
     bank_entries: int = 0
+    bank_peak_bytes: int = 0  # high-water mark of bank_bytes
     copy_paths: dict[str, int] = field(default_factory=dict)  # transfer jobs per copy path
     # registries this object's collector is registered with (so repeated exports don't clash)
     _registries: Any = field(default_factory=weakref.WeakSet, init=False, repr=False, compare=False)
@@ -96,6 +98,7 @@ class ConnectorMetrics:
     def set_bank(self, stats: dict) -> None:
         """Refresh the bank gauges from ``Bank.stats()``."""
         self.bank_bytes, self.bank_entries = int(stats["bytes_used"]), int(stats["entries"])
+        self.bank_peak_bytes = max(self.bank_peak_bytes, self.bank_bytes)
 
     def merge(self, other: "ConnectorMetrics") -> "ConnectorMetrics":
         """Add ``other``'s counters (and gauges) into this one, e.g. over workers. Returns self."""

@@ -177,6 +177,7 @@ def summarize(records: list[dict], metrics: dict) -> dict:
         "peak_pages": metrics["peak_pages"],
         "num_pages": metrics["num_pages"],
         "bank_bytes": connector.get("bank_bytes"),
+        "bank_peak_bytes": connector.get("bank_peak_bytes"),
     }
 
 
@@ -198,10 +199,11 @@ def _table(title: str, summary: dict, connector: dict | None) -> str:
             count = summary["attention_recall_chunks" if key == "attention_recall_mean" else "revisit_chunks"]
             rows.append((label, "n/a (no such chunk)" if value is None else f"{value:.3f} over {count} chunks"))
     if connector is not None:
-        bank = summary.get("bank_bytes")
-        rows.append(("bank", "n/a" if bank is None else f"{bank / mib:.2f} MiB"))
+        for key, label in (("bank_bytes", "bank at the end"), ("bank_peak_bytes", "bank peak")):
+            bank = summary.get(key)
+            rows.append((label, "n/a" if bank is None else f"{bank / mib:.2f} MiB"))
         for k, v in sorted(connector.items()):
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "bank_bytes":
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("bank_bytes", "bank_peak_bytes"):
                 rows.append((f"connector {k}", f"{v:.4g}" if isinstance(v, float) else str(v)))
     width = max(len(k) for k, _ in rows)
     lines += [f"{k:<{width}}  {v}" for k, v in rows]
