@@ -159,6 +159,7 @@ class PagedAttention:
         self.metadata: AttentionMetadata | None = None
         self.dropped: list[tuple[str, int]] = []  # (session, external chunk) dropped for load errors this step
         self._seen_errors: set[int] = set()
+        self._warned_drop = False  # a dropped chunk is logged at WARNING once per run
 
     def begin_step(self, plan: WindowPlan, device: torch.device) -> AttentionMetadata:
         self.plan = plan
@@ -184,7 +185,11 @@ class PagedAttention:
         self._seen_errors |= new
         dropped = self.plan.drop_external(new)
         if dropped:
-            logger.warning("KV load failed for pages %s: dropped %s from this step's window", sorted(new), dropped)
+            # once per run at WARNING (the connector reports the failure itself); DEBUG after that
+            log = logger.debug if self._warned_drop else logger.warning
+            log("KV load failed for pages %s: dropped %s from this step's window%s", sorted(new), dropped,
+                "" if self._warned_drop else " (later drops are logged at DEBUG)")
+            self._warned_drop = True
             self.dropped.extend(dropped)
             bt, pl = self.plan.tables(self.metadata.block_table.device)
             self.metadata.block_table, self.metadata.page_lens = bt, pl
