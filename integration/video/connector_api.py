@@ -8,6 +8,9 @@ scheduler side (ids and bookkeeping, no tensors)
      connector picks the chunks to put back into the window, in window order, as
      ``request.external`` (each an :class:`ExternalChunk`), and may list pages it gives back in
      ``request.release_pages``. It returns ``(tokens to load into NEW pages, load_is_async)``.
+     The engine frees ``release_pages`` at once, before allocating this step's new pages (they are
+     not in this step's window; on CUDA a load into a reused page is ordered after the compute
+     that last read it), so the connector's hot set is a hard page bound.
   2. The engine allocates pages for every ``needs_load`` external chunk (``ceil(num_tokens /
      page_size)`` pages, last one partial) and calls ``update_state_after_alloc(request, block_ids,
      num_external_tokens)``; ``block_ids[i]`` are the pages of the i-th ``needs_load`` chunk, and
@@ -26,7 +29,7 @@ worker side (tensors, streams)
      kv_caches[name], attn_metadata)``; at the end of the clean pass ``wait_for_save()`` (which must
      not block on copies). Then ``clear_connector_metadata()``.
   7. After the step: ``get_finished(finished_sessions)``; ``take_pages_to_free()``; the engine frees
-     the pages listed in ``release_pages`` and those returned by ``take_pages_to_free``.
+     the pages returned by ``take_pages_to_free``.
 
 Window of a request (the block table the attention layer reads, in this order):
 ``sink pages | external pages (request.external, in order) | recent pages | current chunk pages``.

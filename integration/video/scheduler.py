@@ -150,6 +150,8 @@ class Scheduler:
         """Ask the connector for the chunks to put back; allocate pages for those it must load."""
         ps = self.bm.page_size
         num_new, _ = self.connector.get_num_new_matched_tokens(req, computed)
+        if req.release_pages:  # not in this step's window: their pages serve this step's loads
+            self._free_connector_pages(req.release_pages, "release_pages")
         block_ids, segments = [], []
         for ext in req.external:
             if ext.num_tokens < 1:
@@ -226,8 +228,6 @@ class Scheduler:
             if s.keep_results:
                 s.results.append(result)
             results.append(result)
-            if req.release_pages:
-                self._free_connector_pages(req.release_pages, "release_pages")
             if s.finished:
                 self._end_session(s)
         self.poll()

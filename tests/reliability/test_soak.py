@@ -61,7 +61,7 @@ def _soak():
         engine.add_session(f"s{i}", trajectory="R_L_R_L_R_L90", num_chunks=CHUNKS, seed=i, keep_results=False)
     produced = {f"s{i}": 0 for i in range(SESSIONS)}
     rss, chunks, start = {}, 0, time.perf_counter()
-    page_bound = SESSIONS * (HOT + RETRIEVAL) * 2  # hot sets + a step's new loads (2 pages per compressed chunk)
+    page_bound = SESSIONS * HOT * 2  # the hot sets (2 pages per compressed chunk)
     while engine.has_unfinished_sessions():
         results = engine.step()
         for r in results:
