@@ -380,3 +380,36 @@ def plot_sweep(path: str, points: Sequence[dict], title: str) -> str:
     series = {name: (xs, [p["gbps"][name] for p in points])
               for name in ("contiguous", "ours", "pairs", "loop", "reference")}
     return save_plot(path, series, xlabel="fragment (KiB, one page of one layer's K)", ylabel="GB/s", title=title)
+
+
+def copy_targets(what: str, verb: str, points: Sequence[dict], shape: KVShape, page_size: int,
+                 device: torch.device, cpu_point: Callable[[KVShape], dict]) -> tuple[list[dict], dict | None]:
+    """Print and return the targets shared by ``offload`` and ``reinsert`` (issue "Benchmarks").
+
+    what: "offload" or "reinsert"; verb: "gather" or "scatter" (the CPU target's wording);
+    points: the fragment-size sweep; cpu_point(shape): measures one sweep point for the CPU target's
+    192 KiB layout (called only without CUDA). Returns (targets, that CPU point or None).
+    """
+    cuda = device.type == "cuda"
+    at_config = nearest_point(points, shape.page_bytes(page_size), key="page_bytes")
+    at_16k = nearest_point(points, 16 * 1024)
+    targets = [
+        target(f"{what} ours / contiguous pinned copy", at_config["ratio_to_contiguous"]["ours"], ">=", 0.9,
+               applies=cuda and shape.name == "wan-1.3b",
+               note=f"GPU, wan-1.3b layout; here {shape.name} page {at_config['page_size']}"),
+        target(f"{what} ours / per-fragment loop at 16 KiB", at_16k["ours_over_loop"], ">=", 5.0, applies=cuda,
+               note=f"GPU; measured at {at_16k['fragment_kib']:.1f} KiB fragments"),
+    ]
+    point = None
+    if not cuda:
+        big = cpu_target_shape(page_size)
+        point = cpu_point(big)
+        targets.append(target(f"paged {verb} / contiguous copy at 192 KiB fragments (CPU)",
+                              point["ratio_to_contiguous"]["ours"], ">=", 0.8, applies=True,
+                              note=f"{big.name}: {point['fragment_kib']:.0f} KiB fragments, "
+                                   f"{point['bytes'] / 1e6:.1f} MB"))
+    print_targets(targets)
+    if not cuda:
+        print("note: on the CPU every path is a synchronous memcpy; the GPU targets need a CUDA device.")
+    return targets, point
+

@@ -22,9 +22,9 @@ import torch
 
 from worldkv_connector.bank import Bank
 from worldkv_connector.bench.common import (
-    FLUSH_BYTES, PagedLayout, SWEEP_HEADERS, add_common_arguments, check_preset, cpu_target_shape, cpu_threads, gbps,
-    measure_many, nearest_point, plot_sweep, print_table, print_targets, resolve_device, sweep_page_sizes, sweep_row,
-    target, time_copies,
+    FLUSH_BYTES, PagedLayout, SWEEP_HEADERS, add_common_arguments, check_preset, copy_targets, cpu_threads, gbps,
+    measure_many, plot_sweep, print_table, resolve_device, sweep_page_sizes, sweep_row,
+    time_copies,
 )
 from worldkv_connector.compression import compress_chunk
 from worldkv_connector.config import WorldKVConfig
@@ -145,27 +145,8 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict:
         [(n, comp["time_s"][n] * 1e3, comp["effective_gbps"][n], comp["ratio_to_contiguous"][n])
          for n in ("contiguous", "ours", "reference")],
     )
-    cuda = device.type == "cuda"
-    at_config = nearest_point(points, shape.page_bytes(cfg.page_size), key="page_bytes")
-    at_16k = nearest_point(points, 16 * 1024)
-    targets = [
-        target("offload ours / contiguous pinned copy", at_config["ratio_to_contiguous"]["ours"], ">=", 0.9,
-               applies=cuda and shape.name == "wan-1.3b",
-               note=f"GPU, wan-1.3b layout; here {shape.name} page {at_config['page_size']}"),
-        target("offload ours / per-fragment loop at 16 KiB", at_16k["ours_over_loop"], ">=", 5.0, applies=cuda,
-               note=f"GPU; measured at {at_16k['fragment_kib']:.1f} KiB fragments"),
-    ]
-    cpu_point = None
-    if not cuda:
-        big = cpu_target_shape(cfg.page_size)
-        cpu_point = _sweep(big, [cfg.page_size], args, device, engine, big.chunk_tokens)[0]
-        targets.append(target("paged gather / contiguous copy at 192 KiB fragments (CPU)",
-                              cpu_point["ratio_to_contiguous"]["ours"], ">=", 0.8, applies=True,
-                              note=f"{big.name}: {cpu_point['fragment_kib']:.0f} KiB fragments, "
-                                   f"{cpu_point['bytes'] / 1e6:.1f} MB"))
-    print_targets(targets)
-    if not cuda:
-        print("note: on the CPU every path is a synchronous memcpy; the GPU targets need a CUDA device.")
+    targets, cpu_point = copy_targets("offload", "gather", points, shape, cfg.page_size, device,
+                                      lambda big: _sweep(big, [cfg.page_size], args, device, engine, big.chunk_tokens)[0])
     if getattr(args, "plot", None):
         plot_sweep(args.plot, points, f"offload pages -> bank ({shape.name}, {device.type})")
     stats = engine.stats()

@@ -21,8 +21,8 @@ import time
 import torch
 
 from worldkv_connector.bench.common import (
-    PagedLayout, SWEEP_HEADERS, add_common_arguments, check_preset, cpu_target_shape, cpu_threads, nearest_point,
-    plot_sweep, print_table, print_targets, resolve_device, sweep_page_sizes, sweep_row, sync, target, time_copies,
+    PagedLayout, SWEEP_HEADERS, add_common_arguments, check_preset, copy_targets, cpu_threads, plot_sweep,
+    print_table, resolve_device, sweep_page_sizes, sweep_row, sync, time_copies,
 )
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.shapes import KVShape
@@ -163,27 +163,8 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict:
                 ("method", "MB/step", "x bytes", "ms/step", "x time"),
                 [(n, steady[n]["bytes_per_step"] / 1e6, steady[n]["bytes_vs_all"], steady[n]["time_s"] * 1e3,
                   steady[n]["time_vs_all"]) for n in ("all", "hot", "reference")])
-    cuda = device.type == "cuda"
-    at_config = nearest_point(points, shape.page_bytes(cfg.page_size), key="page_bytes")
-    at_16k = nearest_point(points, 16 * 1024)
-    targets = [
-        target("reinsert ours / contiguous pinned copy", at_config["ratio_to_contiguous"]["ours"], ">=", 0.9,
-               applies=cuda and shape.name == "wan-1.3b",
-               note=f"GPU, wan-1.3b layout; here {shape.name} page {at_config['page_size']}"),
-        target("reinsert ours / per-fragment loop at 16 KiB", at_16k["ours_over_loop"], ">=", 5.0, applies=cuda,
-               note=f"GPU; measured at {at_16k['fragment_kib']:.1f} KiB fragments"),
-    ]
-    cpu_point = None
-    if not cuda:
-        big = cpu_target_shape(cfg.page_size)
-        cpu_point = _sweep(big, [cfg.page_size], 4, big.chunk_tokens, args, device, engine)[0]
-        targets.append(target("paged scatter / contiguous copy at 192 KiB fragments (CPU)",
-                              cpu_point["ratio_to_contiguous"]["ours"], ">=", 0.8, applies=True,
-                              note=f"{big.name}: {cpu_point['fragment_kib']:.0f} KiB fragments, "
-                                   f"{cpu_point['bytes'] / 1e6:.1f} MB"))
-    print_targets(targets)
-    if not cuda:
-        print("note: on the CPU every path is a synchronous memcpy; the GPU targets need a CUDA device.")
+    targets, cpu_point = copy_targets("reinsert", "scatter", points, shape, cfg.page_size, device,
+                                      lambda big: _sweep(big, [cfg.page_size], 4, big.chunk_tokens, args, device, engine)[0])
     if getattr(args, "plot", None):
         plot_sweep(args.plot, points, f"reinsert bank -> pages ({shape.name}, {device.type})")
     stats = engine.stats()
