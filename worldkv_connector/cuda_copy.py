@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from worldkv_connector.addresses import as_u64, run_heads
 from worldkv_connector.csrc import read_source
 
 __all__ = [
@@ -94,19 +95,6 @@ def _kernel(device: int):
         return fn
 
 
-def _as_u64(name: str, values) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
-    arr = np.asarray(values)
-    if arr.ndim != 1:
-        raise ValueError(f"{name}: expected a 1-d sequence, got shape {arr.shape}")
-    if arr.size and arr.dtype.kind not in "iu":
-        raise ValueError(f"{name}: expected integers, got dtype {arr.dtype}")
-    if arr.size and arr.dtype.kind == "i" and int(arr.min()) < 0:
-        raise ValueError(f"{name}: expected non-negative values, got min {int(arr.min())}")
-    return arr.astype(np.uint64, copy=False)
-
-
 def merge_fragments(src, dst, sizes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Merge fragments that continue each other on both sides into one; drop empty fragments.
 
@@ -114,15 +102,14 @@ def merge_fragments(src, dst, sizes) -> tuple[np.ndarray, np.ndarray, np.ndarray
     ``(src, dst, sizes)`` with the same bytes moved and fewer, larger fragments (pages adjacent in
     the pool and in the host layout become one run).
     """
-    src, dst, sizes = _as_u64("src", src), _as_u64("dst", dst), _as_u64("sizes", sizes)
+    src, dst, sizes = as_u64("src", src), as_u64("dst", dst), as_u64("sizes", sizes)
     if not (src.shape == dst.shape == sizes.shape):
         raise ValueError(f"src/dst/sizes: expected equal lengths, got {src.size}, {dst.size}, {sizes.size}")
     keep = sizes > 0
     src, dst, sizes = src[keep], dst[keep], sizes[keep]
     if src.size <= 1:
         return src, dst, sizes
-    continues = (src[1:] == src[:-1] + sizes[:-1]) & (dst[1:] == dst[:-1] + sizes[:-1])
-    heads = np.flatnonzero(np.concatenate(([True], ~continues)))
+    heads = run_heads(src, dst, sizes)
     return src[heads], dst[heads], np.add.reduceat(sizes, heads).astype(np.uint64)
 
 
@@ -168,7 +155,7 @@ def host_shape(pools, num_pages: int | None = None, page_lens=None) -> tuple[int
     bases, _, plane = _pool_planes(pools)
     layers, (page_size, heads, head_dim) = bases.size // 2, tuple(plane.shape[2:])
     if page_lens is not None:
-        return (layers, 2, int(_as_u64("page_lens", page_lens).sum()), heads, head_dim)
+        return (layers, 2, int(as_u64("page_lens", page_lens).sum()), heads, head_dim)
     if num_pages is None:
         raise ValueError("host_shape: give num_pages (whole pages) or page_lens (packed tokens)")
     return (layers, 2, int(num_pages), page_size, heads, head_dim)
@@ -184,7 +171,7 @@ def plan_page_fragments(pools, page_ids, host_ptr: int, page_lens=None, *, to_ho
     """
     bases, page_stride, plane = _pool_planes(pools)
     num_pages, page_size, heads, head_dim = plane.shape[1:]
-    ids = _as_u64("page_ids", page_ids)
+    ids = as_u64("page_ids", page_ids)
     if ids.size and int(ids.max()) >= num_pages:
         raise ValueError(f"page_ids: expected ids in [0, {num_pages}), got max {int(ids.max())}")
     row = heads * head_dim * plane.element_size()  # bytes of one token
@@ -194,7 +181,7 @@ def plan_page_fragments(pools, page_ids, host_ptr: int, page_lens=None, *, to_ho
         slots = np.arange(src.size, dtype=np.uint64).reshape(src.shape)  # whole-page slot per fragment
         dst = np.uint64(host_ptr) + slots * np.uint64(page_size * row)
     else:
-        lens = _as_u64("page_lens", page_lens)
+        lens = as_u64("page_lens", page_lens)
         if lens.shape != ids.shape:
             raise ValueError(f"page_lens: expected shape {ids.shape} (page_ids'), got {lens.shape}")
         if lens.size and int(lens.max()) > page_size:
@@ -286,7 +273,7 @@ def _host_transfer(pools, page_ids, host_buf, page_lens, to_host, stream, max_bl
         raise ValueError(f"host_buf: expected dtype {plane.dtype} (the pools'), got {host_buf.dtype}")
     if not host_buf.is_contiguous():
         raise ValueError(f"host_buf: expected a contiguous tensor, got strides {host_buf.stride()}")
-    ids = _as_u64("page_ids", page_ids)
+    ids = as_u64("page_ids", page_ids)
     shape = host_shape(pools, ids.size, page_lens)
     need = int(np.prod(shape))
     if host_buf.numel() < need:
@@ -318,7 +305,7 @@ def scatter_from_host(host_buf: torch.Tensor, pools, page_ids, page_lens=None, *
     Same arguments as :func:`gather_to_host`; page ids must be distinct. With ``page_lens`` only
     the first ``page_lens[i]`` tokens of each page are written. Returns the bytes enqueued.
     """
-    ids = _as_u64("page_ids", page_ids)
+    ids = as_u64("page_ids", page_ids)
     if np.unique(ids).size != ids.size:
         raise ValueError("page_ids: expected distinct ids for a scatter (two writers to one page race)")
     return _host_transfer(pools, ids, host_buf, page_lens, False, stream, max_blocks, config)

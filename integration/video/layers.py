@@ -55,11 +55,9 @@ def _layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
 
 
-class SelfAttention(nn.Module):
-    """q, k, v, o projections with RMSNorm on q and k over the full dim, then 3D RoPE on q and k.
-
-    The attention itself is ``attn_fn``: the engine owns the paged KV cache of earlier chunks.
-    """
+class _Projections(nn.Module):
+    """Wan's attention parameters: q, k, v, o projections and RMSNorm on q and k over the full dim
+    (names match the checkpoint keys ``self_attn.*`` / ``cross_attn.*``)."""
 
     def __init__(self, dim: int, num_heads: int, eps: float, **factory) -> None:
         super().__init__()
@@ -71,6 +69,13 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim, **factory)
         self.norm_q = RMSNorm(dim, eps, **factory)
         self.norm_k = RMSNorm(dim, eps, **factory)
+
+
+class SelfAttention(_Projections):
+    """q, k, v, o projections with RMSNorm on q and k over the full dim, then 3D RoPE on q and k.
+
+    The attention itself is ``attn_fn``: the engine owns the paged KV cache of earlier chunks.
+    """
 
     def forward(self, x, layer_idx: int, attn_fn: AttnFn, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x: [B, T, dim] fp32; rope: (cos, sin) [B, T, 1, D/2] fp32 from rope_tables -> [B, T, dim] (model dtype)."""
@@ -87,19 +92,8 @@ class SelfAttention(nn.Module):
         return _linear(self.o, out.reshape(b, t, -1))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Projections):
     """Attention of the video tokens to the embedded text context (Wan's T2V cross-attention)."""
-
-    def __init__(self, dim: int, num_heads: int, eps: float, **factory) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim, **factory)
-        self.k = nn.Linear(dim, dim, **factory)
-        self.v = nn.Linear(dim, dim, **factory)
-        self.o = nn.Linear(dim, dim, **factory)
-        self.norm_q = RMSNorm(dim, eps, **factory)
-        self.norm_k = RMSNorm(dim, eps, **factory)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x: [B, T, dim]; context: [B, Lc, dim] -> [B, T, dim] (model dtype)."""

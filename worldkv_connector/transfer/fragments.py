@@ -16,6 +16,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from worldkv_connector.addresses import as_u64, run_heads
+
 __all__ = ["FragmentPlan", "plan_fragments", "page_fragments", "concat_plans", "merge_fragment_arrays", "memmove_runs",
            "copy_runs_by_view", "translate_runs"]
 
@@ -50,17 +52,6 @@ class FragmentPlan:
         return [int(i) for i in used if self.storages[i][1].type == "cpu"]
 
 
-def _u64(name: str, values) -> np.ndarray:
-    arr = np.asarray(values.cpu().numpy() if isinstance(values, torch.Tensor) else values)
-    if arr.ndim != 1:
-        raise ValueError(f"{name}: expected a 1-d sequence, got shape {arr.shape}")
-    if arr.size and arr.dtype.kind not in "iu":
-        raise ValueError(f"{name}: expected integers, got dtype {arr.dtype}")
-    if arr.size and arr.dtype.kind == "i" and int(arr.min()) < 0:
-        raise ValueError(f"{name}: expected non-negative values, got min {int(arr.min())}")
-    return arr.astype(np.uint64, copy=False)
-
-
 def _locate(name: str, ptrs: np.ndarray, sizes: np.ndarray, bases: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Index of the storage holding each ``[ptr, ptr + size)``; ValueError naming the first stray."""
     idx = np.searchsorted(bases, ptrs, side="right").astype(np.int64) - 1
@@ -79,7 +70,7 @@ def plan_fragments(src, dst, sizes, keep: Sequence[torch.Tensor]) -> FragmentPla
     src, dst, sizes: [F] non-negative ints (addresses and byte counts); keep: the tensors whose
     storages hold every range (CPU or CUDA). Empty fragments are dropped.
     """
-    src, dst, sizes = _u64("src", src), _u64("dst", dst), _u64("sizes", sizes)
+    src, dst, sizes = as_u64("src", src), as_u64("dst", dst), as_u64("sizes", sizes)
     if not (src.shape == dst.shape == sizes.shape):
         raise ValueError(f"src/dst/sizes: expected equal lengths, got {src.size}, {dst.size}, {sizes.size}")
     if not keep or not all(isinstance(t, torch.Tensor) for t in keep):
@@ -116,9 +107,7 @@ def merge_fragment_arrays(plan: FragmentPlan) -> tuple[np.ndarray, np.ndarray, n
     src, dst, sizes = plan.src, plan.dst, plan.sizes
     if src.size <= 1:
         return src, dst, sizes, np.arange(src.size)
-    continues = ((src[1:] == src[:-1] + sizes[:-1]) & (dst[1:] == dst[:-1] + sizes[:-1])
-                 & (plan.src_store[1:] == plan.src_store[:-1]) & (plan.dst_store[1:] == plan.dst_store[:-1]))
-    head = np.flatnonzero(np.concatenate(([True], ~continues)))
+    head = run_heads(src, dst, sizes, plan.src_store, plan.dst_store)
     return src[head], dst[head], np.add.reduceat(sizes, head).astype(np.uint64), head
 
 
@@ -169,11 +158,11 @@ def page_fragments(pools, page_ids, slot, page_lens=None, *, to_slot: bool = Tru
     if ids.ndim != (1 if isinstance(slot, torch.Tensor) else 2) or (ids.ndim == 2 and ids.shape[0] != len(slots)):
         raise ValueError(f"page_ids: expected [P] with one slot or [C, P] with C slots, got shape {ids.shape} "
                          f"for {len(slots)} slot(s)")
-    ids = _u64("page_ids", ids.reshape(-1)).reshape(len(slots), -1)
+    ids = as_u64("page_ids", ids.reshape(-1)).reshape(len(slots), -1)
     if ids.size and int(ids.max()) >= num_pages:
         raise ValueError(f"page_ids: expected ids in [0, {num_pages}), got max {int(ids.max())}")
     count = ids.shape[1]
-    lens = np.full(count, page_size, dtype=np.uint64) if page_lens is None else _u64("page_lens", page_lens)
+    lens = np.full(count, page_size, dtype=np.uint64) if page_lens is None else as_u64("page_lens", page_lens)
     if lens.shape != (count,):
         raise ValueError(f"page_lens: expected shape ({count},) (pages per chunk), got {lens.shape}")
     if lens.size and int(lens.max()) > page_size:
