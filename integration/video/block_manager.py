@@ -83,8 +83,12 @@ class BlockManager:
         return [o for o, c in self._holds.items() if c]
 
     # --- holds ------------------------------------------------------------------------------------
-    def allocate(self, num_pages: int, owner: str) -> list[int]:
-        """Take ``num_pages`` free pages, each held once by ``owner``. Raises KVCacheOutOfPages."""
+    def allocate(self, num_pages: int, owner: str, *, contiguous: bool = False) -> list[int]:
+        """Take ``num_pages`` free pages, each held once by ``owner``. Raises KVCacheOutOfPages.
+
+        contiguous: prefer consecutive page ids (the lowest free run long enough), so a loaded
+        chunk's pages are one run per layer and K/V and its copy merges into few descriptors;
+        falls back to any free pages when the free list has no such run."""
         if num_pages < 0:
             raise ValueError(f"num_pages={num_pages}: expected >= 0")
         if num_pages > len(self._free):
@@ -93,13 +97,29 @@ class BlockManager:
                 f"{len(self._free)} of {self.num_pages} free; raise {self._memory_flag} "
                 "(or use fewer sessions / a sliding attention window)"
             )
-        pages = [self._free.pop() for _ in range(num_pages)]
+        pages = self._take_run(num_pages) if contiguous and num_pages > 1 else None
+        if pages is None:
+            pages = [self._free.pop() for _ in range(num_pages)]
         held = self._holds.setdefault(owner, collections.Counter())
         for p in pages:
             self._ref[p] = 1
             held[p] += 1
         self.peak_used = max(self.peak_used, self.num_used)
         return pages
+
+    def _take_run(self, num_pages: int) -> list[int] | None:
+        """Remove and return the lowest run of ``num_pages`` consecutive free ids, or None."""
+        free = sorted(self._free)
+        start = 0
+        for i in range(1, len(free) + 1):
+            if i == len(free) or free[i] != free[i - 1] + 1:
+                if i - start >= num_pages:
+                    run = free[start] + num_pages
+                    taken = range(free[start], run)
+                    self._free = [p for p in self._free if not free[start] <= p < run]
+                    return list(taken)
+                start = i
+        return None
 
     def share(self, pages: list[int], owner: str) -> None:
         """Add one hold of ``owner`` on each allocated page (the page is now referenced twice)."""

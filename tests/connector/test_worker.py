@@ -44,10 +44,10 @@ class FailingTransfer(TransferEngine):
         super().__init__("cpu")
         self.kind, self.raise_ = kind, raise_
 
-    def submit(self, kind, srcs, dsts, **kw):
+    def submit_plan(self, kind, plan, **kw):
         if kind == self.kind and self.raise_:
             raise RuntimeError("injected submit failure")
-        job = super().submit(kind, srcs, dsts, **kw)
+        job = super().submit_plan(kind, plan, **kw)
         if kind == self.kind:
             job.error = "RuntimeError: injected copy failure"
         return job

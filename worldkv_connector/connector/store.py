@@ -2,10 +2,11 @@
 its bank slot (pages -> bank), write-through, during the clean pass.
 
 Per step the committed chunks' page slots are turned into one gather index (planned once, reused by
-every layer). At ``save_kv_layer`` the layer's rows are gathered, compressed (novelty pruning:
+every layer), and the bank side of the copies is planned once as address arrays. At
+``save_kv_layer`` the layer's rows are gathered, compressed (novelty pruning:
 ``compression.compress_chunk`` on the CPU, the Triton ``kernels.compress`` path on CUDA) and one
-store job per layer copies K, V and the kept token ids into the bank on a copy stream, after an
-event on the compute stream. An entry becomes ready (and retrievable) only when all its layers'
+``submit_plan`` job per layer (``submit_layer``) copies K, V and the kept token ids into the bank
+on a copy stream, after an event on the compute stream. An entry becomes ready (and retrievable) only when all its layers'
 jobs completed; a failed copy or a full bank leaves the chunk unbanked.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from worldkv_connector.bank import Bank, BankEntry
@@ -20,7 +22,7 @@ from worldkv_connector.compression import compress_chunk
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.connector.meta import ChunkKey, StoreResult, StoreSpec
 from worldkv_connector.metrics import ConnectorMetrics
-from worldkv_connector.transfer import TransferEngine, TransferJob
+from worldkv_connector.transfer import FragmentPlan, TransferEngine, TransferJob
 
 __all__ = ["StorePath"]
 
@@ -55,6 +57,10 @@ class StorePath:
         self._stores: dict[ChunkKey, _Store] = {}
         self._step: list[_Store] = []  # this step's stores, batch order
         self._rows: torch.Tensor | None = None  # [B, T] int64 flat page slots of the step's chunks
+        # bank side of the step's copies (``_plan_bank_side``): [B, 3] addresses, steps, storages
+        self._dst0 = self._dst_step = self._dst_store = None
+        self._bank_keep: tuple = ()
+        self._bank_storages: tuple = ()
         self._jobs: dict[int, list[ChunkKey]] = {}  # job id -> keys it writes
         # one event serves every store job: the copy stream's wait_event captures the record at call
         # time, so re-recording it for the next layer cannot release an earlier wait
@@ -101,6 +107,7 @@ class StorePath:
             pages = torch.tensor([st.spec.page_ids for st in self._step], dtype=torch.int64)  # [B, P]
             rows = (pages[:, :, None] * ps + torch.arange(ps)).reshape(len(self._step), -1)  # [B, P * ps]
             self._rows = rows[:, :chunk_tokens].to(self.device)
+            self._plan_bank_side()
 
     def _fail_early(self, spec: StoreSpec, why: str) -> None:
         self.metrics.store_errors += 1
@@ -126,22 +133,31 @@ class StorePath:
             k = flat[0].index_select(0, flat_rows).view(b, t, h, d)  # [B, T, H, D] gathered chunk K
             v = flat[1].index_select(0, flat_rows).view(b, t, h, d)
             ck, cv, idx = self._compress(k, v)  # [B, T', H, D] x2, [B, T'] int64
-            srcs, dsts = [], []
-            for b, st in enumerate(live):
-                view = self.bank.view(st.spec.key)  # [L, 2, T', H, D]
-                srcs += [ck[b], cv[b], idx[b]]
-                dsts += [view[layer, 0], view[layer, 1], st.entry.indices[layer]]
+        except Exception as exc:  # noqa: BLE001 - a failed store leaves the chunk unbanked, never fails the step
+            self._store_failed(layer, live, exc)
+            return
+        self.submit_layer(layer, ck, cv, idx, transfer)
+
+    def submit_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor, ids: torch.Tensor,
+                     transfer: TransferEngine) -> None:
+        """Copy one layer's compressed rows of the step's live chunks into their bank slots: one
+        ``submit_plan`` job. k, v: [B, T', H, D] (each [T', H, D] contiguous), ids: [B, T'] int64,
+        B = the step's live stores in batch order. The bank-side addresses were planned at
+        ``begin_step``; here only the three source bases are read."""
+        mask = np.asarray([not st.failed for st in self._step])
+        live = [st for st in self._step if not st.failed]
+        if not live:
+            return
+        try:
+            plan = self._layer_plan(layer, mask, k, v, ids)
             after = None
             if self._event is not None:
                 # the copy stream must not read the staging rows before compute wrote them
                 self._event.record(torch.cuda.current_stream(self.device))
                 after = self._event
-            job = transfer.submit("store", srcs, dsts, after=after, tag=("store", layer))
+            job = transfer.submit_plan("store", plan, after=after, tag=("store", layer))
         except Exception as exc:  # noqa: BLE001 - a failed store leaves the chunk unbanked, never fails the step
-            for st in live:
-                st.failed = True
-            self.metrics.store_errors += 1
-            self._log(f"store of layer {layer} failed for {[st.spec.key for st in live]}: {type(exc).__name__}: {exc}")
+            self._store_failed(layer, live, exc)
             return
         keys = []
         for st in live:
@@ -149,6 +165,49 @@ class StorePath:
             st.outstanding += 1
             keys.append(st.spec.key)
         self._jobs[job.job_id] = keys
+
+    def _store_failed(self, layer: int, live: list[_Store], exc: BaseException) -> None:
+        for st in live:
+            st.failed = True
+        self.metrics.store_errors += 1
+        self._log(f"store of layer {layer} failed for {[st.spec.key for st in live]}: {type(exc).__name__}: {exc}")
+
+    def _plan_bank_side(self) -> None:
+        """Bank-side addresses of the step's stores for layer 0 and their per-layer step, one
+        (K rows, V rows, kept ids) triple per chunk: [B, 3] each."""
+        views = [self.bank.view(st.spec.key) for st in self._step]  # [L, 2, T', H, D]
+        idx = [st.entry.indices for st in self._step]  # [L, T'] int64 each
+        item = views[0].element_size()
+        self._dst0 = np.asarray([[w[0, 0].data_ptr(), w[0, 1].data_ptr(), i[0].data_ptr()] for w, i in zip(views, idx)],
+                                dtype=np.uint64)
+        self._dst_step = np.asarray([[w.stride(0) * item] * 2 + [i.stride(0) * i.element_size()]
+                                     for w, i in zip(views, idx)], dtype=np.uint64)
+        self._bank_keep = (*views, *idx)
+        self._bank_storages = tuple({(t.untyped_storage().data_ptr(), t.device): None for t in self._bank_keep})
+        where = {base: j for j, (base, _) in enumerate(self._bank_storages)}
+        self._dst_store = np.asarray([[where[w.untyped_storage().data_ptr()]] * 2 + [where[i.untyped_storage().data_ptr()]]
+                                      for w, i in zip(views, idx)], dtype=np.int64) + 3
+
+    def _layer_plan(self, layer: int, mask: np.ndarray, k: torch.Tensor, v: torch.Tensor,
+                    ids: torch.Tensor) -> FragmentPlan:
+        b = int(mask.sum())
+        t, h, d = self.kept, self.bank.num_kv_heads, self.bank.head_dim
+        for name, x, shape, dtype, rows in (("k", k, (b, t, h, d), self.bank.dtype, (h * d, d, 1)),
+                                            ("v", v, (b, t, h, d), self.bank.dtype, (h * d, d, 1)),
+                                            ("ids", ids, (b, t), torch.int64, (1,))):
+            if tuple(x.shape) != shape or x.dtype != dtype or (t > 1 and x.stride()[1:] != rows) \
+                    or x.device.type not in ("cpu", self.device.type):
+                raise ValueError(f"store {name}: expected {shape} {dtype} with contiguous rows, got {tuple(x.shape)} "
+                                 f"{x.dtype} strides {x.stride()} on {x.device}")
+        row = np.arange(b, dtype=np.uint64)[:, None]
+        src = np.asarray([k.data_ptr(), v.data_ptr(), ids.data_ptr()], dtype=np.uint64) + row * np.asarray(
+            [k.stride(0) * k.element_size(), v.stride(0) * v.element_size(), ids.stride(0) * 8], dtype=np.uint64)
+        dst = self._dst0[mask] + np.uint64(layer) * self._dst_step[mask]
+        sizes = np.broadcast_to(np.asarray([t * h * d * k.element_size()] * 2 + [t * 8], dtype=np.uint64), (b, 3))
+        storages = tuple((x.untyped_storage().data_ptr(), x.device) for x in (k, v, ids)) + self._bank_storages
+        src_store = np.broadcast_to(np.arange(3), (b, 3)).reshape(-1)
+        return FragmentPlan(src.reshape(-1), dst.reshape(-1), np.ascontiguousarray(sizes).reshape(-1),
+                            (k, v, ids, *self._bank_keep), storages, src_store, self._dst_store[mask].reshape(-1))
 
     def _compress(self, k: torch.Tensor, v: torch.Tensor):
         """k, v: [B, T, H, D] -> (k [B, T', H, D], v [B, T', H, D], ids [B, T'] int64), on k's device."""
@@ -178,6 +237,7 @@ class StorePath:
         for st in self._stores.values():
             st.closed = True
         self._step, self._rows = [], None
+        self._bank_keep = ()  # the views stay alive through the jobs' own keep
 
     # --- completion -----------------------------------------------------------------------------
     def on_job(self, job: TransferJob) -> None:

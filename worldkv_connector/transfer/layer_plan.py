@@ -1,0 +1,211 @@
+"""One step's page <-> bank-row copies, planned once as numpy address arrays, submitted per layer.
+
+This is the one planner of the project: the connector's load path (bank rows -> pages), its
+benchmarks and ``fragments.page_fragments`` all build their copies here. A step's copies are the
+same in every layer up to the layer's base addresses, so the fragments (chunk x K/V x page) are
+computed and merged once, for layer 0, and layer ``l``'s addresses are layer 0's moved by that
+layer's pool base and the slots' layer stride. ``LayerPlans.layer(l)`` hands out a ready
+``FragmentPlan`` for one ``TransferEngine.submit_plan`` call per layer; nothing per page is a
+Python object. Every range is checked once, at planning time, by construction: page ids inside
+the pool, page lengths inside a page, rows inside each slot.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from worldkv_connector.addresses import as_u64, run_heads
+from worldkv_connector.transfer.fragments import FragmentPlan
+
+__all__ = ["LayerPlans", "plan_layer_copies", "page_fragments", "page_lens_of"]
+
+
+def page_lens_of(num_tokens: int, page_size: int) -> np.ndarray:
+    """Valid tokens of each page of a chunk of ``num_tokens``: full pages, the last one partial."""
+    full, last = divmod(int(num_tokens), int(page_size))
+    lens = np.full(full + (1 if last else 0), page_size, dtype=np.uint64)
+    if last:
+        lens[-1] = last
+    return lens
+
+
+@dataclass(frozen=True, eq=False)
+class LayerPlans:
+    """Merged copy runs of every layer of one step. src, dst: [L, R] uint64 addresses; sizes: [R]
+    bytes; src_store / dst_store: [R] index into ``storages[l]``; keep[l]: layer l's tensors."""
+
+    src: np.ndarray
+    dst: np.ndarray
+    sizes: np.ndarray
+    src_store: np.ndarray
+    dst_store: np.ndarray
+    storages: tuple
+    keep: tuple
+    num_pairs: int  # fragments of one layer before merging
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.src.shape[0])
+
+    @property
+    def num_runs(self) -> int:
+        return int(self.sizes.shape[0])
+
+    @property
+    def layer_bytes(self) -> int:
+        return int(self.sizes.sum())
+
+    def layer(self, layer: int) -> FragmentPlan:
+        """The ``FragmentPlan`` of layer ``layer`` (views of the step's arrays, no copy)."""
+        return FragmentPlan(self.src[layer], self.dst[layer], self.sizes, self.keep[layer], self.storages[layer],
+                            self.src_store, self.dst_store, merged=True, pairs=self.num_pairs)
+
+    def all_layers(self) -> FragmentPlan:
+        """Every layer's runs in one plan (layer-major), for a single job over all layers."""
+        bases: dict[int, torch.device] = {}
+        for table in self.storages:
+            for base, dev in table:
+                bases.setdefault(base, dev)
+        index = {b: i for i, b in enumerate(bases)}
+        remap = [np.asarray([index[b] for b, _ in table], dtype=np.int64) for table in self.storages]
+        keep = tuple({id(t): t for k in self.keep for t in k}.values())
+        return FragmentPlan(self.src.reshape(-1), self.dst.reshape(-1), np.tile(self.sizes, self.num_layers), keep,
+                            tuple(bases.items()), np.concatenate([r[self.src_store] for r in remap]),
+                            np.concatenate([r[self.dst_store] for r in remap]), pairs=self.num_pairs * self.num_layers)
+
+
+def _layers_of(pools) -> list[torch.Tensor]:
+    if isinstance(pools, torch.Tensor):
+        if pools.dim() != 6 or pools.shape[1] != 2:
+            raise ValueError(f"pools: expected [L, 2, num_pages, page_size, H, D], got {tuple(pools.shape)}")
+        return list(pools.unbind(0))
+    layers = list(pools)
+    if not layers or not all(isinstance(t, torch.Tensor) and t.dim() == 5 and t.shape[0] == 2 for t in layers):
+        raise ValueError("pools: expected a [L, 2, num_pages, page_size, H, D] tensor or a non-empty sequence of "
+                         "[2, num_pages, page_size, H, D] tensors")
+    first = layers[0]
+    for i, t in enumerate(layers):
+        if t.shape != first.shape or t.dtype != first.dtype or t.stride() != first.stride() or t.device != first.device:
+            raise ValueError(f"pools[{i}]: expected the shape/dtype/strides/device of pools[0] {tuple(first.shape)} "
+                             f"{first.dtype} {first.device}, got {tuple(t.shape)} {t.dtype} {t.device}")
+    return layers
+
+
+def _storage(t: torch.Tensor) -> tuple[int, torch.device]:
+    return t.untyped_storage().data_ptr(), t.device
+
+
+def plan_layer_copies(pools, slots: Sequence[torch.Tensor], page_ids: Sequence, page_lens: Sequence, *,
+                      to_slot: bool) -> LayerPlans:
+    """Plan the copies between chunks' pages and their bank rows, for every layer.
+
+    pools: [L, 2, num_pages, page_size, H, D] or L tensors [2, num_pages, page_size, H, D] (pages
+    contiguous), any device. slots: C tensors [L, 2, N_c, H, D] (e.g. ``Bank.view``; contiguous
+    [N, H, D] rows per (layer, K/V)), the pools' dtype. page_ids[c]: [P_c] page ids of chunk c;
+    page_lens[c]: [P_c] valid tokens of each page (page i fills rows
+    ``[sum(lens[:i]), sum(lens[:i+1]))`` of the slot, ``sum(lens) <= N_c``). Fragments are ordered
+    chunk, K/V, page within a layer and merged where both sides continue each other.
+    ``to_slot``: pages -> slots (a store) or slots -> pages (a load).
+    """
+    layers = _layers_of(pools)
+    plane = layers[0][0]  # [num_pages, page_size, H, D]
+    num_pages, page_size, heads, head_dim = plane.shape
+    if plane.stride()[1:] != (heads * head_dim, head_dim, 1):
+        raise ValueError(f"pools: expected contiguous pages (strides (..., {heads * head_dim}, {head_dim}, 1)), "
+                         f"got {plane.stride()}")
+    slots = list(slots)
+    if len(page_ids) != len(slots) or len(page_lens) != len(slots):
+        raise ValueError(f"page_ids/page_lens: expected one entry per slot ({len(slots)}), got {len(page_ids)} and "
+                         f"{len(page_lens)}")
+    item = plane.element_size()
+    row = heads * head_dim * item  # bytes of one token of one (layer, K/V)
+    nl = len(layers)
+    ids_all, lens_all, starts_all, chunk_all = [], [], [], []
+    for c, (t, ids, lens) in enumerate(zip(slots, page_ids, page_lens)):
+        ids = as_u64(f"page_ids[{c}]", ids if isinstance(ids, torch.Tensor) else np.asarray(ids))
+        lens = as_u64(f"page_lens[{c}]", lens if isinstance(lens, torch.Tensor) else np.asarray(lens))
+        if ids.shape != lens.shape:
+            raise ValueError(f"page_lens[{c}]: expected shape {ids.shape} (page_ids[{c}]'s), got {lens.shape}")
+        if ids.size and int(ids.max()) >= num_pages:
+            raise ValueError(f"page_ids[{c}]: expected ids in [0, {num_pages}), got max {int(ids.max())}")
+        if lens.size and int(lens.max()) > page_size:
+            raise ValueError(f"page_lens[{c}]: every value must lie in [0, page_size={page_size}], got max "
+                             f"{int(lens.max())}")
+        total = int(lens.sum())
+        if not isinstance(t, torch.Tensor) or t.dim() != 5 or tuple(t.shape[:2]) != (nl, 2) \
+                or tuple(t.shape[3:]) != (heads, head_dim) or t.shape[2] < total:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"slot[{c}]: expected [{nl}, 2, N >= {total}, {heads}, {head_dim}], got {shape}")
+        if t.dtype != plane.dtype:
+            raise ValueError(f"slot[{c}]: expected dtype {plane.dtype} (the pools'), got {t.dtype}")
+        if t.stride()[2:] != (heads * head_dim, head_dim, 1):
+            raise ValueError(f"slot[{c}]: expected contiguous [N, H, D] rows, got strides {t.stride()}")
+        ids_all.append(ids)
+        lens_all.append(lens)
+        starts_all.append(np.cumsum(lens, dtype=np.uint64) - lens)
+        chunk_all.append(np.full(ids.size, c, dtype=np.int64))
+    if not slots:
+        raise ValueError("slots: expected at least one slot tensor")
+    ids, lens = np.concatenate(ids_all), np.concatenate(lens_all)
+    starts, chunk = np.concatenate(starts_all), np.concatenate(chunk_all)
+    # slot storages: index 1.. after the pool's (index 0 of every layer's table)
+    slot_bases = sorted({_storage(t) for t in slots}, key=lambda s: s[0])
+    slot_index = {b: i + 1 for i, (b, _) in enumerate(slot_bases)}
+    slot_store = np.asarray([slot_index[_storage(t)[0]] for t in slots], dtype=np.int64)
+    slot_ptr = np.asarray([t.data_ptr() for t in slots], dtype=np.uint64)
+    slot_layer = np.asarray([t.stride(0) * item for t in slots], dtype=np.uint64)
+    slot_kv = np.asarray([t.stride(1) * item for t in slots], dtype=np.uint64)
+    # [2, F0] fragments, then ordered chunk, K/V, page (a stable sort keeps page order)
+    kv = np.arange(2, dtype=np.uint64)[:, None]
+    order = np.argsort((chunk[None, :] * 2 + kv.astype(np.int64)).reshape(-1), kind="stable")
+    pool_rel = (kv * np.uint64(layers[0].stride(0) * item) + ids[None, :] * np.uint64(page_size * row)).reshape(-1)[order]
+    slot0 = (slot_ptr[chunk][None, :] + kv * slot_kv[chunk][None, :] + starts[None, :] * np.uint64(row)).reshape(-1)[order]
+    sizes = np.broadcast_to(lens * np.uint64(row), (2, lens.size)).reshape(-1)[order]
+    frag_chunk = np.broadcast_to(chunk, (2, chunk.size)).reshape(-1)[order]
+    nonempty = sizes > 0
+    pool_rel, slot0, sizes, frag_chunk = pool_rel[nonempty], slot0[nonempty], sizes[nonempty], frag_chunk[nonempty]
+    num_pairs = int(sizes.size)
+    s_store = slot_store[frag_chunk]
+    head = run_heads(pool_rel, slot0, sizes, s_store) if to_slot else run_heads(slot0, pool_rel, sizes, s_store)
+    pool_rel, slot0, s_store, frag_chunk = pool_rel[head], slot0[head], s_store[head], frag_chunk[head]
+    sizes = np.add.reduceat(sizes, head).astype(np.uint64) if sizes.size else sizes
+    pool_store = np.zeros(sizes.size, dtype=np.int64)
+    # every layer at once: [L, R]
+    pool_base = np.asarray([t.data_ptr() for t in layers], dtype=np.uint64)
+    pool_addr = pool_base[:, None] + pool_rel[None, :]
+    slot_addr = slot0[None, :] + np.arange(nl, dtype=np.uint64)[:, None] * slot_layer[frag_chunk][None, :]
+    storages = tuple((_storage(t),) + tuple(slot_bases) for t in layers)
+    keep = tuple((t, *slots) for t in layers)
+    if to_slot:
+        return LayerPlans(pool_addr, slot_addr, sizes, pool_store, s_store, storages, keep, num_pairs)
+    return LayerPlans(slot_addr, pool_addr, sizes, s_store, pool_store, storages, keep, num_pairs)
+
+
+def page_fragments(pools, page_ids, slot, page_lens=None, *, to_slot: bool = True) -> FragmentPlan:
+    """All layers' copies between listed pages and bank slots in one plan (one job).
+
+    pools: as :func:`plan_layer_copies`. slot: one [L, 2, N, H, D] tensor with page_ids [P], or a
+    sequence of C such tensors with page_ids [C, P]. page_lens: [P] valid tokens per page shared by
+    all chunks (default: whole pages). Built by :func:`plan_layer_copies`, runs ordered layer,
+    chunk, K/V, page.
+    """
+    layers = _layers_of(pools)
+    num_pages, page_size = layers[0].shape[1:3]
+    slots = [slot] if isinstance(slot, torch.Tensor) else list(slot)
+    ids = np.asarray(page_ids.cpu().numpy() if isinstance(page_ids, torch.Tensor) else page_ids)
+    if ids.ndim != (1 if isinstance(slot, torch.Tensor) else 2) or (ids.ndim == 2 and ids.shape[0] != len(slots)):
+        raise ValueError(f"page_ids: expected [P] with one slot or [C, P] with C slots, got shape {ids.shape} "
+                         f"for {len(slots)} slot(s)")
+    ids = as_u64("page_ids", ids.reshape(-1)).reshape(len(slots), -1)
+    if ids.size and int(ids.max()) >= num_pages:
+        raise ValueError(f"page_ids: expected ids in [0, {num_pages}), got max {int(ids.max())}")
+    count = ids.shape[1]
+    lens = np.full(count, page_size, dtype=np.uint64) if page_lens is None else as_u64("page_lens", page_lens)
+    if lens.shape != (count,):
+        raise ValueError(f"page_lens: expected shape ({count},) (pages per chunk), got {lens.shape}")
+    if lens.size and int(lens.max()) > page_size:
+        raise ValueError(f"page_lens: every value must lie in [0, page_size={page_size}], got max {int(lens.max())}")
+    return plan_layer_copies(layers, slots, list(ids), [lens] * len(slots), to_slot=to_slot).all_layers()
