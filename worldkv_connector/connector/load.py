@@ -18,7 +18,7 @@ import torch
 from worldkv_connector.bank import Bank
 from worldkv_connector.connector.meta import ChunkKey, LoadSpec, RopeDelta
 from worldkv_connector.metrics import ConnectorMetrics
-from worldkv_connector.transfer import TransferEngine, TransferJob, page_lens_of, plan_layer_copies
+from worldkv_connector.transfer import PagePools, TransferEngine, TransferJob, page_lens_of, plan_layer_copies
 
 __all__ = ["LoadPath"]
 
@@ -42,6 +42,7 @@ class LoadPath:
         self._ropes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._rotated: set[int] = set()
         self.resident_indices: dict[ChunkKey, torch.Tensor] = {}  # kept ids of chunks in the hot set
+        self._pools: PagePools | None = None
 
     # --- per step -------------------------------------------------------------------------------
     def begin_step(self, loads: list[LoadSpec], ropes: list[RopeDelta], layer_names: list[str],
@@ -82,7 +83,7 @@ class LoadPath:
         """Plan the step's copies once (address arrays, all layers) and submit one job per layer."""
         try:
             plans = plan_layer_copies(
-                [kv_caches[name] for name in layer_names], [self.bank.view(spec.key) for spec in live],
+                self._page_pools(layer_names, kv_caches), [self.bank.view(spec.key) for spec in live],
                 [spec.page_ids for spec in live], [page_lens_of(spec.num_tokens, self.page_size) for spec in live],
                 to_slot=False,
             )
@@ -110,6 +111,14 @@ class LoadPath:
             self._layer_jobs[layer] = job
             if job.error is not None:
                 bad.extend(s for s in live if s not in bad)
+
+    def _page_pools(self, layer_names: list[str], kv_caches: dict[str, torch.Tensor]) -> PagePools:
+        """The registered pools, checked once and reused while the same tensors are registered."""
+        pools = [kv_caches[name] for name in layer_names]
+        if self._pools is None or len(self._pools.layers) != len(pools) \
+                or any(a is not b for a, b in zip(self._pools.layers, pools)):
+            self._pools = PagePools(pools)
+        return self._pools
 
     def wait_layer(self, layer: int, kv_layer: torch.Tensor) -> None:
         """Order the compute stream after layer ``layer``'s load, then apply the step's RoPE deltas

@@ -57,8 +57,10 @@ class StorePath:
         self._stores: dict[ChunkKey, _Store] = {}
         self._step: list[_Store] = []  # this step's stores, batch order
         self._rows: torch.Tensor | None = None  # [B, T] int64 flat page slots of the step's chunks
-        # bank side of the step's copies (``_plan_bank_side``): [B, 3] addresses, steps, storages
-        self._dst0 = self._dst_step = self._dst_store = None
+        # bank side of the step's copies (``_plan_bank_side``): per chunk 3 addresses, steps, storages
+        self._dst0: list = []
+        self._dst_step: list = []
+        self._dst_store: list = []
         self._bank_keep: tuple = ()
         self._bank_storages: tuple = ()
         self._jobs: dict[int, list[ChunkKey]] = {}  # job id -> keys it writes
@@ -144,12 +146,11 @@ class StorePath:
         ``submit_plan`` job. k, v: [B, T', H, D] (each [T', H, D] contiguous), ids: [B, T'] int64,
         B = the step's live stores in batch order. The bank-side addresses were planned at
         ``begin_step``; here only the three source bases are read."""
-        mask = np.asarray([not st.failed for st in self._step])
         live = [st for st in self._step if not st.failed]
         if not live:
             return
         try:
-            plan = self._layer_plan(layer, mask, k, v, ids)
+            plan = self._layer_plan(layer, [i for i, st in enumerate(self._step) if not st.failed], k, v, ids)
             after = None
             if self._event is not None:
                 # the copy stream must not read the staging rows before compute wrote them
@@ -174,40 +175,57 @@ class StorePath:
 
     def _plan_bank_side(self) -> None:
         """Bank-side addresses of the step's stores for layer 0 and their per-layer step, one
-        (K rows, V rows, kept ids) triple per chunk: [B, 3] each."""
+        (K rows, V rows, kept ids) triple per chunk, as ints: a store job has 3 fragments per chunk,
+        too few for numpy to pay off."""
         views = [self.bank.view(st.spec.key) for st in self._step]  # [L, 2, T', H, D]
         idx = [st.entry.indices for st in self._step]  # [L, T'] int64 each
         item = views[0].element_size()
-        self._dst0 = np.asarray([[w[0, 0].data_ptr(), w[0, 1].data_ptr(), i[0].data_ptr()] for w, i in zip(views, idx)],
-                                dtype=np.uint64)
-        self._dst_step = np.asarray([[w.stride(0) * item] * 2 + [i.stride(0) * i.element_size()]
-                                     for w, i in zip(views, idx)], dtype=np.uint64)
+        self._dst0 = [(w[0, 0].data_ptr(), w[0, 1].data_ptr(), i[0].data_ptr()) for w, i in zip(views, idx)]
+        self._dst_step = [(w.stride(0) * item, w.stride(0) * item, i.stride(0) * i.element_size())
+                          for w, i in zip(views, idx)]
         self._bank_keep = (*views, *idx)
-        self._bank_storages = tuple({(t.untyped_storage().data_ptr(), t.device): None for t in self._bank_keep})
-        where = {base: j for j, (base, _) in enumerate(self._bank_storages)}
-        self._dst_store = np.asarray([[where[w.untyped_storage().data_ptr()]] * 2 + [where[i.untyped_storage().data_ptr()]]
-                                      for w, i in zip(views, idx)], dtype=np.int64) + 3
+        bases = {t.untyped_storage().data_ptr(): t.device for t in self._bank_keep}
+        self._bank_storages = tuple(bases.items())
+        where = {base: j + 3 for j, base in enumerate(bases)}  # after the k, v, ids storages
+        self._dst_store = [(where[w.untyped_storage().data_ptr()],) * 2 + (where[i.untyped_storage().data_ptr()],)
+                           for w, i in zip(views, idx)]
 
-    def _layer_plan(self, layer: int, mask: np.ndarray, k: torch.Tensor, v: torch.Tensor,
+    def _layer_plan(self, layer: int, live: list[int], k: torch.Tensor, v: torch.Tensor,
                     ids: torch.Tensor) -> FragmentPlan:
-        b = int(mask.sum())
+        """Layer ``layer``'s copies: row j of k, v, ids -> the bank slot of the j-th live store
+        (``live``: their indices into the step)."""
+        b = len(live)
         t, h, d = self.kept, self.bank.num_kv_heads, self.bank.head_dim
         for name, x, shape, dtype, rows in (("k", k, (b, t, h, d), self.bank.dtype, (h * d, d, 1)),
                                             ("v", v, (b, t, h, d), self.bank.dtype, (h * d, d, 1)),
                                             ("ids", ids, (b, t), torch.int64, (1,))):
-            if tuple(x.shape) != shape or x.dtype != dtype or (t > 1 and x.stride()[1:] != rows) \
+            if x.shape != shape or x.dtype != dtype or (t > 1 and x.stride()[1:] != rows) \
                     or x.device.type not in ("cpu", self.device.type):
                 raise ValueError(f"store {name}: expected {shape} {dtype} with contiguous rows, got {tuple(x.shape)} "
                                  f"{x.dtype} strides {x.stride()} on {x.device}")
-        row = np.arange(b, dtype=np.uint64)[:, None]
-        src = np.asarray([k.data_ptr(), v.data_ptr(), ids.data_ptr()], dtype=np.uint64) + row * np.asarray(
-            [k.stride(0) * k.element_size(), v.stride(0) * v.element_size(), ids.stride(0) * 8], dtype=np.uint64)
-        dst = self._dst0[mask] + np.uint64(layer) * self._dst_step[mask]
-        sizes = np.broadcast_to(np.asarray([t * h * d * k.element_size()] * 2 + [t * 8], dtype=np.uint64), (b, 3))
-        storages = tuple((x.untyped_storage().data_ptr(), x.device) for x in (k, v, ids)) + self._bank_storages
-        src_store = np.broadcast_to(np.arange(3), (b, 3)).reshape(-1)
-        return FragmentPlan(src.reshape(-1), dst.reshape(-1), np.ascontiguousarray(sizes).reshape(-1),
-                            (k, v, ids, *self._bank_keep), storages, src_store, self._dst_store[mask].reshape(-1))
+        srcs = (k, v, ids)
+        base = [x.data_ptr() for x in srcs]
+        step = [x.stride(0) * x.element_size() for x in srcs]
+        size = (t * h * d * k.element_size(), t * h * d * v.element_size(), t * 8)
+        src, dst, sizes, s_store, d_store = [], [], [], [], []
+        for j, i in enumerate(live):
+            d0, dstep, dst_store = self._dst0[i], self._dst_step[i], self._dst_store[i]
+            for f in range(3):
+                a, z, n = base[f] + j * step[f], d0[f] + layer * dstep[f], size[f]
+                if src and src[-1] + sizes[-1] == a and dst[-1] + sizes[-1] == z and s_store[-1] == f \
+                        and d_store[-1] == dst_store[f]:
+                    sizes[-1] += n  # continues the previous run on both sides (K then V of one slot)
+                    continue
+                src.append(a)
+                dst.append(z)
+                sizes.append(n)
+                s_store.append(f)
+                d_store.append(dst_store[f])
+        storages = tuple((x.untyped_storage().data_ptr(), x.device) for x in srcs) + self._bank_storages
+        u64 = np.uint64
+        return FragmentPlan(np.array(src, dtype=u64), np.array(dst, dtype=u64), np.array(sizes, dtype=u64),
+                            (*srcs, *self._bank_keep), storages, np.array(s_store), np.array(d_store), merged=True,
+                            pairs=3 * b)
 
     def _compress(self, k: torch.Tensor, v: torch.Tensor):
         """k, v: [B, T, H, D] -> (k [B, T', H, D], v [B, T', H, D], ids [B, T'] int64), on k's device."""

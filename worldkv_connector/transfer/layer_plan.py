@@ -20,7 +20,7 @@ import torch
 from worldkv_connector.addresses import as_u64, run_heads
 from worldkv_connector.transfer.fragments import FragmentPlan
 
-__all__ = ["LayerPlans", "plan_layer_copies", "page_fragments", "page_lens_of"]
+__all__ = ["LayerPlans", "PagePools", "plan_layer_copies", "page_fragments", "page_lens_of"]
 
 
 def page_lens_of(num_tokens: int, page_size: int) -> np.ndarray:
@@ -98,30 +98,48 @@ def _storage(t: torch.Tensor) -> tuple[int, torch.device]:
     return t.untyped_storage().data_ptr(), t.device
 
 
+class PagePools:
+    """The paged pools of every layer, checked once (same shape, dtype, strides, device; contiguous
+    pages): their base addresses and storages, reused by every step's plan.
+
+    pools: [L, 2, num_pages, page_size, H, D] or L tensors [2, num_pages, page_size, H, D].
+    """
+
+    def __init__(self, pools) -> None:
+        self.layers = _layers_of(pools)
+        plane = self.layers[0][0]  # [num_pages, page_size, H, D]
+        self.num_pages, self.page_size, self.heads, self.head_dim = plane.shape
+        if plane.stride()[1:] != (self.heads * self.head_dim, self.head_dim, 1):
+            raise ValueError(f"pools: expected contiguous pages (strides (..., {self.heads * self.head_dim}, "
+                             f"{self.head_dim}, 1)), got {plane.stride()}")
+        self.dtype = plane.dtype
+        self.item = plane.element_size()
+        self.row = self.heads * self.head_dim * self.item  # bytes of one token of one (layer, K/V)
+        self.kv_stride = self.layers[0].stride(0) * self.item
+        self.bases = np.asarray([t.data_ptr() for t in self.layers], dtype=np.uint64)
+        self.storages = [_storage(t) for t in self.layers]
+
+
 def plan_layer_copies(pools, slots: Sequence[torch.Tensor], page_ids: Sequence, page_lens: Sequence, *,
                       to_slot: bool) -> LayerPlans:
     """Plan the copies between chunks' pages and their bank rows, for every layer.
 
-    pools: [L, 2, num_pages, page_size, H, D] or L tensors [2, num_pages, page_size, H, D] (pages
-    contiguous), any device. slots: C tensors [L, 2, N_c, H, D] (e.g. ``Bank.view``; contiguous
+    pools: a ``PagePools``, or [L, 2, num_pages, page_size, H, D] or L tensors [2, num_pages,
+    page_size, H, D] (pages contiguous), any device. slots: C tensors [L, 2, N_c, H, D] (e.g. ``Bank.view``; contiguous
     [N, H, D] rows per (layer, K/V)), the pools' dtype. page_ids[c]: [P_c] page ids of chunk c;
     page_lens[c]: [P_c] valid tokens of each page (page i fills rows
     ``[sum(lens[:i]), sum(lens[:i+1]))`` of the slot, ``sum(lens) <= N_c``). Fragments are ordered
     chunk, K/V, page within a layer and merged where both sides continue each other.
     ``to_slot``: pages -> slots (a store) or slots -> pages (a load).
     """
-    layers = _layers_of(pools)
-    plane = layers[0][0]  # [num_pages, page_size, H, D]
-    num_pages, page_size, heads, head_dim = plane.shape
-    if plane.stride()[1:] != (heads * head_dim, head_dim, 1):
-        raise ValueError(f"pools: expected contiguous pages (strides (..., {heads * head_dim}, {head_dim}, 1)), "
-                         f"got {plane.stride()}")
+    pp = pools if isinstance(pools, PagePools) else PagePools(pools)
+    layers = pp.layers
+    num_pages, page_size, heads, head_dim = pp.num_pages, pp.page_size, pp.heads, pp.head_dim
     slots = list(slots)
     if len(page_ids) != len(slots) or len(page_lens) != len(slots):
         raise ValueError(f"page_ids/page_lens: expected one entry per slot ({len(slots)}), got {len(page_ids)} and "
                          f"{len(page_lens)}")
-    item = plane.element_size()
-    row = heads * head_dim * item  # bytes of one token of one (layer, K/V)
+    item, row = pp.item, pp.row
     nl = len(layers)
     ids_all, lens_all, starts_all, chunk_all = [], [], [], []
     for c, (t, ids, lens) in enumerate(zip(slots, page_ids, page_lens)):
@@ -139,8 +157,8 @@ def plan_layer_copies(pools, slots: Sequence[torch.Tensor], page_ids: Sequence, 
                 or tuple(t.shape[3:]) != (heads, head_dim) or t.shape[2] < total:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"slot[{c}]: expected [{nl}, 2, N >= {total}, {heads}, {head_dim}], got {shape}")
-        if t.dtype != plane.dtype:
-            raise ValueError(f"slot[{c}]: expected dtype {plane.dtype} (the pools'), got {t.dtype}")
+        if t.dtype != pp.dtype:
+            raise ValueError(f"slot[{c}]: expected dtype {pp.dtype} (the pools'), got {t.dtype}")
         if t.stride()[2:] != (heads * head_dim, head_dim, 1):
             raise ValueError(f"slot[{c}]: expected contiguous [N, H, D] rows, got strides {t.stride()}")
         ids_all.append(ids)
@@ -161,7 +179,7 @@ def plan_layer_copies(pools, slots: Sequence[torch.Tensor], page_ids: Sequence, 
     # [2, F0] fragments, then ordered chunk, K/V, page (a stable sort keeps page order)
     kv = np.arange(2, dtype=np.uint64)[:, None]
     order = np.argsort((chunk[None, :] * 2 + kv.astype(np.int64)).reshape(-1), kind="stable")
-    pool_rel = (kv * np.uint64(layers[0].stride(0) * item) + ids[None, :] * np.uint64(page_size * row)).reshape(-1)[order]
+    pool_rel = (kv * np.uint64(pp.kv_stride) + ids[None, :] * np.uint64(page_size * row)).reshape(-1)[order]
     slot0 = (slot_ptr[chunk][None, :] + kv * slot_kv[chunk][None, :] + starts[None, :] * np.uint64(row)).reshape(-1)[order]
     sizes = np.broadcast_to(lens * np.uint64(row), (2, lens.size)).reshape(-1)[order]
     frag_chunk = np.broadcast_to(chunk, (2, chunk.size)).reshape(-1)[order]
@@ -174,10 +192,9 @@ def plan_layer_copies(pools, slots: Sequence[torch.Tensor], page_ids: Sequence, 
     sizes = np.add.reduceat(sizes, head).astype(np.uint64) if sizes.size else sizes
     pool_store = np.zeros(sizes.size, dtype=np.int64)
     # every layer at once: [L, R]
-    pool_base = np.asarray([t.data_ptr() for t in layers], dtype=np.uint64)
-    pool_addr = pool_base[:, None] + pool_rel[None, :]
+    pool_addr = pp.bases[:, None] + pool_rel[None, :]
     slot_addr = slot0[None, :] + np.arange(nl, dtype=np.uint64)[:, None] * slot_layer[frag_chunk][None, :]
-    storages = tuple((_storage(t),) + tuple(slot_bases) for t in layers)
+    storages = tuple((st,) + tuple(slot_bases) for st in pp.storages)
     keep = tuple((t, *slots) for t in layers)
     if to_slot:
         return LayerPlans(pool_addr, slot_addr, sizes, pool_store, s_store, storages, keep, num_pairs)
@@ -192,8 +209,8 @@ def page_fragments(pools, page_ids, slot, page_lens=None, *, to_slot: bool = Tru
     all chunks (default: whole pages). Built by :func:`plan_layer_copies`, runs ordered layer,
     chunk, K/V, page.
     """
-    layers = _layers_of(pools)
-    num_pages, page_size = layers[0].shape[1:3]
+    pp = PagePools(pools)
+    num_pages, page_size = pp.num_pages, pp.page_size
     slots = [slot] if isinstance(slot, torch.Tensor) else list(slot)
     ids = np.asarray(page_ids.cpu().numpy() if isinstance(page_ids, torch.Tensor) else page_ids)
     if ids.ndim != (1 if isinstance(slot, torch.Tensor) else 2) or (ids.ndim == 2 and ids.shape[0] != len(slots)):
@@ -208,4 +225,4 @@ def page_fragments(pools, page_ids, slot, page_lens=None, *, to_slot: bool = Tru
         raise ValueError(f"page_lens: expected shape ({count},) (pages per chunk), got {lens.shape}")
     if lens.size and int(lens.max()) > page_size:
         raise ValueError(f"page_lens: every value must lie in [0, page_size={page_size}], got max {int(lens.max())}")
-    return plan_layer_copies(layers, slots, list(ids), [lens] * len(slots), to_slot=to_slot).all_layers()
+    return plan_layer_copies(pp, slots, list(ids), [lens] * len(slots), to_slot=to_slot).all_layers()
