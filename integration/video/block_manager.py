@@ -12,6 +12,8 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass
 
+import numpy as np
+
 __all__ = ["BlockManager", "ChunkBlocks", "KVCacheOutOfPages"]
 
 
@@ -109,17 +111,18 @@ class BlockManager:
 
     def _take_run(self, num_pages: int) -> list[int] | None:
         """Remove and return the lowest run of ``num_pages`` consecutive free ids, or None."""
-        free = sorted(self._free)
-        start = 0
-        for i in range(1, len(free) + 1):
-            if i == len(free) or free[i] != free[i - 1] + 1:
-                if i - start >= num_pages:
-                    run = free[start] + num_pages
-                    taken = range(free[start], run)
-                    self._free = [p for p in self._free if not free[start] <= p < run]
-                    return list(taken)
-                start = i
-        return None
+        free = np.fromiter(self._free, dtype=np.int64, count=len(self._free))
+        free.sort()
+        breaks = np.flatnonzero(np.diff(free) != 1) + 1
+        starts = np.concatenate(([0], breaks))
+        lengths = np.diff(np.concatenate((starts, [free.size])))
+        fits = np.flatnonzero(lengths >= num_pages)
+        if not fits.size:
+            return None
+        lo = int(free[starts[fits[0]]])
+        hi = lo + num_pages
+        self._free = [p for p in self._free if not lo <= p < hi]
+        return list(range(lo, hi))
 
     def share(self, pages: list[int], owner: str) -> None:
         """Add one hold of ``owner`` on each allocated page (the page is now referenced twice)."""

@@ -1,6 +1,10 @@
 """Load path of the worker half: copy retrieved chunks from the bank into their new pages, one job
 per layer, and (``rope_correction``) move resident chunks' keys in time.
 
+RoPE correction rotates a chunk's keys from their original position to the step's target, every
+time: a chunk whose pages already hold rotated keys (``RopeDelta.reload``) first gets its K rows
+copied back from the bank (in the same per-layer job), so rotations never accumulate in bf16.
+
 ``begin_step`` pins the step's bank entries, plans every layer's (bank rows -> page) copies once
 as address arrays (``transfer.plan_layer_copies``: chunk x K/V x page fragments, contiguous runs
 merged) and enqueues one ``submit_plan`` job per layer, so layer ``i``'s copy overlaps the compute of earlier layers;
@@ -62,8 +66,22 @@ class LoadPath:
             if entry.indices is not None:
                 self.resident_indices[spec.key] = entry.indices
             live.append(spec)
+        k_only = [False] * len(live)
+        for r in ropes:
+            if not r.reload:
+                continue
+            # the pages hold keys already rotated away from their original position: restore K
+            # from the bank copy so the step's rotation starts from the original (no bf16 drift)
+            spec = LoadSpec(r.key, r.page_ids, sum(r.page_lens))
+            entry = self.bank.get(r.key)
+            if entry is None or not entry.ready or entry.num_tokens != spec.num_tokens:
+                bad.append(spec)  # the original is gone: the chunk leaves the window, never drifts
+                self.metrics.load_errors += 1
+                continue
+            live.append(spec)
+            k_only.append(True)
         if live:
-            self._submit(live, bad, layer_names, kv_caches, transfer)
+            self._submit(live, bad, layer_names, kv_caches, transfer, k_only)
         for spec in bad:
             self.error_pages.update(spec.page_ids)
             self.failed.append(spec.key)
@@ -79,13 +97,14 @@ class LoadPath:
             self._ropes = tuple(torch.tensor(x, dtype=torch.int64, device=self.device) for x in (pages, deltas, lens))
 
     def _submit(self, live: list[LoadSpec], bad: list[LoadSpec], layer_names: list[str],
-                kv_caches: dict[str, torch.Tensor], transfer: TransferEngine) -> None:
-        """Plan the step's copies once (address arrays, all layers) and submit one job per layer."""
+                kv_caches: dict[str, torch.Tensor], transfer: TransferEngine, k_only: list[bool]) -> None:
+        """Plan the step's copies once (address arrays, all layers) and submit one job per layer.
+        k_only[i]: copy only the K rows of live[i] (a RoPE restore of a resident chunk)."""
         try:
             plans = plan_layer_copies(
                 self._page_pools(layer_names, kv_caches), [self.bank.view(spec.key) for spec in live],
                 [spec.page_ids for spec in live], [page_lens_of(spec.num_tokens, self.page_size) for spec in live],
-                to_slot=False,
+                to_slot=False, k_only=k_only,
             )
         except Exception as exc:  # noqa: BLE001 - e.g. a page id outside the pool: load errors, not a failed step
             self.metrics.load_errors += 1

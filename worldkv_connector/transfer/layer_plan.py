@@ -121,7 +121,7 @@ class PagePools:
 
 
 def plan_layer_copies(pools, slots: Sequence[torch.Tensor], page_ids: Sequence, page_lens: Sequence, *,
-                      to_slot: bool) -> LayerPlans:
+                      to_slot: bool, k_only: Sequence[bool] | None = None) -> LayerPlans:
     """Plan the copies between chunks' pages and their bank rows, for every layer.
 
     pools: a ``PagePools``, or [L, 2, num_pages, page_size, H, D] or L tensors [2, num_pages,
@@ -130,7 +130,8 @@ def plan_layer_copies(pools, slots: Sequence[torch.Tensor], page_ids: Sequence, 
     page_lens[c]: [P_c] valid tokens of each page (page i fills rows
     ``[sum(lens[:i]), sum(lens[:i+1]))`` of the slot, ``sum(lens) <= N_c``). Fragments are ordered
     chunk, K/V, page within a layer and merged where both sides continue each other.
-    ``to_slot``: pages -> slots (a store) or slots -> pages (a load).
+    ``to_slot``: pages -> slots (a store) or slots -> pages (a load). ``k_only[c]``: move only
+    chunk c's K rows (default: K and V of every chunk).
     """
     pp = pools if isinstance(pools, PagePools) else PagePools(pools)
     layers = pp.layers
@@ -184,6 +185,11 @@ def plan_layer_copies(pools, slots: Sequence[torch.Tensor], page_ids: Sequence, 
     sizes = np.broadcast_to(lens * np.uint64(row), (2, lens.size)).reshape(-1)[order]
     frag_chunk = np.broadcast_to(chunk, (2, chunk.size)).reshape(-1)[order]
     nonempty = sizes > 0
+    if k_only is not None:
+        if len(k_only) != len(slots):
+            raise ValueError(f"k_only: expected one flag per slot ({len(slots)}), got {len(k_only)}")
+        frag_kv = np.broadcast_to(np.arange(2)[:, None], (2, chunk.size)).reshape(-1)[order]
+        nonempty &= ~(np.asarray(k_only, dtype=bool)[frag_chunk] & (frag_kv == 1))
     pool_rel, slot0, sizes, frag_chunk = pool_rel[nonempty], slot0[nonempty], sizes[nonempty], frag_chunk[nonempty]
     num_pairs = int(sizes.size)
     s_store = slot_store[frag_chunk]
