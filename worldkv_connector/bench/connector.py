@@ -62,7 +62,7 @@ def _yaw_poses(deg: float, frames: int) -> np.ndarray:
 class _PairsLoadPath(LoadPath):
     """Baseline only: the per-page tensor-pair submission (one pair per layer, K/V, page)."""
 
-    def _submit(self, live, bad, layer_names, kv_caches, transfer):
+    def _submit(self, live, bad, layer_names, kv_caches, transfer, k_only=None):
         ps = self.page_size
         views = [self.bank.view(spec.key) for spec in live]
         for layer, name in enumerate(layer_names):

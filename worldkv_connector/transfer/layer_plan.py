@@ -94,6 +94,15 @@ def _layers_of(pools) -> list[torch.Tensor]:
     return layers
 
 
+def _flat(name: str, rows: Sequence) -> np.ndarray:
+    """Concatenated int64 values of a sequence of int sequences (tuples, lists, arrays, tensors)."""
+    parts = [np.asarray(r.cpu() if isinstance(r, torch.Tensor) else r) for r in rows]
+    flat = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+    if flat.size and flat.dtype.kind not in "iu":
+        raise ValueError(f"{name}: expected integers, got dtype {flat.dtype}")
+    return flat.astype(np.int64, copy=False)
+
+
 def _storage(t: torch.Tensor) -> tuple[int, torch.device]:
     return t.untyped_storage().data_ptr(), t.device
 
@@ -142,34 +151,37 @@ def plan_layer_copies(pools, slots: Sequence[torch.Tensor], page_ids: Sequence, 
                          f"{len(page_lens)}")
     item, row = pp.item, pp.row
     nl = len(layers)
-    ids_all, lens_all, starts_all, chunk_all = [], [], [], []
-    for c, (t, ids, lens) in enumerate(zip(slots, page_ids, page_lens)):
-        ids = as_u64(f"page_ids[{c}]", ids if isinstance(ids, torch.Tensor) else np.asarray(ids))
-        lens = as_u64(f"page_lens[{c}]", lens if isinstance(lens, torch.Tensor) else np.asarray(lens))
-        if ids.shape != lens.shape:
-            raise ValueError(f"page_lens[{c}]: expected shape {ids.shape} (page_ids[{c}]'s), got {lens.shape}")
-        if ids.size and int(ids.max()) >= num_pages:
-            raise ValueError(f"page_ids[{c}]: expected ids in [0, {num_pages}), got max {int(ids.max())}")
-        if lens.size and int(lens.max()) > page_size:
-            raise ValueError(f"page_lens[{c}]: every value must lie in [0, page_size={page_size}], got max "
-                             f"{int(lens.max())}")
-        total = int(lens.sum())
-        if not isinstance(t, torch.Tensor) or t.dim() != 5 or tuple(t.shape[:2]) != (nl, 2) \
-                or tuple(t.shape[3:]) != (heads, head_dim) or t.shape[2] < total:
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"slot[{c}]: expected [{nl}, 2, N >= {total}, {heads}, {head_dim}], got {shape}")
-        if t.dtype != pp.dtype:
-            raise ValueError(f"slot[{c}]: expected dtype {pp.dtype} (the pools'), got {t.dtype}")
-        if t.stride()[2:] != (heads * head_dim, head_dim, 1):
-            raise ValueError(f"slot[{c}]: expected contiguous [N, H, D] rows, got strides {t.stride()}")
-        ids_all.append(ids)
-        lens_all.append(lens)
-        starts_all.append(np.cumsum(lens, dtype=np.uint64) - lens)
-        chunk_all.append(np.full(ids.size, c, dtype=np.int64))
     if not slots:
         raise ValueError("slots: expected at least one slot tensor")
-    ids, lens = np.concatenate(ids_all), np.concatenate(lens_all)
-    starts, chunk = np.concatenate(starts_all), np.concatenate(chunk_all)
+    ids, lens, counts = _flat("page_ids", page_ids), _flat("page_lens", page_lens), [len(x) for x in page_ids]
+    if [len(x) for x in page_lens] != counts:
+        c = next(i for i, (a, b) in enumerate(zip(page_ids, page_lens)) if len(a) != len(b))
+        raise ValueError(f"page_lens[{c}]: expected shape ({len(page_ids[c])},) (page_ids[{c}]'s), got "
+                         f"({len(page_lens[c])},)")
+    chunk = np.repeat(np.arange(len(slots)), counts)  # [F0] chunk of each page
+    if ids.size and (int(ids.max()) >= num_pages or int(ids.min()) < 0):
+        c = int(chunk[np.flatnonzero((ids >= num_pages) | (ids < 0))[0]])
+        raise ValueError(f"page_ids[{c}]: expected ids in [0, {num_pages}), got {list(page_ids[c])}")
+    if lens.size and (int(lens.max()) > page_size or int(lens.min()) < 0):
+        c = int(chunk[np.flatnonzero((lens > page_size) | (lens < 0))[0]])
+        raise ValueError(f"page_lens[{c}]: every value must lie in [0, page_size={page_size}], got "
+                         f"{list(page_lens[c])}")
+    ends = np.cumsum(lens)
+    first = np.concatenate(([0], np.cumsum(counts)[:-1]))  # index of each chunk's first page
+    totals = np.add.reduceat(lens, first) if lens.size else np.zeros(len(slots), dtype=np.int64)
+    totals[np.asarray(counts) == 0] = 0
+    starts = (ends - lens - np.repeat(ends[first] - lens[first] if lens.size else 0, counts)).astype(np.uint64)
+    strides = (heads * head_dim, head_dim, 1)
+    for c, t in enumerate(slots):
+        if not isinstance(t, torch.Tensor) or t.dim() != 5 or t.shape[:2] != (nl, 2) \
+                or t.shape[3:] != (heads, head_dim) or t.shape[2] < int(totals[c]):
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"slot[{c}]: expected [{nl}, 2, N >= {int(totals[c])}, {heads}, {head_dim}], got {shape}")
+        if t.dtype != pp.dtype:
+            raise ValueError(f"slot[{c}]: expected dtype {pp.dtype} (the pools'), got {t.dtype}")
+        if t.stride()[2:] != strides:
+            raise ValueError(f"slot[{c}]: expected contiguous [N, H, D] rows, got strides {t.stride()}")
+    ids, lens = ids.astype(np.uint64), lens.astype(np.uint64)
     # slot storages: index 1.. after the pool's (index 0 of every layer's table)
     slot_bases = sorted({_storage(t) for t in slots}, key=lambda s: s[0])
     slot_index = {b: i + 1 for i, (b, _) in enumerate(slot_bases)}
