@@ -90,8 +90,9 @@ class StorePath:
             elif spec.num_tokens % self.frame_tokens:
                 self._fail_early(spec, f"{spec.num_tokens} tokens is not a whole number of frames")
             else:
-                # indices land per layer with the layer's store job (no device sync on CUDA)
-                idx = torch.zeros(self.num_layers, self.kept, dtype=torch.int64, pin_memory=self._pin)
+                # indices land per layer with the layer's store job (no device sync on CUDA); every
+                # row is written before the entry is ready (a partial store frees it), so no zero-fill
+                idx = torch.empty(self.num_layers, self.kept, dtype=torch.int64, pin_memory=self._pin)
                 # pose and first frame travel with the entry so a saved bank can be re-indexed
                 meta = {"first_frame": spec.first_frame} if spec.first_frame >= 0 else None
                 try:
