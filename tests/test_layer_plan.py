@@ -6,7 +6,7 @@ import torch
 
 from worldkv_connector.bank import Bank
 from worldkv_connector.faults import FaultyTransferEngine
-from worldkv_connector.transfer import TransferEngine, page_lens_of, plan_layer_copies
+from worldkv_connector.transfer import TransferEngine, layer_plan, page_lens_of, plan_layer_copies
 
 L, PAGES, PS, H, D = 3, 48, 4, 2, 8
 
@@ -51,9 +51,17 @@ def _layout(rng, bank, sessions):
     return keys, ids, tokens
 
 
+@pytest.fixture(params=["python", "numpy"])
+def planner(request, monkeypatch):
+    """Both builders: plain Python for a few pages, numpy above ``SMALL_PLAN_PAGES``."""
+    if request.param == "numpy":
+        monkeypatch.setattr(layer_plan, "SMALL_PLAN_PAGES", -1)
+    return request.param
+
+
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("to_slot", [False, True])
-def test_plan_equals_the_per_page_reference_on_random_layouts(seed, to_slot):
+def test_plan_equals_the_per_page_reference_on_random_layouts(seed, to_slot, planner):
     rng = np.random.default_rng(seed)
     bank = Bank(num_layers=L, num_kv_heads=H, head_dim=D, dtype=torch.float32, slot_tokens=4 * PS,
                 capacity_bytes=16 * 2 * L * 4 * PS * H * D * 4, pin=False)
@@ -82,7 +90,7 @@ def test_plan_equals_the_per_page_reference_on_random_layouts(seed, to_slot):
     bank.close()
 
 
-def test_contiguous_pages_merge_into_one_run_per_chunk_and_kv():
+def test_contiguous_pages_merge_into_one_run_per_chunk_and_kv(planner):
     bank = Bank(num_layers=L, num_kv_heads=H, head_dim=D, dtype=torch.float32, slot_tokens=37,
                 capacity_bytes=4 * 2 * L * 37 * H * D * 4, pin=False)
     bank.reserve("a", 37)
@@ -97,7 +105,7 @@ def test_contiguous_pages_merge_into_one_run_per_chunk_and_kv():
     bank.close()
 
 
-def test_plan_refuses_bad_layouts_naming_the_field():
+def test_plan_refuses_bad_layouts_naming_the_field(planner):
     pools = [torch.zeros(2, PAGES, PS, H, D) for _ in range(L)]
     slot = torch.zeros(L, 2, 8, H, D)
     with pytest.raises(ValueError, match=r"page_ids\[0\]: expected ids in \[0, 48\)"):
@@ -110,6 +118,18 @@ def test_plan_refuses_bad_layouts_naming_the_field():
         plan_layer_copies([pools[0], pools[1][:, :3]], [slot[:2]], [[1]], [[PS]], to_slot=False)
     with pytest.raises(ValueError, match="one entry per slot"):
         plan_layer_copies(pools, [slot], [[1], [2]], [[PS]], to_slot=False)
+
+
+def test_k_only_moves_only_the_keys(planner):
+    pools = [torch.zeros(2, PAGES, PS, H, D) for _ in range(L)]
+    slot = torch.randn(L, 2, 2 * PS, H, D)
+    plans = plan_layer_copies(pools, [slot], [[9, 3]], [[PS, 2]], to_slot=False, k_only=[True])
+    with TransferEngine() as eng:
+        for i in range(L):
+            eng.submit_plan("load", plans.layer(i))
+    for i, pool in enumerate(pools):
+        assert torch.equal(pool[0, 9], slot[i, 0, :PS]) and torch.equal(pool[0, 3, :2], slot[i, 0, PS:PS + 2])
+        assert not pool[1].any() and not pool[0, 3, 2:].any()
 
 
 def test_faulty_engine_injects_on_the_plan_path():

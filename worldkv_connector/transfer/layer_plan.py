@@ -20,7 +20,9 @@ import torch
 from worldkv_connector.addresses import as_u64, run_heads
 from worldkv_connector.transfer.fragments import FragmentPlan
 
-__all__ = ["LayerPlans", "PagePools", "plan_layer_copies", "page_fragments", "page_lens_of"]
+__all__ = ["LayerPlans", "PagePools", "plan_layer_copies", "page_fragments", "page_lens_of", "SMALL_PLAN_PAGES"]
+
+SMALL_PLAN_PAGES = 48  # plans of at most this many pages (all chunks) are built in plain Python
 
 
 def page_lens_of(num_tokens: int, page_size: int) -> np.ndarray:
@@ -153,6 +155,10 @@ def plan_layer_copies(pools, slots: Sequence[torch.Tensor], page_ids: Sequence, 
     nl = len(layers)
     if not slots:
         raise ValueError("slots: expected at least one slot tensor")
+    if k_only is not None and len(k_only) != len(slots):
+        raise ValueError(f"k_only: expected one flag per slot ({len(slots)}), got {len(k_only)}")
+    if sum(len(x) for x in page_ids) <= SMALL_PLAN_PAGES:
+        return _plan_small(pp, slots, page_ids, page_lens, to_slot, k_only)
     ids, lens, counts = _flat("page_ids", page_ids), _flat("page_lens", page_lens), [len(x) for x in page_ids]
     if [len(x) for x in page_lens] != counts:
         c = next(i for i, (a, b) in enumerate(zip(page_ids, page_lens)) if len(a) != len(b))
@@ -171,20 +177,11 @@ def plan_layer_copies(pools, slots: Sequence[torch.Tensor], page_ids: Sequence, 
     totals = np.add.reduceat(lens, first) if lens.size else np.zeros(len(slots), dtype=np.int64)
     totals[np.asarray(counts) == 0] = 0
     starts = (ends - lens - np.repeat(ends[first] - lens[first] if lens.size else 0, counts)).astype(np.uint64)
-    strides = (heads * head_dim, head_dim, 1)
     for c, t in enumerate(slots):
-        if not isinstance(t, torch.Tensor) or t.dim() != 5 or t.shape[:2] != (nl, 2) \
-                or t.shape[3:] != (heads, head_dim) or t.shape[2] < int(totals[c]):
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"slot[{c}]: expected [{nl}, 2, N >= {int(totals[c])}, {heads}, {head_dim}], got {shape}")
-        if t.dtype != pp.dtype:
-            raise ValueError(f"slot[{c}]: expected dtype {pp.dtype} (the pools'), got {t.dtype}")
-        if t.stride()[2:] != strides:
-            raise ValueError(f"slot[{c}]: expected contiguous [N, H, D] rows, got strides {t.stride()}")
+        _check_slot(pp, c, t, int(totals[c]))
     ids, lens = ids.astype(np.uint64), lens.astype(np.uint64)
     # slot storages: index 1.. after the pool's (index 0 of every layer's table)
-    slot_bases = sorted({_storage(t) for t in slots}, key=lambda s: s[0])
-    slot_index = {b: i + 1 for i, (b, _) in enumerate(slot_bases)}
+    slot_bases, slot_index = _slot_bases(slots)
     slot_store = np.asarray([slot_index[_storage(t)[0]] for t in slots], dtype=np.int64)
     slot_ptr = np.asarray([t.data_ptr() for t in slots], dtype=np.uint64)
     slot_layer = np.asarray([t.stride(0) * item for t in slots], dtype=np.uint64)
@@ -198,25 +195,102 @@ def plan_layer_copies(pools, slots: Sequence[torch.Tensor], page_ids: Sequence, 
     frag_chunk = np.broadcast_to(chunk, (2, chunk.size)).reshape(-1)[order]
     nonempty = sizes > 0
     if k_only is not None:
-        if len(k_only) != len(slots):
-            raise ValueError(f"k_only: expected one flag per slot ({len(slots)}), got {len(k_only)}")
         frag_kv = np.broadcast_to(np.arange(2)[:, None], (2, chunk.size)).reshape(-1)[order]
         nonempty &= ~(np.asarray(k_only, dtype=bool)[frag_chunk] & (frag_kv == 1))
     pool_rel, slot0, sizes, frag_chunk = pool_rel[nonempty], slot0[nonempty], sizes[nonempty], frag_chunk[nonempty]
     num_pairs = int(sizes.size)
-    s_store = slot_store[frag_chunk]
-    head = run_heads(pool_rel, slot0, sizes, s_store) if to_slot else run_heads(slot0, pool_rel, sizes, s_store)
-    pool_rel, slot0, s_store, frag_chunk = pool_rel[head], slot0[head], s_store[head], frag_chunk[head]
+    s_store, step = slot_store[frag_chunk], slot_layer[frag_chunk]
+    # a run stays in one slot storage with one layer stride, so every layer's shift is the run's
+    head = run_heads(pool_rel, slot0, sizes, s_store, step) if to_slot else run_heads(slot0, pool_rel, sizes, s_store, step)
     sizes = np.add.reduceat(sizes, head).astype(np.uint64) if sizes.size else sizes
+    return _assemble(pp, slots, slot_bases, pool_rel[head], slot0[head], sizes, s_store[head], step[head],
+                     num_pairs, to_slot)
+
+
+def _check_slot(pp: PagePools, c: int, t, total: int) -> None:
+    nl, heads, head_dim = len(pp.layers), pp.heads, pp.head_dim
+    if not isinstance(t, torch.Tensor) or t.dim() != 5 or t.shape[:2] != (nl, 2) \
+            or t.shape[3:] != (heads, head_dim) or t.shape[2] < total:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"slot[{c}]: expected [{nl}, 2, N >= {total}, {heads}, {head_dim}], got {shape}")
+    if t.dtype != pp.dtype:
+        raise ValueError(f"slot[{c}]: expected dtype {pp.dtype} (the pools'), got {t.dtype}")
+    if t.stride()[2:] != (heads * head_dim, head_dim, 1):
+        raise ValueError(f"slot[{c}]: expected contiguous [N, H, D] rows, got strides {t.stride()}")
+
+
+def _slot_bases(slots) -> tuple[list, dict]:
+    """The slots' distinct storages (index 1.. after the pool's, index 0 of every layer's table)."""
+    bases = sorted({_storage(t) for t in slots}, key=lambda b: b[0])
+    return bases, {b: i + 1 for i, (b, _) in enumerate(bases)}
+
+
+def _assemble(pp: PagePools, slots, slot_bases, pool_rel, slot0, sizes, s_store, step, num_pairs: int,
+              to_slot: bool) -> LayerPlans:
+    """Layer 0's merged runs -> every layer's addresses [L, R]: the pool side moves to each layer's
+    pool base, the slot side by the run's layer stride."""
     pool_store = np.zeros(sizes.size, dtype=np.int64)
-    # every layer at once: [L, R]
     pool_addr = pp.bases[:, None] + pool_rel[None, :]
-    slot_addr = slot0[None, :] + np.arange(nl, dtype=np.uint64)[:, None] * slot_layer[frag_chunk][None, :]
+    slot_addr = slot0[None, :] + np.arange(len(pp.layers), dtype=np.uint64)[:, None] * step[None, :]
     storages = tuple((st,) + tuple(slot_bases) for st in pp.storages)
-    keep = tuple((t, *slots) for t in layers)
+    keep = tuple((t, *slots) for t in pp.layers)
     if to_slot:
         return LayerPlans(pool_addr, slot_addr, sizes, pool_store, s_store, storages, keep, num_pairs)
     return LayerPlans(slot_addr, pool_addr, sizes, s_store, pool_store, storages, keep, num_pairs)
+
+
+def _ints(name: str, values) -> list[int]:
+    if isinstance(values, (torch.Tensor, np.ndarray)):
+        if values.dtype.is_floating_point if isinstance(values, torch.Tensor) else values.dtype.kind not in "iu":
+            raise ValueError(f"{name}: expected integers, got dtype {values.dtype}")
+        return [int(v) for v in values.tolist()]
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise ValueError(f"{name}: expected integers, got {type(v).__name__}")
+        out.append(int(v))
+    return out
+
+
+def _plan_small(pp: PagePools, slots, page_ids, page_lens, to_slot: bool, k_only) -> LayerPlans:
+    """``plan_layer_copies`` for a few pages, in plain Python (numpy's per-call cost dominates
+    there): the same checks, fragments, order and merging as the vectorised path."""
+    num_pages, page_size, item, row = pp.num_pages, pp.page_size, pp.item, pp.row
+    page_bytes, kv_stride = page_size * row, pp.kv_stride
+    slot_bases, slot_index = _slot_bases(slots)
+    frags = []  # (pool_rel, slot_addr, size, slot storage, slot layer stride) of layer 0, in order
+    for c, (t, ids, lens) in enumerate(zip(slots, page_ids, page_lens)):
+        ids, lens = _ints("page_ids", ids), _ints("page_lens", lens)
+        if len(lens) != len(ids):
+            raise ValueError(f"page_lens[{c}]: expected shape ({len(ids)},) (page_ids[{c}]'s), got ({len(lens)},)")
+        if ids and (max(ids) >= num_pages or min(ids) < 0):
+            raise ValueError(f"page_ids[{c}]: expected ids in [0, {num_pages}), got {ids}")
+        if lens and (max(lens) > page_size or min(lens) < 0):
+            raise ValueError(f"page_lens[{c}]: every value must lie in [0, page_size={page_size}], got {lens}")
+        _check_slot(pp, c, t, sum(lens))
+        ptr, store = t.data_ptr(), slot_index[_storage(t)[0]]
+        layer_step, slot_kv = t.stride(0) * item, t.stride(1) * item
+        for kv in ((0,) if k_only is not None and k_only[c] else (0, 1)):
+            start = 0
+            for page, n in zip(ids, lens):
+                if n:
+                    frags.append((kv * kv_stride + page * page_bytes, ptr + kv * slot_kv + start * row, n * row,
+                                  store, layer_step))
+                start += n
+    runs: list[list[int]] = []
+    for f in frags:
+        if runs:
+            r = runs[-1]
+            # both sides continue the previous run, same slot storage and layer stride
+            if r[0] + r[2] == f[0] and r[1] + r[2] == f[1] and r[3] == f[3] and r[4] == f[4]:
+                r[2] += f[2]
+                continue
+        runs.append(list(f))
+    u64 = np.uint64
+    cols = list(zip(*runs)) if runs else [(), (), (), (), ()]
+    return _assemble(pp, slots, slot_bases, np.array(cols[0], dtype=u64), np.array(cols[1], dtype=u64),
+                     np.array(cols[2], dtype=u64), np.array(cols[3], dtype=np.int64), np.array(cols[4], dtype=u64),
+                     len(frags), to_slot)
 
 
 def page_fragments(pools, page_ids, slot, page_lens=None, *, to_slot: bool = True) -> FragmentPlan:
