@@ -412,3 +412,30 @@ def test_fov_separation_prefilter_keeps_the_exact_top_k():
             world, corners = index.policy._world_samples(*chunk_mean_pose(q))
             sep = index.policy._separated(corners, t, R)
             assert sep.any() and np.all(scores[sep & (ids != 1) & (ids != 2)] == 1.0)
+
+
+def test_fov_branch_and_bound_keeps_the_exact_top_k_with_ties_and_removals():
+    """The tile-bound shortlist (per-chunk planes kept at insert, swap-removal included) returns
+    the same top-k, ties by id, as ranking the full ``score`` pass; so does a direct call that
+    computes the planes itself, and on a coarse sample set where many counts tie."""
+    from worldkv_connector.bench.index import random_chunk_poses
+    from worldkv_connector.poses import chunk_mean_pose
+
+    rng = np.random.default_rng(23)
+    for n, k, kwargs in ((2000, 6, {}), (300, 10, {"rays": 8, "depths": 2}), (500, 6, {"fov_degrees": 40.0, "far": 4.0})):
+        index = PoseIndex("fov", **kwargs)
+        index.add_many("s", range(n), random_chunk_poses(n, 3, rng))
+        for cid in rng.choice(n, n // 10, replace=False).tolist():
+            index.remove("s", cid)
+        s = index._sessions["s"]
+        assert s.prep.shape[-1] >= s.n
+        np.testing.assert_allclose(s.prep[..., : s.n], index.policy.prepare(s.cand_t(), s.cand_R(True)), atol=1e-4)
+        for q in random_chunk_poses(5, 3, rng, side=n ** (1 / 3)):
+            ids, scores = index.scores("s", q, exclude=[3])
+            order = np.lexsort((ids, scores))
+            assert index.query("s", q, k, exclude=[3]) == ids[order][:k].tolist()
+            valid = ids != 3
+            rows, dist = index.policy.shortlist(s.cand_t(), s.cand_R(True), *chunk_mean_pose(q), k, valid=valid)
+            kth = np.sort(scores[valid])[k - 1]
+            assert set(np.flatnonzero(scores <= kth)) <= set(rows.tolist())
+            np.testing.assert_array_equal(dist, scores[rows])

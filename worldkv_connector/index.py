@@ -26,15 +26,18 @@ class _Session:
     threaded BLAS on a busy 2-core host costs milliseconds for a 100k mat-vec).
     """
 
-    __slots__ = ("n", "ids", "t", "R", "R_ortho", "row_of")
+    __slots__ = ("n", "ids", "t", "R", "R_ortho", "row_of", "prep", "prepare")
 
-    def __init__(self) -> None:
+    def __init__(self, prepare=None) -> None:
         self.n = 0
         self.ids = np.empty(_MIN_CAPACITY, dtype=np.int64)  # [cap]
         self.t = np.empty((3, _MIN_CAPACITY))  # [3, cap] mean translation
         self.R = np.empty((9, _MIN_CAPACITY))  # [9, cap] element-wise mean rotation, row-major 3x3
         self.R_ortho = np.empty((9, _MIN_CAPACITY))  # [9, cap] its nearest proper rotation
         self.row_of: dict[int, int] = {}
+        # the policy's per-chunk data (``policy.prepare``), ``[..., cap]``; made on first append
+        self.prepare = prepare
+        self.prep: np.ndarray | None = None
 
     def reserve(self, need: int) -> None:
         cap = self.ids.shape[0]
@@ -42,8 +45,10 @@ class _Session:
             return
         while cap < need:
             cap *= 2  # amortised O(1) appends
-        for name in ("ids", "t", "R", "R_ortho"):
+        for name in ("ids", "t", "R", "R_ortho", "prep"):
             old = getattr(self, name)
+            if old is None:
+                continue
             new = np.empty(old.shape[:-1] + (cap,), dtype=old.dtype)
             new[..., : self.n] = old[..., : self.n]
             setattr(self, name, new)
@@ -65,7 +70,13 @@ class _Session:
         self.ids[sl] = ids
         self.t[:, sl] = t.T
         self.R[:, sl] = R.reshape(k, 9).T
-        self.R_ortho[:, sl] = orthonormalize(R).reshape(k, 9).T
+        ortho = orthonormalize(R)
+        self.R_ortho[:, sl] = ortho.reshape(k, 9).T
+        if self.prepare is not None:
+            data = self.prepare(t, ortho)
+            if self.prep is None:
+                self.prep = np.empty(data.shape[:-1] + (self.ids.shape[0],), dtype=data.dtype)
+            self.prep[..., sl] = data
         for j, cid in enumerate(ids.tolist()):
             self.row_of[cid] = self.n + j
         self.n += k
@@ -76,8 +87,9 @@ class _Session:
             return False
         last = self.n - 1
         if row != last:  # swap-remove: the last column fills the hole
-            for arr in (self.ids, self.t, self.R, self.R_ortho):
-                arr[..., row] = arr[..., last]
+            for arr in (self.ids, self.t, self.R, self.R_ortho, self.prep):
+                if arr is not None:
+                    arr[..., row] = arr[..., last]
             self.row_of[int(self.ids[row])] = row
         self.n = last
         return True
@@ -153,9 +165,7 @@ class PoseIndex:
         if s is not None and chunk_id in s.row_of:
             raise ValueError(f"chunk {chunk_id} of session {session_id!r} is already in the pose index")
         t, R = chunk_mean_pose(poses)
-        self._sessions.setdefault(session_id, _Session()).append(
-            np.array([chunk_id], dtype=np.int64), t[None], R[None]
-        )
+        self._session(session_id).append(np.array([chunk_id], dtype=np.int64), t[None], R[None])
         self._count += 1
 
     def add_many(self, session_id: str, chunk_ids: Iterable[int], frame_poses) -> None:
@@ -177,8 +187,14 @@ class PoseIndex:
             seen.add(cid)
         t = arr[:, :, :3, 3].mean(axis=1)  # [N, 3]
         R = arr[:, :, :3, :3].mean(axis=1)  # [N, 3, 3] element-wise mean, as chunk_mean_pose
-        self._sessions.setdefault(session_id, _Session()).append(np.array(ids, dtype=np.int64), t, R)
+        self._session(session_id).append(np.array(ids, dtype=np.int64), t, R)
         self._count += len(ids)
+
+    def _session(self, session_id: str) -> _Session:
+        s = self._sessions.get(session_id)
+        if s is None:
+            s = self._sessions[session_id] = _Session(getattr(self.policy, "prepare", None))
+        return s
 
     def remove(self, session_id: str, chunk_id: int) -> bool:
         """Drop one chunk; False when it was not indexed."""
@@ -238,7 +254,8 @@ class PoseIndex:
             return []
         s, cand_t, cand_R, q_t, q_R, valid = got
         if hasattr(self.policy, "shortlist"):
-            rows, dist = self.policy.shortlist(cand_t, cand_R, q_t, q_R, int(k), valid=valid)
+            extra = {} if s.prep is None else {"prepared": s.prep[..., : s.n]}
+            rows, dist = self.policy.shortlist(cand_t, cand_R, q_t, q_R, int(k), valid=valid, **extra)
         else:
             dist = self.policy.score(cand_t, cand_R, q_t, q_R, valid=valid)
             rows = np.arange(s.n) if valid is None else np.flatnonzero(valid)

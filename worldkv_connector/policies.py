@@ -200,6 +200,29 @@ class FovPolicy:
         object.__setattr__(self, "_tan", (tan_h, tan_v))
         # every point of a frustum lies within this distance of its camera centre
         object.__setattr__(self, "_reach", self.far * math.sqrt(1 + tan_h**2 + tan_v**2))
+        normals = np.array([[1.0, 0, -tan_h], [-1.0, 0, -tan_h], [0, 1.0, -tan_v], [0, -1.0, -tan_v],
+                            [0, 0, -1.0], [0, 0, 1.0]])  # [6, 3] faces: inside iff n . p_local <= b
+        scale = np.linalg.norm(normals, axis=1)
+        object.__setattr__(self, "_unit_normals", normals / scale[:, None])
+        object.__setattr__(self, "_unit_bound", np.array([0.0, 0.0, 0.0, 0.0, -self.near, self.far]) / scale)
+        object.__setattr__(self, "_tiles", (self._make_tiles(uv, z, 1), self._make_tiles(uv, z, 2)))
+
+    def _make_tiles(self, uv: np.ndarray, z: np.ndarray, splits: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tiles of the samples: per depth, the image split into splits x splits parts, each tile
+        the box around its samples. Returns (corners [T * 4, 3] query frame, counts [T] float32)."""
+        tan_h, tan_v = self._tan
+        cell = np.minimum(((uv + 1.0) * 0.5 * splits).astype(np.int64), splits - 1)  # [rays, 2]
+        corners, counts = [], []
+        for depth in z:
+            for cu in range(splits):
+                for cv in range(splits):
+                    mine = (cell[:, 0] == cu) & (cell[:, 1] == cv)
+                    if not mine.any():
+                        continue
+                    lo, hi = uv[mine].min(axis=0), uv[mine].max(axis=0)
+                    corners += [[u * tan_h * depth, v * tan_v * depth, depth] for u in (lo[0], hi[0]) for v in (lo[1], hi[1])]
+                    counts.append(float(np.count_nonzero(mine)))
+        return np.array(corners), np.array(counts, dtype=np.float32)
 
     @property
     def points(self) -> np.ndarray:
@@ -215,7 +238,7 @@ class FovPolicy:
                             for sx in (-1.0, 1.0) for sy in (-1.0, 1.0)])
         return self._points @ rot.T + q_t, corners @ rot.T + q_t
 
-    def _near_rows(self, cand_t, world, valid) -> np.ndarray:
+    def _near_rows(self, cand_t, world, valid, radius: bool = False):
         """Rows whose frustum can reach a sample (exact shortcut: every point of a candidate frustum
         lies within ``reach`` of its centre, so a candidate farther than reach + r0 from the
         samples' centre c0 sees none of them)."""
@@ -225,7 +248,7 @@ class FovPolicy:
         near = d2 <= (self._reach + r0) ** 2 * (1 + 1e-9)
         if valid is not None:
             near &= valid
-        return np.flatnonzero(near)
+        return (np.flatnonzero(near), r0) if radius else np.flatnonzero(near)
 
     def _separated(self, corners, t, R) -> np.ndarray:
         """[B] bool: the query frustum (convex hull of ``corners`` [8, 3]) lies entirely outside one
@@ -267,25 +290,125 @@ class FovPolicy:
             out[~valid] = np.inf
         return out
 
-    def shortlist(self, cand_t, cand_R, q_t, q_R, k: int, valid=None) -> tuple[np.ndarray, np.ndarray]:
+    def prepare(self, cand_t: np.ndarray, cand_R: np.ndarray) -> np.ndarray:
+        """Per-chunk frustum planes, computed once at insert: ``[4, 6, N]`` float32 where
+        ``[:3, k, c]`` is the unit world normal of face k of candidate c and ``[3, k, c]`` its
+        offset, so a world point p is outside face k by ``p . n - offset`` (a signed distance).
+        cand_t: [N, 3], cand_R: [N, 3, 3] proper rotations."""
+        cand_t = np.asarray(cand_t, dtype=np.float64)
+        w = np.einsum("nij,kj->ikn", np.asarray(cand_R, dtype=np.float64), self._unit_normals)  # [3, 6, N]
+        out = np.empty((4, 6, cand_t.shape[0]), dtype=np.float32)
+        out[:3] = w
+        out[3] = self._unit_bound[:, None] + np.einsum("ikn,ni->kn", w, cand_t)
+        return out
+
+    def _tile_bound(self, planes: np.ndarray, tiles: tuple, tol: float) -> np.ndarray:
+        """Upper bound [m] int on the samples inside each candidate: the sum of the counts of the
+        tiles (boxes around groups of samples) that no face separates from the candidate.
+        planes: [4, 6, m] (``prepare``); tiles: (corners_h [T * 4, 4] float32, counts [T])."""
+        corners_h, counts = tiles
+        n_tiles, m = counts.shape[0], planes.shape[2]
+        worst = None  # [T, m]: per tile, the largest over faces of its smallest corner distance
+        for k in range(6):
+            g = (corners_h @ planes[:, k, :]).reshape(n_tiles, 4, m)
+            low = np.minimum(np.minimum(g[:, 0], g[:, 1]), np.minimum(g[:, 2], g[:, 3]))
+            worst = low if worst is None else np.maximum(worst, low, out=worst)
+        return counts @ (worst <= tol).astype(np.float32)
+
+    def _query_tiles(self, q_t, q_R) -> tuple[tuple, tuple]:
+        """The two tile levels of the query moved to world: ((corners_h, counts), ...)."""
+        rot = orthonormalize(q_R)
+        q_t = np.asarray(q_t, dtype=np.float64)
+        out = []
+        for corners, counts in self._tiles:
+            h = np.empty((corners.shape[0], 4), dtype=np.float32)
+            h[:, :3] = corners @ rot.T + q_t
+            h[:, 3] = -1.0
+            out.append((h, counts))
+        return tuple(out)
+
+    def shortlist(
+        self, cand_t, cand_R, q_t, q_R, k: int, valid=None, prepared=None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(rows, dist)`` holding every row whose score is at most the k-th smallest, with the
-        exact scores of ``score``. Rows out of reach or whose frustum is separated from the
-        query's by one of its face planes see no sample (score exactly 1) and skip the sample
-        test; when the rows that do see samples hold k scores below 1 they are the answer,
-        otherwise every valid row is returned (the ties at 1 break by id)."""
+        exact scores of ``score``. prepared: ``prepare(cand_t, cand_R)`` kept by the index
+        (computed here when None).
+
+        Branch and bound on the sample count (score = 1 - count / M): the samples are grouped
+        into tiles (per depth, a box around the samples of one part of the image); a tile that
+        one face plane of a candidate leaves entirely outside (by a margin far above the
+        float32 rounding of the sample test) contributes none of its samples, so the counts of
+        the other tiles bound the candidate's count from above. Candidates are visited by
+        decreasing coarse bound (one tile per depth), the fine bound (2 x 2 tiles per depth)
+        filters each block, and only candidates whose bound reaches the k-th best exact count
+        found so far get the exact sample test. A skipped candidate's count is below that k-th
+        best, so the returned rows hold the true top k with all its ties. When fewer than k
+        candidates see a sample, every valid row is returned (ties at 1 break by id)."""
         n = cand_t.shape[0]
         valid = _mask_inputs(n, valid)
-        world, corners = self._world_samples(q_t, q_R)
-        rows = self._near_rows(cand_t, world, valid)
-        if rows.size:
-            rows = rows[~self._separated(corners, cand_t[rows], cand_R[rows])]
-        dist = 1.0 - self._fractions(world, cand_t[rows], cand_R[rows]) if rows.size else np.empty(0)
-        if np.count_nonzero(dist < 1.0) >= k > 0:
-            return rows, dist
-        every = np.arange(n) if valid is None else np.flatnonzero(valid)
+        every = (lambda: np.arange(n)) if valid is None else (lambda: np.flatnonzero(valid))
+        if k <= 0:
+            return every(), self.score(cand_t, cand_R, q_t, q_R, valid)[every()]
+        world, _ = self._world_samples(q_t, q_R)
+        rows, r0 = self._near_rows(cand_t, world, valid, radius=True)
+        if prepared is None:
+            prepared = self.prepare(cand_t[rows], cand_R[rows])
+            local = True
+        else:
+            local = False
+        coarse, fine = self._query_tiles(q_t, q_R)
+        # every near candidate lies within reach + r0 of the samples: this bounds all coordinates
+        tol = 1e-3 * (1.0 + float(np.abs(world).max()) + 2.0 * (self._reach + r0))
+        m_samples = world.shape[0]
+        q_t = np.asarray(q_t, dtype=np.float64)
+        if local:
+            bound = self._tile_bound(prepared, coarse, tol)
+        elif rows.size * 2 >= n:  # most rows are near: no gather, bound them in place
+            bound = self._tile_bound(prepared, coarse, tol)[rows]
+        else:
+            bound = self._tile_bound(prepared[:, :, rows], coarse, tol)
+        # visit by decreasing coarse bound (a few distinct values: buckets, no sort); the first
+        # block is the 64 of the top bucket whose frustum centre is nearest the query's, so the
+        # k-th best count (the pruning threshold) is high from the start
+        levels = np.unique(bound[bound >= 1.0])[::-1]
+        buckets = [np.flatnonzero(bound == v) for v in levels]
+        if buckets:
+            top = buckets[0]
+            mid = 0.5 * (self.near + self.far)
+            fq = orthonormalize(q_R)[:, 2]
+            ct = cand_t[rows[top]]
+            fc = cand_R[rows[top], :, 2]
+            d2 = sum((ct[:, j] + mid * (fc[:, j] - fq[j]) - q_t[j]) ** 2 for j in range(3))
+            if top.size > 64:
+                near_first = np.argpartition(d2, 63)
+                buckets[0] = top[near_first]
+        order = np.concatenate(buckets) if buckets else np.empty(0, dtype=np.int64)
+        bound = bound[order]
+        # order / pos index into rows; cand are candidate rows
+        got_pos = []
+        tau, start, blk, seen = 1.0, 0, 64, np.empty(0)
+        while start < order.size and bound[start] >= tau:
+            stop = min(start + blk, order.size)
+            pos = order[start:stop][bound[start:stop] >= tau]
+            cand = rows[pos]
+            fine_bound = self._tile_bound(prepared[:, :, pos if local else cand], fine, tol)
+            pos, cand = pos[fine_bound >= tau], cand[fine_bound >= tau]
+            if cand.size:
+                frac = self._fractions(world, cand_t[cand], cand_R[cand])
+                got_pos.append(cand)
+                seen = np.concatenate([seen, frac])
+                if seen.size >= k:
+                    kth = float(np.partition(seen, seen.size - k)[seen.size - k]) * m_samples
+                    tau = max(tau, round(kth))
+            start, blk = stop, 256
+        got = np.concatenate(got_pos) if got_pos else np.empty(0, dtype=np.int64)
+        dist = 1.0 - seen
+        if np.count_nonzero(dist < 1.0) >= k:
+            return got, dist
+        rows_all = every()
         full = np.ones(n)
-        full[rows] = dist
-        return every, full[every]
+        full[got] = dist
+        return rows_all, full[rows_all]
 
     def _inside_fraction(self, wh: np.ndarray, t: np.ndarray, R: np.ndarray) -> np.ndarray:
         """wh: [M, 4] float32 homogeneous world points; t: [B, 3], R: [B, 3, 3] -> [B] fractions."""
