@@ -24,6 +24,8 @@ __all__ = ["HELP", "add_arguments", "run", "random_chunk_poses"]
 HELP = "pose-index query latency: top-k over N banked chunks per policy (target < 2 ms at 100k, pose)"
 TARGET_MS = 2.0
 TARGET_CHUNKS = 100_000
+# (policy, chunks) -> target median ms (issue targets; printed, never asserted)
+TARGETS = {("pose", 100_000): 2.0, ("fov", 10_000): 2.0, ("fov", 100_000): 20.0}
 
 
 def _int_list(text: str) -> list[int]:
@@ -129,7 +131,8 @@ def run(args: argparse.Namespace) -> dict:
                 row["speedup"] = row["baseline_ms"] / row["median_ms"]
             results.append(row)
     _print_table(results)
-    return {"results": results, "target_ms": TARGET_MS}
+    targets = [{"policy": p, "chunks": c, "median_ms_below": v} for (p, c), v in TARGETS.items()]
+    return {"results": results, "target_ms": TARGET_MS, "targets": targets}
 
 
 def _loop_query(labels: list[tuple[int, np.ndarray, np.ndarray]], query: np.ndarray, k: int, exclude: set) -> list[int]:
@@ -154,8 +157,9 @@ def _print_table(results: list[dict]) -> None:
         f"{'loop ms':>9} {'speedup':>8}  target"
     )
     for r in results:
-        if r["policy"] == "pose" and r["chunks"] == TARGET_CHUNKS:
-            verdict = f"< {TARGET_MS:g} ms {'met' if r['median_ms'] < TARGET_MS else 'MISSED'}"
+        target = TARGETS.get((r["policy"], r["chunks"]))
+        if target is not None:
+            verdict = f"< {target:g} ms {'met' if r['median_ms'] < target else 'MISSED'} (median)"
         else:
             verdict = "-"
         base = "-" if r["baseline_ms"] is None else f"{r['baseline_ms']:.1f}"
