@@ -37,7 +37,8 @@ HELP = "paged pool -> bank offload GB/s vs one contiguous copy, a per-fragment l
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_common_arguments(p, plot=True)
+    # copies of a few MB take ~0.1 ms: on a shared host a median of 5 swings by 2x, so more runs
+    add_common_arguments(p, plot=True, repeats=21, warmup=3)
     p.add_argument("--page-sizes", help="page sizes in tokens to sweep (default 16,32,64,128,256 + the ~16 KiB page)")
     p.add_argument("--chunks", type=int, default=4, help="chunks moved per timed copy (default 4)")
     p.add_argument("--keep-ratio", type=float, default=WorldKVConfig().keep_ratio,
