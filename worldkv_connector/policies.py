@@ -367,22 +367,20 @@ class FovPolicy:
             bound = self._tile_bound(prepared, coarse, tol)[rows]
         else:
             bound = self._tile_bound(prepared[:, :, rows], coarse, tol)
-        # visit by decreasing coarse bound (a few distinct values: buckets, no sort); the first
-        # block is the 64 of the top bucket whose frustum centre is nearest the query's, so the
-        # k-th best count (the pruning threshold) is high from the start
-        levels = np.unique(bound[bound >= 1.0])[::-1]
-        buckets = [np.flatnonzero(bound == v) for v in levels]
-        if buckets:
-            top = buckets[0]
-            mid = 0.5 * (self.near + self.far)
-            fq = orthonormalize(q_R)[:, 2]
-            ct = cand_t[rows[top]]
-            fc = cand_R[rows[top], :, 2]
-            d2 = sum((ct[:, j] + mid * (fc[:, j] - fq[j]) - q_t[j]) ** 2 for j in range(3))
+        # visit by decreasing coarse bound (small ints: a stable radix sort); the first block is
+        # the 64 of the top level whose frustum centre is nearest the query's, so the k-th best
+        # count (the pruning threshold) is high from the start
+        level = bound.astype(np.int16 if m_samples < (1 << 15) else np.int64)
+        order = np.argsort(-level, kind="stable")
+        order = order[: int(np.count_nonzero(level >= 1))]
+        if order.size > 64:
+            top = order[: int(np.count_nonzero(level == level[order[0]]))]
             if top.size > 64:
-                near_first = np.argpartition(d2, 63)
-                buckets[0] = top[near_first]
-        order = np.concatenate(buckets) if buckets else np.empty(0, dtype=np.int64)
+                mid = 0.5 * (self.near + self.far)
+                fq = orthonormalize(q_R)[:, 2]
+                ct, fc = cand_t[rows[top]], cand_R[rows[top], :, 2]
+                d2 = sum((ct[:, j] + mid * (fc[:, j] - fq[j]) - q_t[j]) ** 2 for j in range(3))
+                order[: top.size] = top[np.argpartition(d2, 63)]
         bound = bound[order]
         # order / pos index into rows; cand are candidate rows
         got_pos = []
@@ -400,7 +398,7 @@ class FovPolicy:
                 if seen.size >= k:
                     kth = float(np.partition(seen, seen.size - k)[seen.size - k]) * m_samples
                     tau = max(tau, round(kth))
-            start, blk = stop, 256
+            start, blk = stop, 1024
         got = np.concatenate(got_pos) if got_pos else np.empty(0, dtype=np.int64)
         dist = 1.0 - seen
         if np.count_nonzero(dist < 1.0) >= k:
