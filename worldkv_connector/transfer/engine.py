@@ -193,16 +193,23 @@ class TransferEngine:
         for base, device in plan.storages:
             if device.type != "cpu" and device != self.device:
                 raise ValueError(f"plan: memory at {base:#x} is on {device}, expected cpu or {self.device}")
-        src, dst, sizes, head = merge_fragment_arrays(plan)
+        if self.device.type == "cpu" and plan.merged:  # host path: no merge, the planner's int lists
+            src = dst = None
+            sizes = plan.sizes
+            runs = plan.lists if plan.lists is not None else (plan.src, plan.dst, plan.sizes)
+        else:
+            src, dst, sizes, head = merge_fragment_arrays(plan)
+            runs = (src, dst, sizes)
+        nbytes = plan.total if plan.merged and plan.total is not None else int(sizes.sum())
         job = TransferJob(
-            job_id=next(self._ids), kind=kind, nbytes=int(sizes.sum()), num_fragments=int(sizes.size),
+            job_id=next(self._ids), kind=kind, nbytes=nbytes, num_fragments=int(sizes.shape[0]),
             path=self.path, tag=tag, submitted_at=time.perf_counter(), num_pairs=plan.num_fragments,
         )
         self._account_submit(job)
         if self.device.type == "cpu":
             t0 = time.perf_counter()
             try:
-                memmove_runs(src, dst, sizes)  # host memory only: checked above
+                memmove_runs(*runs)  # host memory only: checked above
             except Exception as exc:  # noqa: BLE001 - reported on the job, never raised mid-step
                 self._fail(job, exc)
             self._stats["busy_s"] += time.perf_counter() - t0

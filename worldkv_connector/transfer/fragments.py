@@ -40,10 +40,14 @@ class FragmentPlan:
     dst_store: np.ndarray
     merged: bool = False  # runs already merged (``layer_plan`` plans): the engine skips merging
     pairs: int | None = None  # page fragments described before merging (None: one per entry)
+    # optional: the payload bytes and the (src, dst, sizes) runs as Python int lists, when the
+    # planner already has them (saves the host path a reduction and three conversions per job)
+    total: int | None = None
+    lists: tuple | None = None
 
     @property
     def nbytes(self) -> int:
-        return int(self.sizes.sum())
+        return int(self.sizes.sum()) if self.total is None else self.total
 
     @property
     def num_fragments(self) -> int:
@@ -113,10 +117,12 @@ def merge_fragment_arrays(plan: FragmentPlan) -> tuple[np.ndarray, np.ndarray, n
 
 
 # --- executing merged runs of a plan (the engine picks which) ----------------------------------
-def memmove_runs(src: np.ndarray, dst: np.ndarray, sizes: np.ndarray) -> None:
-    """Host-to-host copies by address (the CPU path; ranges were checked by ``plan_fragments``)."""
-    for s, d, n in zip(src.tolist(), dst.tolist(), sizes.tolist()):
-        ctypes.memmove(d, s, n)
+def memmove_runs(src, dst, sizes) -> None:
+    """Host-to-host copies by address (the CPU path; ranges were checked by ``plan_fragments``).
+    src, dst, sizes: [R] uint64 arrays or lists of ints."""
+    move = ctypes.memmove
+    for s, d, n in zip(*(a.tolist() if isinstance(a, np.ndarray) else a for a in (src, dst, sizes))):
+        move(d, s, n)
 
 
 def _storage_tensors(plan: FragmentPlan) -> list[torch.Tensor]:

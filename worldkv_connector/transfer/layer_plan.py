@@ -11,6 +11,7 @@ the pool, page lengths inside a page, rows inside each slot.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -60,10 +61,19 @@ class LayerPlans:
     def layer_bytes(self) -> int:
         return int(self.sizes.sum())
 
+    @functools.cached_property
+    def _lists(self) -> tuple[list, list, list, int]:
+        """src [L][R], dst [L][R], sizes [R] as Python ints and the bytes of one layer (built once
+        per step, for the host copy path)."""
+        sizes = self.sizes.tolist()
+        return self.src.tolist(), self.dst.tolist(), sizes, sum(sizes)
+
     def layer(self, layer: int) -> FragmentPlan:
         """The ``FragmentPlan`` of layer ``layer`` (views of the step's arrays, no copy)."""
+        src, dst, sizes, total = self._lists
         return FragmentPlan(self.src[layer], self.dst[layer], self.sizes, self.keep[layer], self.storages[layer],
-                            self.src_store, self.dst_store, merged=True, pairs=self.num_pairs)
+                            self.src_store, self.dst_store, merged=True, pairs=self.num_pairs, total=total,
+                            lists=(src[layer], dst[layer], sizes))
 
     def all_layers(self) -> FragmentPlan:
         """Every layer's runs in one plan (layer-major), for a single job over all layers."""
