@@ -9,7 +9,9 @@ All arrays are float64 numpy (camera-to-world, OpenCV axes, see ``worldkv_connec
 any normalisation over the candidates (the index uses it for sink/recent exclusion without
 copying the candidate arrays). A policy may also offer
 ``shortlist(cand_t, cand_R, q_t, q_R, k, valid=None) -> (rows, dist)``, a subset of rows holding
-the k best with their exact scores, which ``PoseIndex.query`` then uses instead of ``score``.
+the k best with their exact scores, which ``PoseIndex.query`` then uses instead of ``score``; and
+``prepare(cand_t, cand_R) -> [..., N]``, per-chunk data the index computes once at insert, keeps
+beside the poses and passes to ``shortlist`` as ``prepared=``.
 A policy whose ``orthonormal`` attribute is true wants proper
 rotations in ``cand_R`` (``PoseIndex`` passes the SVD-orthonormalised chunk means); otherwise it
 gets the raw element-wise mean rotation, as the WorldKV reference uses. A new policy is one class
