@@ -23,7 +23,9 @@ class _Session:
 
     Struct-of-arrays: ``t`` is ``[3, cap]`` and ``R`` / ``R_ortho`` are ``[9, cap]``, so every
     component the scorer streams over is contiguous and a score pass needs no BLAS call (a
-    threaded BLAS on a busy 2-core host costs milliseconds for a 100k mat-vec).
+    threaded BLAS on a busy 2-core host costs milliseconds for a 100k mat-vec). ``prep`` holds
+    the policy's per-chunk data (``policy.prepare``, e.g. the fov policy's face planes), computed
+    once at insert and moved with its row.
     """
 
     __slots__ = ("n", "ids", "t", "R", "R_ortho", "row_of", "prep", "prepare")
