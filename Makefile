@@ -7,7 +7,7 @@ VLLM_STAMP := $(VENV)/.vllm-installed
 # pip quiet, and no warnings about missing local index folders
 PIP    := $(BIN)/pip --disable-pip-version-check -q
 
-.PHONY: demo test test-fast soak setup setup-vllm clean
+.PHONY: demo test test-fast soak setup setup-vllm clean gpu-check
 
 $(STAMP): pyproject.toml setup.py
 	@echo "[setup] creating $(VENV) and installing worldkv-connector (first run only)"
@@ -38,6 +38,12 @@ test-fast: $(STAMP)
 
 soak: $(STAMP)
 	$(BIN)/python -m pytest -m slow
+
+# GPU verification in one time-boxed run (README "GPU check"); on a machine without CUDA, the dry run.
+# The GPU machine has no venv: its own Python (torch, triton, cupy) runs it and installs the package.
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	$(GPU_PYTHON) -P worldkv_connector/bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
