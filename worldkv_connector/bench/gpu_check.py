@@ -101,9 +101,11 @@ def build_plan(py: str, out: Path, repo: Path = REPO) -> list[Part]:
                                 "--steps", "4", "--repeats", "3", "--warmup", "1"), 60, outputs=("reinsert.json",)),
         Part("overlap", _bench(py, out, "overlap", *wan, "--repeats", "5", "--warmup", "2"), 45,
              outputs=("overlap.json",)),
-        # triton attention: the torch reference would materialise [12, 4680, 187k] fp32 scores at chunk 40
+        # triton attention: the torch reference would materialise [12, 4680, 187k] fp32 scores at chunk 40;
+        # 48 GiB of pages hold 40 full-KV chunks (32 GiB) whatever an earlier mode left allocated
         Part("e2e", _bench(py, out, "e2e", "--preset", "wan-1.3b", "--device", "cuda", "--dtype", "bf16",
                            "--num-chunks", "40", "--window", "8", "--attention-backend", "triton",
+                           "--kv-cache-memory", "48",
                            "--modes", "full,sliding,worldkv,reference-style"), 170, outputs=("e2e.json",)),
         Part("compress", _bench(py, out, "compress", *wan, "--repeats", "5"), 40, outputs=("compress.json",)),
         Part("connector", _bench(py, out, "connector", *wan), 60, outputs=("connector.json",)),
