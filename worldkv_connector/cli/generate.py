@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from worldkv_connector.cli.video_outputs import VideoOutputs, add_video_arguments
+
 __all__ = ["register", "add_engine_arguments", "engine_args_from", "summarize", "cpu_threads", "chunk_record",
            "engine_recall_summary"]
 
@@ -103,6 +105,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "chunks are numbered after them; refused if the model shape or config differs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
+    add_video_arguments(p)  # --vae, --video, --frames, --contact-sheet, --prompt*, --image (video_outputs.py)
     p.set_defaults(func=run)
 
 
@@ -245,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
     from worldkv_connector.poses import parse_trajectory, validate_poses
 
     get_model_config(args.model)  # bad inputs fail before any model or cache is built
+    outputs = VideoOutputs.from_args(args, get_model_config(args.model))  # VAE, prompt, image: checked and loaded
     if args.poses is not None:
         source = {"poses": validate_poses(_load_poses(args.poses), "--poses")}
     else:
@@ -261,7 +265,8 @@ def run(args: argparse.Namespace) -> int:
             if args.save_bank:
                 bank_api.retain_finished_sessions = True  # keep the entries past the sessions' end
         for i in range(args.sessions):
-            engine.add_session(f"s{i}", num_chunks=args.num_chunks, seed=args.seed + i, **source)
+            engine.add_session(f"s{i}", num_chunks=args.num_chunks, seed=args.seed + i, **source,
+                               **outputs.session_kwargs(engine.add_session))
         total = sum(s.num_chunks for s in engine.scheduler.sessions.values())
         records: list[dict] = []
         from tqdm import tqdm
@@ -269,9 +274,14 @@ def run(args: argparse.Namespace) -> int:
         with tqdm(total=total, unit="chunk", file=sys.stderr, disable=args.no_progress, desc="generate") as bar:
             def on_result(r) -> None:
                 records.append(chunk_record(r))
+                outputs.on_chunk(r)
                 bar.update(1)
 
-            engine.run(on_result)
+            try:
+                engine.run(on_result)
+            finally:  # an interrupted run still leaves a playable video of what was made
+                for line in outputs.close(engine):
+                    print(line)
         metrics = engine.metrics()
         summary = summarize(records, metrics)
         if engine_args.eval_attention_recall:
