@@ -213,7 +213,7 @@ class VideoOutputs:
         self._videos.clear()
         return lines
 
-    def _contact_sheet(self, engine) -> str:
+    def _contact_sheet(self, engine, max_rows: int = 12) -> str:
         from worldkv_connector.cli.video_writers import contact_sheet
         from worldkv_connector.integration.video.recall import revisit_sources
 
@@ -221,11 +221,21 @@ class VideoOutputs:
         pairs = []
         for sid, stills in self._stills.items():
             stills = sorted(stills, key=lambda s: s[0])
-            sources = revisit_sources(np.stack([s[2] for s in stills]), sched.sink_chunks, sched.recent_chunks)
+            poses = np.stack([s[2] for s in stills])  # [N, 4, 4]
+            sources = revisit_sources(poses, sched.sink_chunks, sched.recent_chunks)
             for c, src in enumerate(sources):
-                if src:  # the first visit: the earliest chunk it revisits
-                    pairs.append((stills[src[0]][0], stills[src[0]][1], stills[c][0], stills[c][1]))
+                if src:  # the first visit: the candidate whose view is closest (earliest on ties)
+                    j = min(src, key=lambda j: (_view_distance(poses[j], poses[c]), j))
+                    pairs.append((stills[j][0], stills[j][1], stills[c][0], stills[c][1]))
         if not pairs:
             return f"--contact-sheet {self.args.contact_sheet}: no revisit in this rollout, nothing written"
-        contact_sheet(self.args.contact_sheet, pairs, f"first visit | revisit ({len(pairs)} revisits)")
+        if len(pairs) > max_rows:  # evenly over the rollout
+            pairs = [pairs[round(i * (len(pairs) - 1) / (max_rows - 1))] for i in range(max_rows)]
+        contact_sheet(self.args.contact_sheet, pairs, f"first visit | revisit ({len(pairs)} rows)")
         return f"wrote {self.args.contact_sheet} ({len(pairs)} revisit rows)"
+
+
+def _view_distance(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(rotation angle in degrees, translation) between two [4, 4] camera-to-world poses."""
+    cos = (np.trace(a[:3, :3].T @ b[:3, :3]) - 1.0) / 2.0
+    return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))), float(np.linalg.norm(a[:3, 3] - b[:3, 3]))

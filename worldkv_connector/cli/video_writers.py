@@ -1,8 +1,9 @@
 """Where decoded frames go: an MP4 written as it grows, PNG frames, a first-visit/revisit sheet.
 
-Frames are ``uint8`` arrays ``[H, W, 3]`` (RGB). ``Mp4Writer`` is PyAV (H.264, yuv420p) with a
-fragmented MP4 (``empty_moov`` + a fragment per keyframe, a keyframe every second): what was
-written before a crash or a kill is a playable file, and ``close`` flushes the encoder.
+Frames are ``uint8`` arrays ``[H, W, 3]`` (RGB). ``Mp4Writer`` is PyAV (H.264, yuv420p, x264
+without lookahead) into a fragmented MP4 (``empty_moov`` + a fragment per keyframe, a keyframe
+every second of video): after a crash or a kill the file plays up to the last whole second
+written, and ``close`` writes the rest.
 """
 from __future__ import annotations
 
@@ -41,12 +42,15 @@ class Mp4Writer:
         if height % 2 or width % 2:
             raise ValueError(f"--video: frames of {height}x{width}; H.264 yuv420p needs even sizes")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # fragmented MP4: a moov up front, then a fragment per keyframe, flushed to the file per packet
         self._container = self._av.open(str(self.path), mode="w", format="mp4",
-                                        options={"movflags": "frag_keyframe+empty_moov+default_base_moof"})
+                                        options={"movflags": "frag_keyframe+empty_moov+default_base_moof",
+                                                 "flush_packets": "1"})
         s = self._container.add_stream(self.codec, rate=self.fps)
         s.width, s.height, s.pix_fmt = width, height, "yuv420p"
         s.gop_size = self.fps  # a keyframe, hence a fragment on disk, every second of video
-        s.options = {"crf": str(self.crf), "preset": "medium"}
+        # zerolatency: no lookahead or B-frames, so each frame leaves the encoder when written
+        s.options = {"crf": str(self.crf), "preset": "medium", "tune": "zerolatency"}
         self._stream = s
 
     def write(self, frames: np.ndarray) -> None:
