@@ -88,7 +88,7 @@ def build_plan(py: str, out: Path, repo: Path = REPO) -> list[Part]:
         Part("facts", [*me, "--facts", str(out / "device.json")], 30, gpu=False, outputs=("device.json",)),
         Part("install", [py, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", "-e", str(repo)], 120),
         Part("plan", [*me, "--check-plan", str(out / "plan.json")], 60, gpu=False),
-        Part("cuda-tests", [*pytest, f"--junitxml={out / 'cuda-tests.xml'}", "tests", "integration"], 120,
+        Part("cuda-tests", [*pytest, f"--junitxml={out / 'cuda-tests.xml'}", "tests", "integration"], 110,
              outputs=("cuda-tests.xml",)),
         Part("memcheck", ["compute-sanitizer", "--tool", "memcheck", "--report-api-errors", "no",
                           "--log-file", str(out / "memcheck.log"), *pytest,
@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="wall-clock budget of the whole run; parts left over are skipped (default 420)")
     ap.add_argument("--only", help="comma-separated parts to run (e.g. e2e,memcheck for a rerun)")
+    ap.add_argument("--print-plan", action="store_true", help="print the parts, their timeouts and commands, and exit")
     ap.add_argument("--facts", metavar="PATH", help=argparse.SUPPRESS)
     ap.add_argument("--check-plan", metavar="PATH", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -265,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--budget-s {args.budget_s}: must be > 0")
     out = Path(args.out or os.environ.get("OUT") or REPO / "out" / "gpu-check")
     parts = build_plan(sys.executable, out)
+    if args.print_plan:
+        for p in parts:
+            print(f"{p.name:<11} {p.timeout_s:>4} s  {'GPU' if p.gpu else 'any'}  "
+                  + (f"skipped: {p.skip}" if p.skip else shlex.join(p.argv)))
+        print(f"budget {args.budget_s:.0f} s; output {out}")
+        return 0
     only = set(args.only.split(",")) if args.only else None
     unknown = sorted((only or set()) - {p.name for p in parts})
     if unknown:
