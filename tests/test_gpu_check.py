@@ -58,13 +58,15 @@ def test_a_missing_bench_is_skipped_with_a_note(tmp_path):
 
 
 def test_a_hanging_part_is_killed_at_its_timeout_and_the_rest_still_run(tmp_path):
-    parts = [Part("hang", [sys.executable, "-c", "import time; time.sleep(60)"], 1, gpu=False),
+    (tmp_path / "hang.json").write_text("{}")  # left by an earlier run
+    parts = [Part("hang", [sys.executable, "-c", "import time; time.sleep(60)"], 1, gpu=False, outputs=("hang.json",)),
              Part("after", [sys.executable, "-c", "print('ran')"], 20, gpu=False),
              Part("gpu-only", [sys.executable, "-c", "raise SystemExit(3)"], 20)]
     res = run_plan(parts, tmp_path, dry=True, budget_s=60, say=lambda *a, **k: None)
     status = {p["name"]: p["status"] for p in res["parts"]}
     assert status == {"hang": "timed out after 1 s", "after": "ok", "gpu-only": "skipped"}
     assert "ran" in (tmp_path / "logs" / "after.log").read_text()
+    assert not (tmp_path / "hang.json").exists() and "hang.json" not in res["files"]
 
 
 def test_verdicts_from_bench_json_junit_and_sanitizer(tmp_path):

@@ -181,6 +181,8 @@ def run_plan(parts: list[Part], out: Path, *, dry: bool | None = None, budget_s:
             p.result = {"status": "skipped", "why": f"{argv[0]} not found"}
         else:
             say(f"[gpu-check] {i}/{len(parts)} {p.name} (timeout {min(p.timeout_s, left):.0f} s)", flush=True)
+            for name in p.outputs:  # a part that fails this time must not report an earlier run's file
+                (out / name).unlink(missing_ok=True)
             p.result = _run(p, resolved, min(p.timeout_s, left), env, out)
             if argv is p.dry_argv:
                 p.result["why"] = "dry run: the GPU command was not run; its test selection was collected"
@@ -208,7 +210,7 @@ def run_plan(parts: list[Part], out: Path, *, dry: bool | None = None, budget_s:
     say("\n" + table)
     say("\nfiles: " + ", ".join(f"{k} -> {v}" for k, v in files.items()))
     if dry:
-        say("dry run: no CUDA device here, so every GPU part was skipped (facts and the plan check ran); "
+        say("dry run (no CUDA device, or --dry-run): every GPU part was skipped (facts and the plan check ran); "
             "on a GPU machine `make gpu-check` runs them all")
     return results
 

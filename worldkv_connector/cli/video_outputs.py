@@ -194,7 +194,8 @@ class VideoOutputs:
 
             from tqdm import tqdm
 
-            self._bar = tqdm(unit="frame", desc="decode", file=sys.stderr, disable=getattr(self.args, "no_progress", False))
+            self._bar = tqdm(unit="frame", desc="decode", file=sys.stderr, position=1,
+                             disable=getattr(self.args, "no_progress", False))
         self._bar.update(n)
 
     # --- end --------------------------------------------------------------------------------------
