@@ -97,3 +97,21 @@ def test_verdicts_from_bench_json_junit_and_sanitizer(tmp_path):
     (tmp_path / "memcheck.log").write_text("========= Invalid __global__ read\n========= ERROR SUMMARY: 2 errors\n")
     assert read_memcheck(tmp_path / "memcheck.log") == 2
     assert read_memcheck(tmp_path / "absent.log") is None
+
+
+def test_the_summary_reads_what_the_benches_write(tmp_path, capsys):
+    """Tiny CPU runs of the benches the plan runs: every bench-fed target row finds its figure, so a
+    renamed target or field cannot turn a GPU figure into "not measured" unnoticed."""
+    from worldkv_connector.cli import main
+
+    common = ("--preset", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--threads", "1")
+    runs = {"offload": ("--page-sizes", "16", "--chunks", "1"), "reinsert": ("--page-sizes", "16", "--k", "2",
+                                                                         "--steps", "2"), "overlap": ()}
+    for what, extra in runs.items():
+        assert main(["bench", what, *common, *extra, "--json", str(tmp_path / f"{what}.json")]) == 0
+    assert main(["bench", "e2e", "--preset", "tiny", "--num-chunks", "4", "--window", "2",
+                 "--json", str(tmp_path / "e2e.json")]) == 0
+    capsys.readouterr()
+    rows = target_rows(tmp_path, {})
+    fed = [r for r in rows if r["source"].endswith(".json")]
+    assert len(fed) == 7 and all(isinstance(r["measured"], float) for r in fed), fed

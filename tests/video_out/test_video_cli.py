@@ -88,6 +88,9 @@ def test_the_wan21_pth_layout_drives_the_cli_too(tmp_path, capsys, vae_pth):
     (("--vae", "V", "--image", "x.png"), "model tiny is not image-conditioned"),
     (("--vae", "missing-vae-dir", "--video", "x.mp4"), "--vae missing-vae-dir: no such file or directory"),
     (("--prompt-embeds", "missing.safetensors"), "--prompt-embeds missing.safetensors: no such file"),
+    (("--vae", "V", "--video", "x.mp4", "--vae-device", "gpu0"), "--vae-device 'gpu0': not a torch device"),
+    pytest.param(("--vae", "V", "--video", "x.mp4", "--vae-device", "cuda"), "torch.cuda.is_available() is False",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_bad_inputs_fail_before_work_with_one_line(capsys, argv, message):
     rc, out, err = run_cli(capsys, *GEN, "--num-chunks", "1", *argv)

@@ -117,14 +117,23 @@ class VideoOutputs:
         return self
 
     def _load_inputs(self) -> None:
+        import torch
+
         from worldkv_connector.integration.video import text_encoder as te
 
         a, c = self.args, self.config
+        where = a.vae_device or a.device
+        try:
+            ok = torch.device(where).type != "cuda" or torch.cuda.is_available()
+        except RuntimeError:
+            raise ValueError(f"--vae-device {where!r}: not a torch device (cpu, cuda, cuda:N)") from None
+        if not ok and (a.vae or a.prompt):
+            raise ValueError(f"--vae-device {where}: torch.cuda.is_available() is False on this machine")
         if a.prompt_embeds is not None:
             self.context = te.check_context(te.load_prompt_embeds(a.prompt_embeds), c.text_dim, c.text_len, c.name,
                                             "--prompt-embeds")
         if a.prompt is not None:
-            enc = te.PromptEncoder(a.text_encoder, c.text_len, device=a.vae_device or a.device)
+            enc = te.PromptEncoder(a.text_encoder, c.text_len, device=where)
             if enc.hidden_size != c.text_dim:
                 raise ValueError(f"--text-encoder {a.text_encoder}: hidden size {enc.hidden_size}, but model {c.name} "
                                  f"takes text_dim {c.text_dim}")
@@ -132,8 +141,6 @@ class VideoOutputs:
             del enc
         if a.vae is None:
             return
-        import torch
-
         from worldkv_connector.integration.video.vae import encode_first_frame, load_wan_vae
 
         device = torch.device(a.vae_device or a.device)
