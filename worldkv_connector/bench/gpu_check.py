@@ -164,6 +164,15 @@ def run_plan(parts: list[Part], out: Path, *, dry: bool | None = None, budget_s:
     by the ``facts`` part (a dry run when torch sees no CUDA device)."""
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    stages: list[str] = []
+    try:
+        return _run_parts(parts, out, dry, budget_s, only, say, env, stages)
+    finally:
+        for stage in stages:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _run_parts(parts, out, dry, budget_s, only, say, env, stages) -> dict:
     t0 = time.monotonic()
     for i, p in enumerate(parts, 1):
         left = budget_s - (time.monotonic() - t0)
@@ -193,7 +202,8 @@ def run_plan(parts: list[Part], out: Path, *, dry: bool | None = None, budget_s:
                 f"{facts.get('driver_cuda')}, torch {facts.get('torch')}", flush=True)
         if p.name == "install" and p.result["status"] != "ok":
             # not installed (dry run, or pip failed): the parts import the package from a linked tree
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [_stage_pythonpath(REPO), env.get("PYTHONPATH")]))
+            stages.append(_stage_pythonpath(REPO))
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [stages[-1], env.get("PYTHONPATH")]))
             p.result["fallback"] = f"PYTHONPATH={env['PYTHONPATH']}"
         say(f"[gpu-check]   {p.name}: {p.result['status']}"
             + (f" in {p.result['seconds']} s" if "seconds" in p.result else "")
