@@ -157,7 +157,7 @@ class Scheduler:
             if ext.num_tokens < 1:
                 raise ValueError(f"connector returned external chunk {ext.chunk_id} with {ext.num_tokens} tokens")
             if ext.needs_load:
-                ext.page_ids = self.bm.allocate(ext.num_pages(ps), CONNECTOR_OWNER)
+                ext.page_ids = self.bm.allocate(ext.num_pages(ps), CONNECTOR_OWNER, contiguous=True)
                 block_ids.append(list(ext.page_ids))
             elif len(ext.page_ids) != ext.num_pages(ps) or any(
                 not 0 <= p < self.bm.num_pages or self.bm.ref_count(p) == 0 for p in ext.page_ids

@@ -60,11 +60,11 @@ class GarbageLoads(TransferEngine):
 
     fail = False
 
-    def submit(self, kind, srcs, dsts, **kw):
-        job = super().submit(kind, srcs, dsts, **kw)
+    def submit_plan(self, kind, plan, **kw):
+        job = super().submit_plan(kind, plan, **kw)
         if kind == "load" and self.fail:
-            for d in dsts:
-                d.fill_(1e4)  # wrong data: must never reach attention
+            for d in plan.dst_views():
+                d.fill_(0x7F)  # wrong data (bytes of huge floats): must never reach attention
             job.error = "RuntimeError: injected"
         return job
 
@@ -252,8 +252,8 @@ def test_pages_never_freed_or_reused_before_their_store_completed():
     def busy():
         return set().union(*pending.values()) if pending else set()
 
-    def allocate_spy(n, owner):
-        pages = allocate(n, owner)
+    def allocate_spy(n, owner, **kw):
+        pages = allocate(n, owner, **kw)
         assert not busy().intersection(pages), "a page was reused before its store completed"
         return pages
 

@@ -32,8 +32,8 @@ class RecordingFaults(FaultyTransferEngine):
         super().__init__(inner, **kw)
         self.clock, self.log = clock, []
 
-    def submit(self, kind, srcs, dsts, **kw):
-        job = super().submit(kind, srcs, dsts, **kw)
+    def submit_plan(self, kind, plan, **kw):
+        job = super().submit_plan(kind, plan, **kw)
         self.log.append((self.clock[0], kind, job.error is not None))
         return job
 

@@ -105,7 +105,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict:
     staging = randn(shape.num_layers, 2, kept, shape.num_kv_heads, shape.head_dim)  # the clean pass's output
     store_slot = layout.bank.view(args.load_chunks)
     engine = TransferEngine.for_config(cfg, device)
-    moved = staging.numel() * staging.element_size() + (load_plan.nbytes if load_plan else 0)
+    moved = staging.numel() * staging.element_size() + (load_plan.layer_bytes * shape.num_layers if load_plan else 0)
 
     def forward() -> None:
         with torch.inference_mode():
@@ -117,7 +117,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict:
         jobs = [engine.submit("store", [staging], [store_slot])]
         if load_plan is not None:
             # planned once: the same pages every repeat (STYLE §9, plan once, run per layer)
-            jobs.append(engine.submit_plan("load", load_plan))
+            jobs += [engine.submit_plan("load", load_plan.layer(layer)) for layer in range(load_plan.num_layers)]
         if then is not None:
             then()
         for job in jobs:
