@@ -27,7 +27,7 @@ from worldkv_connector.integration.video.engine_args import DEFAULT_RECENT_FRAME
 from worldkv_connector.integration.video.model_config import get_model_config
 from worldkv_connector.integration.video.model_runner import ModelRunner
 from worldkv_connector.integration.video.scheduler import ChunkResult, Scheduler, Session
-from worldkv_connector.poses import chunk_mean_pose, chunk_poses, parse_trajectory, validate_poses
+from worldkv_connector.poses import chunk_mean_pose, chunk_poses, trajectory_poses, validate_poses
 
 __all__ = ["VideoEngine", "mean_pose_matrix", "resolve_window"]
 
@@ -129,7 +129,8 @@ class VideoEngine:
     def add_session(self, session_id: str, trajectory: str | None = None, poses: np.ndarray | None = None,
                     num_chunks: int | None = None, seed: int | None = None,
                     context: torch.Tensor | None = None, keep_results: bool = True) -> None:
-        """Queue a rollout. ``trajectory``: a spec such as ``"R_L_R_L_R_L90"``; or ``poses``: [F, 4, 4]
+        """Queue a rollout. ``trajectory``: a spec such as ``"R_L_R_L_R_L90"`` in video frames, resampled to
+        latent frames as the reference does (``poses.trajectory_poses``); or ``poses``: [F, 4, 4]
         camera-to-world, one per latent frame; neither: a static camera. ``num_chunks`` defaults to
         ``ceil(F / frames_per_chunk)``; a trajectory shorter than the rollout holds its last pose.
         ``seed`` (default EngineArgs.seed) fixes the session's noise. ``context``: [Lc, text_dim] prompt
@@ -142,7 +143,7 @@ class VideoEngine:
         if trajectory is not None and poses is not None:
             raise ValueError("give either trajectory or poses, not both")
         if trajectory is not None:
-            frames = parse_trajectory(trajectory)
+            frames = trajectory_poses(trajectory, frames_per_chunk=self.model_config.frames_per_chunk)  # video frames -> latent
         elif poses is not None:
             frames = validate_poses(poses, "poses")
         else:

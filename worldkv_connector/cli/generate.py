@@ -82,10 +82,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "generate",
         help="generate a rollout along a camera trajectory with the video backend",
         description="Roll out a causal video DiT chunk by chunk (3 latent frames) along a camera trajectory. "
-        "Trajectory frames map to latent frames 1:1; a trajectory shorter than the rollout holds its last pose.",
+        "Trajectories are in video frames (2 deg per frame, W/S/A/D over 24 frames, _ holds --hold-frames) "
+        "resampled to latent frames (4n+1 video frames -> n+1 latent frames), as the WorldKV reference does; "
+        "a trajectory shorter than the rollout holds its last pose.",
     )
     add_engine_arguments(p)
     p.add_argument("--trajectory", help=f"revisit trajectory spec, e.g. R_L_R_L_R_L90 (default {DEFAULT_TRAJECTORY})")
+    p.add_argument("--hold-frames", type=int, default=18,
+                   help="video frames one '_' of --trajectory holds the pose (default 18, the reference's runs)")
+    p.add_argument("--trajectory-frames", choices=("video", "latent"), default="video",
+                   help="unit of --trajectory: video frames resampled to latent frames (default, the reference's "
+                   "convention) or latent (the older 1:1 mapping, one grammar frame per latent frame)")
     p.add_argument("--poses", metavar="FILE.npy", help="camera-to-world poses [F, 4, 4], one per latent frame "
                    "(instead of --trajectory)")
     p.add_argument("--num-chunks", type=int, help="chunks per session (default: enough for the trajectory)")
@@ -242,13 +249,14 @@ def run(args: argparse.Namespace) -> int:
         if path is not None and not path.endswith(suffix):
             raise ValueError(f"{flag} {path}: expected a {suffix} path")
     from worldkv_connector.integration.video.model_config import get_model_config
-    from worldkv_connector.poses import parse_trajectory, validate_poses
+    from worldkv_connector.poses import trajectory_poses, validate_poses
 
     get_model_config(args.model)  # bad inputs fail before any model or cache is built
     if args.poses is not None:
         source = {"poses": validate_poses(_load_poses(args.poses), "--poses")}
     else:
-        source = {"poses": parse_trajectory(args.trajectory or DEFAULT_TRAJECTORY)}
+        source = {"poses": trajectory_poses(args.trajectory or DEFAULT_TRAJECTORY, frames=args.trajectory_frames,
+                                            hold_frames=args.hold_frames)}
     engine_args = engine_args_from(args)
     if args.resume_bank is not None and not Path(args.resume_bank).is_dir():
         raise FileNotFoundError(f"--resume-bank {args.resume_bank}: no such bank directory")
