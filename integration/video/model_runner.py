@@ -72,7 +72,7 @@ class ModelRunner:
         if args.checkpoint:
             from worldkv_connector.integration.video.checkpoint import load_checkpoint
 
-            load_checkpoint(self.model, args.checkpoint)
+            load_checkpoint(self.model, args.checkpoint, prefix=args.checkpoint_prefix, key=args.checkpoint_key)
         self.page_size = args.page_size
         self.kv_cache = PagedKVCache.from_budget(self.kv_shape, args.page_size, args.kv_cache_bytes, self.device)
         self.num_pages = self.kv_cache.num_pages

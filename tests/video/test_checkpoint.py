@@ -151,3 +151,135 @@ def test_missing_files(tmp_path):
         load_checkpoint(build_model(TINY), tmp_path / "nope.safetensors")
     with pytest.raises(FileNotFoundError, match="no .safetensors"):
         load_checkpoint(build_model(TINY), tmp_path)
+
+
+# --- .pt state dicts, nested entries, prefixes, the diffusers layout, bad files --------------------------
+
+def _self_forcing_pt(path, model):
+    """A Self-Forcing-style training checkpoint: weights under generator / generator_ema, keys prefixed model."""
+    sd = {"model." + k: v.clone() for k, v in model.state_dict().items()}
+    noise = {k: torch.zeros_like(v) for k, v in sd.items()}
+    torch.save({"generator": noise, "generator_ema": sd, "step": torch.tensor(1000)}, str(path))
+
+
+def test_self_forcing_pt_with_generator_ema_and_model_prefix(tmp_path):
+    src = build_model(TINY, seed=11)
+    path = tmp_path / "self_forcing_dmd.pt"
+    _self_forcing_pt(path, src)
+    dst = build_model(TINY, seed=12)
+    load_checkpoint(dst, path, key="generator_ema", prefix="model.")
+    assert torch.equal(_run(src), _run(dst))
+    with pytest.raises(ValueError, match=r"--checkpoint-key.*entries: \['generator', 'generator_ema', 'step'\]"):
+        load_checkpoint(dst, path)  # two state dicts: the user must choose
+    with pytest.raises(ValueError, match=r"no entry 'ema' .*generator_ema"):
+        load_checkpoint(dst, path, key="ema")
+    with pytest.raises(ValueError, match=r"try --checkpoint-prefix model\."):
+        load_checkpoint(dst, path, key="generator_ema")
+    plain = tmp_path / "plain.pth"
+    torch.save({"state_dict": {k: v.clone() for k, v in src.state_dict().items()}}, str(plain))
+    other = build_model(TINY, seed=13)
+    load_checkpoint(other, plain)  # the only state dict in the file is taken
+    assert torch.equal(_run(src), _run(other))
+
+
+def test_diffusers_layout_is_converted_on_load(tmp_path):
+    from worldkv_connector.integration.video.checkpoint_layouts import detect_layout, to_wan_key
+
+    src = build_model(TINY, seed=14)
+    wan_sd = src.state_dict()
+    # the diffusers names, written by hand (diffusers' WanTransformer3DModel; its norm2 is Wan's norm3)
+    names = {"time_embedding.0.weight": "condition_embedder.time_embedder.linear_1.weight",
+             "time_projection.1.bias": "condition_embedder.time_proj.bias",
+             "text_embedding.2.weight": "condition_embedder.text_embedder.linear_2.weight",
+             "blocks.1.self_attn.o.weight": "blocks.1.attn1.to_out.0.weight",
+             "blocks.0.cross_attn.norm_k.weight": "blocks.0.attn2.norm_k.weight",
+             "blocks.0.norm3.bias": "blocks.0.norm2.bias", "blocks.1.ffn.0.weight": "blocks.1.ffn.net.0.proj.weight",
+             "blocks.0.modulation": "blocks.0.scale_shift_table", "head.modulation": "scale_shift_table",
+             "head.head.weight": "proj_out.weight"}
+    for wan, diff in names.items():
+        assert to_wan_key(diff, "diffusers") == wan
+    reverse = {}
+    for k in wan_sd:
+        d = names.get(k) or next((dk for dk in _diffusers_names(k)), None)
+        reverse[d] = wan_sd[k].clone()
+    assert detect_layout(reverse) == "diffusers"
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_file(reverse, str(path))
+    dst = build_model(TINY, seed=15)
+    load_checkpoint(dst, path)
+    assert torch.equal(_run(src), _run(dst))
+
+
+def _diffusers_names(k):
+    """Wan key -> its diffusers name (test helper, the inverse of the converter for the T2V keys)."""
+    import re
+
+    rules = [(r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
+             (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
+             (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
+             (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
+             (r"^time_projection\.1\.", "condition_embedder.time_proj."),
+             (r"\.self_attn\.o\.", ".attn1.to_out.0."), (r"\.cross_attn\.o\.", ".attn2.to_out.0."),
+             (r"\.self_attn\.([qkv])\.", r".attn1.to_\1."), (r"\.cross_attn\.([qkv])\.", r".attn2.to_\1."),
+             (r"\.self_attn\.norm_", ".attn1.norm_"), (r"\.cross_attn\.norm_", ".attn2.norm_"),
+             (r"\.norm3\.", ".norm2."), (r"\.ffn\.0\.", ".ffn.net.0.proj."), (r"\.ffn\.2\.", ".ffn.net.2."),
+             (r"^(blocks\.\d+)\.modulation$", r"\1.scale_shift_table"), (r"^head\.modulation$", "scale_shift_table"),
+             (r"^head\.head\.", "proj_out.")]
+    for p, r in rules:
+        k2, n = re.subn(p, r, k)
+        if n:
+            yield k2
+            return
+    yield k
+
+
+@pytest.mark.parametrize("content, suffix, needle", [
+    (b"not a checkpoint at all", ".pt", "not a torch checkpoint readable with weights_only=True"),
+    (b"\x00\x01garbage", ".safetensors", "not a readable safetensors file"),
+    (b"{}", ".bin", "expected a .safetensors, .pt, .pth file"),
+])
+def test_bad_files_are_one_line_errors(tmp_path, capsys, content, suffix, needle):
+    from worldkv_connector.cli import main
+
+    path = tmp_path / f"bad{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=needle):
+        load_checkpoint(build_model(TINY), path)
+    rc = main(["generate", "--model", "tiny", "--checkpoint", str(path), "--num-chunks", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_loads_a_self_forcing_pt(tmp_path, capsys):
+    from worldkv_connector.cli import main
+
+    path = tmp_path / "sf.pt"
+    _self_forcing_pt(path, build_model(TINY, seed=16))
+    argv = ["generate", "--model", "tiny", "--checkpoint", str(path), "--num-chunks", "1", "--no-progress",
+            "--num-denoising-steps", "1"]
+    assert main(argv + ["--checkpoint-key", "generator_ema", "--checkpoint-prefix", "model."]) == 0
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "--checkpoint-key" in capsys.readouterr().err
+    assert main(["generate", "--model", "tiny", "--checkpoint-prefix", "model.", "--num-chunks", "1"]) == 2
+    assert "needs a checkpoint" in capsys.readouterr().err
+
+
+def test_worldkv_convert_writes_a_wan_layout_file_that_generate_loads(tmp_path, capsys):
+    from worldkv_connector.cli import main
+
+    src = build_model(TINY, seed=17)
+    pt = tmp_path / "sf.pt"
+    _self_forcing_pt(pt, src)
+    out = tmp_path / "sf.safetensors"
+    assert main(["convert", str(pt), str(out), "--checkpoint-key", "generator_ema", "--checkpoint-prefix", "model.",
+                 "--model", "tiny"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    dst = build_model(TINY, seed=18)
+    load_checkpoint(dst, out)
+    assert torch.equal(_run(src), _run(dst))
+    # a mismatch against --model is one error and writes nothing
+    bad = tmp_path / "bad.safetensors"
+    assert main(["convert", str(out), str(bad), "--model", "small"]) == 2
+    err = capsys.readouterr().err
+    assert "mis-shaped" in err and len(err.strip().splitlines()) == 1 and not bad.exists()

@@ -33,9 +33,16 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, model_default: str = "ti
     d = EngineArgs()
     p.add_argument("--model", default=model_default,
                    help=f"named model config: tiny, small, wan-1.3b, matrix-game-2, lingbot-fast (default {model_default})")
-    p.add_argument("--checkpoint", metavar="PATH.safetensors",
-                   help="load weights from a safetensors file (or directory of shards) in Wan's key layout; "
-                   "default: random weights from --seed")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="load weights from a .safetensors file, a directory of .safetensors shards or a .pt/.pth "
+                   "state dict, in the upstream Wan key layout or the diffusers/FastVideo layout (converted on "
+                   "load); default: random weights from --seed")
+    p.add_argument("--checkpoint-key", metavar="ENTRY",
+                   help="entry of a .pt/.pth checkpoint that holds the weights, dots for nested entries "
+                   "(e.g. generator_ema in Self-Forcing / CausVid checkpoints); default: the file's only state dict")
+    p.add_argument("--checkpoint-prefix", metavar="PREFIX", default="",
+                   help="prefix stripped from every checkpoint key (e.g. model. in Self-Forcing checkpoints; "
+                   "default none)")
     p.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="model and KV dtype (default: the model's)")
     p.add_argument("--attention-window", choices=("full", "sliding"), default=d.attention_window,
@@ -68,7 +75,7 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, model_default: str = "ti
 def engine_args_from(args: argparse.Namespace, **overrides):
     from worldkv_connector.integration.video.engine_args import EngineArgs
 
-    fields = ("model", "checkpoint", "device", "dtype", "attention_window", "sink_frames", "recent_frames",
+    fields = ("model", "checkpoint", "checkpoint_key", "checkpoint_prefix", "device", "dtype", "attention_window", "sink_frames", "recent_frames",
               "num_denoising_steps", "timestep_shift", "kv_cache_memory", "page_size", "attention_backend",
               "kv_connector", "kv_connector_config", "seed")
     values = {f: getattr(args, f) for f in fields}
