@@ -108,18 +108,18 @@ def dense_replay(engine, sid, rope=False):
             return paged_attention_torch(q, kk[None], vv[None], table, lens)
 
         row = RowInput(sid, c, c * fpc, session.seed, session.chunk_poses[c], session.context)
-        gens, lat, context, cam, offsets = runner._inputs([row])
+        gens, lat, context, extra, offsets = runner._inputs([row])
         noise = lambda: torch.stack([torch.randn(lat, generator=g) for g in gens])  # noqa: E731
         sched = runner.schedule
         x = noise()
         sigmas = sched.sigmas
         for i, s in enumerate(sigmas):
             t = torch.full((1,), s)
-            x0 = sched.predict_x0(x, runner.model(x, t, context, offsets, attn, cam), t)
+            x0 = sched.predict_x0(x, runner.model(x, t, context, offsets, attn, **extra), t)
             if i + 1 < len(sigmas):
                 x = sched.renoise(x0, noise(), torch.full_like(t, sigmas[i + 1]))
         state["clean"] = True
-        runner.model(x0, torch.zeros(1), context, offsets, attn, cam)
+        runner.model(x0, torch.zeros(1), context, offsets, attn, **extra)
         outs.append(x0[0])
     return outs, own
 

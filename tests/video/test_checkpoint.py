@@ -38,9 +38,6 @@ def _wan_keys_and_shapes(cfg):
         shapes[p + "ffn.0.weight"], shapes[p + "ffn.0.bias"] = (f, d), (f,)
         shapes[p + "ffn.2.weight"], shapes[p + "ffn.2.bias"] = (d, f), (d,)
         shapes[p + "modulation"] = (1, 6, d)
-        if cfg.camera:
-            shapes[p + "cam_injector.weight"] = (d, 6 * pe)
-            shapes[p + "cam_injector.bias"] = (d,)
     return shapes
 
 
@@ -54,14 +51,12 @@ def _run(model, cfg=TINY):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, cfg.in_channels, cfg.latent_height, cfg.latent_width, generator=g)
     ctx = torch.randn(2, cfg.text_len, cfg.text_dim, generator=g)
-    cam = torch.eye(4).repeat(2, 3, 1, 1) if cfg.camera else None
     with torch.no_grad():
-        return model(x, torch.tensor([0.3, 0.8]), ctx, torch.tensor([0, 3]), _dense_attn, cam)
+        return model(x, torch.tensor([0.3, 0.8]), ctx, torch.tensor([0, 3]), _dense_attn)
 
 
-@pytest.mark.parametrize("camera", [False, True])
-def test_model_keys_are_wan_layout(camera):
-    cfg = TINY.replace(camera=camera)
+def test_model_keys_are_wan_layout():
+    cfg = TINY
     sd = build_model(cfg).state_dict()
     want = _wan_keys_and_shapes(cfg)
     assert {k: tuple(v.shape) for k, v in sd.items()} == want
@@ -131,19 +126,47 @@ def test_every_mismatch_is_listed_in_one_error(tmp_path):
     assert torch.equal(_run(model), before)  # nothing was copied
 
 
-def test_camera_model_needs_injector_keys(tmp_path):
+def test_matrix_game2_and_lingbot_keys_follow_upstream(tmp_path):
+    """The upstream key names of the two world models, written out by hand (Matrix-Game-2: img_emb and
+    blocks.{i}.action_model in the action blocks, no text_embedding; LingBot-World: the camera layers)."""
+    mg = get_model_config("tiny-mg2")
+    sd = {k: tuple(v.shape) for k, v in build_model(mg).state_dict().items()}
+    a, d = mg.action, mg.dim
+    want = {
+        "patch_embedding.weight": (d, 36, 1, 2, 2), "img_emb.proj.0.weight": (mg.image_dim,),
+        "img_emb.proj.1.weight": (mg.image_dim, mg.image_dim), "img_emb.proj.3.weight": (d, mg.image_dim),
+        "img_emb.proj.4.bias": (d,),
+        "blocks.0.action_model.keyboard_embed.0.weight": (a.hidden_size, 4),
+        "blocks.0.action_model.mouse_mlp.0.weight": (a.mouse_hidden_dim, 2 * 12 + d),
+        "blocks.0.action_model.mouse_mlp.3.bias": (a.mouse_hidden_dim,),
+        "blocks.1.action_model.t_qkv.weight": (3 * a.mouse_hidden_dim, a.mouse_hidden_dim),
+        "blocks.1.action_model.img_attn_q_norm.weight": (a.mouse_hidden_dim // a.heads_num,),
+        "blocks.1.action_model.proj_mouse.weight": (d, a.mouse_hidden_dim),
+        "blocks.1.action_model.mouse_attn_q.weight": (a.keyboard_hidden_dim, d),
+        "blocks.1.action_model.keyboard_attn_kv.weight": (2 * a.keyboard_hidden_dim, a.hidden_size * 12),
+        "blocks.1.action_model.proj_keyboard.weight": (d, a.keyboard_hidden_dim),
+        "blocks.1.cross_attn.k.weight": (d, d),
+    }
+    for k, shape in want.items():
+        assert sd.get(k) == shape, k
+    assert not any(k.startswith("text_embedding") for k in sd) and not any("cam_" in k for k in sd)
+    assert "blocks.1.action_model.t_qkv.bias" not in sd  # qkv_bias False upstream
+    lb = get_model_config("tiny-lingbot")
+    sd = {k: tuple(v.shape) for k, v in build_model(lb).state_dict().items()}
+    d = lb.dim
+    for k, shape in {"patch_embedding_wancamctrl.weight": (d, 6 * 64 * 4), "c2ws_hidden_states_layer1.weight": (d, d),
+                     "c2ws_hidden_states_layer2.bias": (d,), "blocks.1.cam_injector_layer1.weight": (d, d),
+                     "blocks.1.cam_injector_layer2.bias": (d,), "blocks.0.cam_scale_layer.weight": (d, d),
+                     "blocks.0.cam_shift_layer.bias": (d,), "text_embedding.0.weight": (d, lb.text_dim),
+                     "patch_embedding.weight": (d, 36, 1, 2, 2)}.items():
+        assert sd.get(k) == shape, k
+    assert not any("cam_injector." in k for k in sd)  # the project's old invented module is gone
+    # a plain Wan checkpoint into Matrix-Game-2: one error naming the missing action keys
     path = tmp_path / "plain.safetensors"
     save_checkpoint(build_model(TINY), path)
-    cam_model = build_model(TINY.replace(camera=True))
-    with pytest.raises(ValueError, match=r"missing: .*blocks\.0\.cam_injector\.weight"):
-        load_checkpoint(cam_model, path)
-    cam_path = tmp_path / "cam.safetensors"
-    save_checkpoint(cam_model, cam_path)
-    with pytest.raises(ValueError, match=r"unexpected: .*cam_injector"):
-        load_checkpoint(build_model(TINY), cam_path)
-    other = build_model(TINY.replace(camera=True), seed=5)
-    load_checkpoint(other, cam_path)
-    assert torch.equal(_run(other, cam_model.config), _run(cam_model, cam_model.config))
+    with pytest.raises(ValueError, match=r"missing: .*action_model") as err:
+        load_checkpoint(build_model(mg), path)
+    assert "unexpected" in str(err.value) and "text_embedding" in str(err.value)
 
 
 def test_missing_files(tmp_path):
