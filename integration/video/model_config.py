@@ -255,8 +255,8 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         ModelConfig("tiny-mg2", num_layers=2, num_heads=2, head_dim=16, dim=32, ffn_dim=64, latent_height=8,
                     latent_width=8, in_channels=36, text_dim=0, freq_dim=32, family="matrix-game-2", image_dim=24,
                     image_len=5, dtype="fp32",
-                    action=ActionConfig(blocks=(0, 1), heads_num=2, hidden_size=8, keyboard_hidden_dim=16,
-                                        mouse_hidden_dim=16, mouse_qk_dim_list=(4, 2, 2))),
+                    action=ActionConfig(blocks=(0, 1), heads_num=1, hidden_size=8, keyboard_hidden_dim=64,
+                                        mouse_hidden_dim=64, mouse_qk_dim_list=(16, 24, 24))),
         # LingBot-World-Fast (Robbyant): Wan2.2-I2V-A14B-shaped (one expert), 480x832; input = 16 noise + 4 mask +
         # 16 first-frame latent channels; umT5 text context and Plucker camera control
         ModelConfig("lingbot-fast", num_layers=40, num_heads=40, head_dim=128, dim=5120, ffn_dim=13824,

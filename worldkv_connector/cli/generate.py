@@ -102,6 +102,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "convention) or latent (the older 1:1 mapping, one grammar frame per latent frame)")
     p.add_argument("--poses", metavar="FILE.npy", help="camera-to-world poses [F, 4, 4], one per latent frame "
                    "(instead of --trajectory)")
+    p.add_argument("--actions", metavar="FILE",
+                   help="Matrix-Game-2 keyboard/mouse actions per video frame: .npy [N, 6] (W, S, A, D, mouse_pitch, "
+                   "mouse_yaw) or .json {\"keyboard\": [[W, S, A, D], ...], \"mouse\": [[pitch, yaw], ...]}; they "
+                   "condition the model and, integrated into camera poses, are what the connector retrieves by "
+                   "(instead of --trajectory / --poses)")
     p.add_argument("--num-chunks", type=int, help="chunks per session (default: enough for the trajectory)")
     p.add_argument("--sessions", type=int, default=1, help="sessions generated together, batched per step (default 1)")
     p.add_argument("--json", metavar="PATH", help="write per-chunk records and the summary as JSON")
@@ -258,8 +263,17 @@ def run(args: argparse.Namespace) -> int:
     from worldkv_connector.integration.video.model_config import get_model_config
     from worldkv_connector.poses import trajectory_poses, validate_poses
 
-    get_model_config(args.model)  # bad inputs fail before any model or cache is built
-    if args.poses is not None:
+    model_config = get_model_config(args.model)  # bad inputs fail before any model or cache is built
+    if args.actions is not None:
+        from worldkv_connector.poses import load_actions
+
+        if model_config.family != "matrix-game-2":
+            raise ValueError(f"--actions: model {args.model!r} is not action-conditioned (use a matrix-game-2 model)")
+        if args.trajectory is not None or args.poses is not None:
+            raise ValueError("--actions gives the camera path: drop --trajectory / --poses")
+        keyboard, mouse = load_actions(args.actions)
+        source = {"inputs": {"keyboard": keyboard, "mouse": mouse}}
+    elif args.poses is not None:
         source = {"poses": validate_poses(_load_poses(args.poses), "--poses")}
     else:
         source = {"poses": trajectory_poses(args.trajectory or DEFAULT_TRAJECTORY, frames=args.trajectory_frames,
