@@ -160,6 +160,9 @@ def test_matrix_game2_engine_passes_equal_fastvideo(mg2_weights, fastvideo_dist,
             errs.append(rel_l2(ours, out.permute(0, 2, 1, 3, 4)))
     assert max(errs) <= TOL, errs
     assert errs[0] < 1e-5  # the first chunk, before any cache
+    if window == "sliding":  # FastVideo's caches rolled (sink kept): the window really slid
+        assert int(kv[0]["global_end_index"]) == 15 * FT and int(kv[0]["local_end_index"]) == 12 * FT
+        assert int(kvm[0]["global_end_index"]) == 15 and int(kvm[0]["local_end_index"]) == 12
 
 
 def test_matrix_game2_checkpoint_saved_by_fastvideo_loads_through_generate(mg2_weights, fastvideo_dist, tmp_path,
@@ -217,21 +220,21 @@ def test_lingbot_engine_passes_equal_fastvideo(lingbot_weights, fastvideo_dist, 
     from fastvideo.models.dits.lingbotworld2.cam_utils import prepare_camera_embedding
 
     path, sd = lingbot_weights
-    # 45 video frames (R_W in 4n+1): 12 latent frames = 4 chunks; FastVideo builds its Plucker rays
+    # 57 video frames (R then W, 4n+1): 15 latent frames = 5 chunks; FastVideo builds its Plucker rays
     # from the same video-frame poses with its own (upstream) camera code
-    video = parse_trajectory("RW", deg_per_frame=5.0, move_frames=24, hold_frames=18)[:45]
-    assert resample_video_poses(video).shape[0] == 12
+    video = parse_trajectory("RW", deg_per_frame=5.0, move_frames=38)  # 1 + 18 + 38 = 57 frames
+    assert resample_video_poses(video).shape[0] == 15
     k480 = np.array([[500.0, 510.0, 416.0, 240.0]], np.float32)  # fx, fy, cx, cy at 832x480
     np.save(tmp_path / "poses.npy", video.astype(np.float32))
     np.save(tmp_path / "intrinsics.npy", np.repeat(k480, len(video), 0))
-    plucker, _ = prepare_camera_embedding(str(tmp_path), len(video), 64, 64)  # [1, 384, 12, 8, 8]
+    plucker, _ = prepare_camera_embedding(str(tmp_path), len(video), 64, 64)  # [1, 384, 15, 8, 8]
     intr = k480[0] * np.array([64 / 832, 64 / 480, 64 / 832, 64 / 480], np.float32)  # the same resize
     g = torch.Generator().manual_seed(4)
     prompt, first = torch.randn(5, LB.text_dim, generator=g), torch.randn(16, 8, 8, generator=g)
     engine, rec = _engine("tiny-lingbot", path, window, poses=resample_video_poses(video), context=prompt,
                           inputs={"intrinsics": intr, "first_latent": first})
     engine.close()
-    assert len(rec.calls) == 4 * 3
+    assert len(rec.calls) == 5 * 3
     local, sink = (-1, 0) if window == "full" else (12, 3)
     fv = _fastvideo_lingbot(local, sink)
     fv.load_state_dict({k: v.clone() for k, v in sd.items()}, strict=True)  # FastVideo keeps the upstream names
@@ -250,3 +253,23 @@ def test_lingbot_engine_passes_equal_fastvideo(lingbot_weights, fastvideo_dist, 
                      max_attention_size=frames * FT)
             errs.append(rel_l2(ours, out[0].permute(1, 0, 2, 3)[None]))
     assert max(errs) <= TOL, errs
+    if window == "sliding":  # FastVideo's cache rolled (sink kept): the window really slid
+        assert int(kv[0]["global_end_index"]) == 15 * FT and int(kv[0]["local_end_index"]) == 12 * FT
+
+
+def test_lingbot_checkpoint_saved_by_fastvideo_loads_through_generate(lingbot_weights, fastvideo_dist, tmp_path,
+                                                                       capsys):
+    from worldkv_connector.cli import main
+
+    _, sd = lingbot_weights
+    fv = _fastvideo_lingbot(-1, 0)
+    fv.load_state_dict({k: v.clone() for k, v in sd.items()}, strict=True)
+    peer = tmp_path / "fastvideo-lingbot.pt"
+    torch.save({"generator_ema": {"model." + k: v for k, v in fv.state_dict().items()}}, str(peer))
+    ours = load_checkpoint(build_model(LB, seed=98), peer, key="generator_ema", prefix="model.")
+    for k, v in sd.items():
+        assert torch.equal(ours.state_dict()[k], v), k
+    assert main(["generate", "--model", "tiny-lingbot", "--checkpoint", str(peer), "--checkpoint-key",
+                 "generator_ema", "--checkpoint-prefix", "model.", "--trajectory", "R_L30",
+                 "--num-denoising-steps", "1", "--no-progress"]) == 0
+    assert "chunks generated" in capsys.readouterr().out
