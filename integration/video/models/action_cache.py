@@ -10,7 +10,7 @@ chunk dropped from the window for a failed load is dropped here too, and evicted
 being read. The current chunk's entry is rewritten on every pass; the clean pass leaves the committed one.
 
 Memory: one chunk's action K/V is ``layers_with_actions * 2 * (S * F * mouse_hidden + F * keyboard_hidden)``
-elements (Matrix-Game-2 in bf16: about 160 MiB per chunk), on the model's device, freed when the
+elements (Matrix-Game-2 in bf16: about 155 MiB per chunk), on the model's device, freed when the
 session ends. A window chunk without an entry (e.g. one resumed from a saved bank, which holds only
 the self-attention KV) is left out of the action attention and counted in ``missing``, logged once.
 """
