@@ -27,7 +27,8 @@ from worldkv_connector.integration.video.engine_args import DEFAULT_RECENT_FRAME
 from worldkv_connector.integration.video.model_config import get_model_config
 from worldkv_connector.integration.video.model_runner import ModelRunner
 from worldkv_connector.integration.video.scheduler import ChunkResult, Scheduler, Session
-from worldkv_connector.poses import action_poses, chunk_mean_pose, chunk_poses, trajectory_poses, validate_poses
+from worldkv_connector.actions import action_poses
+from worldkv_connector.poses import chunk_mean_pose, chunk_poses, trajectory_poses, validate_poses
 
 __all__ = ["VideoEngine", "mean_pose_matrix", "resolve_window"]
 

@@ -265,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
 
     model_config = get_model_config(args.model)  # bad inputs fail before any model or cache is built
     if args.actions is not None:
-        from worldkv_connector.poses import load_actions
+        from worldkv_connector.actions import load_actions
 
         if model_config.family != "matrix-game-2":
             raise ValueError(f"--actions: model {args.model!r} is not action-conditioned (use a matrix-game-2 model)")
