@@ -27,7 +27,8 @@ from worldkv_connector.integration.video.engine_args import DEFAULT_RECENT_FRAME
 from worldkv_connector.integration.video.model_config import get_model_config
 from worldkv_connector.integration.video.model_runner import ModelRunner
 from worldkv_connector.integration.video.scheduler import ChunkResult, Scheduler, Session
-from worldkv_connector.poses import chunk_mean_pose, chunk_poses, parse_trajectory, validate_poses
+from worldkv_connector.actions import action_poses
+from worldkv_connector.poses import chunk_mean_pose, chunk_poses, trajectory_poses, validate_poses
 
 __all__ = ["VideoEngine", "mean_pose_matrix", "resolve_window"]
 
@@ -128,23 +129,30 @@ class VideoEngine:
     # --- sessions -----------------------------------------------------------------------------------
     def add_session(self, session_id: str, trajectory: str | None = None, poses: np.ndarray | None = None,
                     num_chunks: int | None = None, seed: int | None = None,
-                    context: torch.Tensor | None = None, keep_results: bool = True) -> None:
-        """Queue a rollout. ``trajectory``: a spec such as ``"R_L_R_L_R_L90"``; or ``poses``: [F, 4, 4]
+                    context: torch.Tensor | None = None, keep_results: bool = True,
+                    inputs: dict | None = None) -> None:
+        """Queue a rollout. ``trajectory``: a spec such as ``"R_L_R_L_R_L90"`` in video frames, resampled to
+        latent frames as the reference does (``poses.trajectory_poses``); or ``poses``: [F, 4, 4]
         camera-to-world, one per latent frame; neither: a static camera. ``num_chunks`` defaults to
         ``ceil(F / frames_per_chunk)``; a trajectory shorter than the rollout holds its last pose.
         ``seed`` (default EngineArgs.seed) fixes the session's noise. ``context``: [Lc, text_dim] prompt
         embedding (default the null prompt). ``keep_results=False``: the session's ChunkResults (and
         latents) are only returned by ``step()``, not kept for ``results()`` - for long rollouts
-        whose memory must not grow with the number of chunks."""
+        whose memory must not grow with the number of chunks. ``inputs``: the model family's conditioning
+        (session_inputs.py; Matrix-Game-2: ``keyboard`` [N, 4] / ``mouse`` [N, 2] per video frame, whose
+        integrated poses are the session's camera when neither trajectory nor poses is given)."""
         self._check_open()
         if not isinstance(session_id, str) or not session_id:
             raise ValueError(f"session_id={session_id!r}: expected a non-empty str")
         if trajectory is not None and poses is not None:
             raise ValueError("give either trajectory or poses, not both")
         if trajectory is not None:
-            frames = parse_trajectory(trajectory)
+            frames = trajectory_poses(trajectory, frames_per_chunk=self.model_config.frames_per_chunk)  # video frames -> latent
         elif poses is not None:
             frames = validate_poses(poses, "poses")
+        elif inputs and "keyboard" in inputs:  # action-conditioned: retrieve by the integrated actions
+            frames = action_poses(inputs["keyboard"], inputs.get("mouse", np.zeros((len(inputs["keyboard"]), 2))),
+                                  frames_per_chunk=self.model_config.frames_per_chunk)
         else:
             if num_chunks is None:
                 raise ValueError("num_chunks is required without a trajectory or poses")
@@ -161,7 +169,9 @@ class VideoEngine:
         per_chunk = chunk_poses(frames, c.frames_per_chunk, num_chunks)
         if not isinstance(keep_results, bool):
             raise ValueError(f"keep_results={keep_results!r}: expected a bool")
+        prepared = self.runner.inputs.prepare(inputs, per_chunk)  # validated before the session exists
         self.scheduler.add_session(Session(session_id, per_chunk, seed, context, keep_results=keep_results))
+        self.runner.inputs.put(session_id, prepared)
 
     def has_unfinished_sessions(self) -> bool:
         return bool(self.scheduler.running())
@@ -190,6 +200,9 @@ class VideoEngine:
             # end sessions and let the connector drop what the window held (kept_indices)
             self.runner.recall.finish_step()
         results = self.scheduler.finish(batch, latents, elapsed, resident, mean_pose_matrix)
+        for r in results:
+            if r.finished:
+                self.runner.end_session(r.session_id)  # its conditioning and action caches
         if self.runner.recall is not None:
             for r in results:
                 r.attention_recall = self.runner.recall.take(r.session_id, r.chunk_index)

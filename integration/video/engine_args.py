@@ -26,7 +26,9 @@ class EngineArgs:
     """
 
     model: str = "tiny"  # named model config (integration/video/model_config.py)
-    checkpoint: str | None = None  # safetensors file (or directory of shards) in Wan's key layout
+    checkpoint: str | None = None  # .safetensors file / shard directory, or .pt/.pth state dict (checkpoint.py)
+    checkpoint_key: str | None = None  # entry of a .pt/.pth file holding the weights, e.g. "generator_ema"
+    checkpoint_prefix: str = ""  # stripped from every checkpoint key, e.g. "model."
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
     dtype: str | None = None  # "bf16", "fp16", "fp32"; None: the model config's dtype
     seed: int = 0  # model weights seed (random weights when no checkpoint) and default session seed
@@ -53,6 +55,12 @@ class EngineArgs:
 
         if not isinstance(self.model, str) or not self.model:
             fail("model", "expected a model config name")
+        if self.checkpoint_key is not None and (not isinstance(self.checkpoint_key, str) or not self.checkpoint_key):
+            fail("checkpoint_key", "expected a non-empty entry name such as 'generator_ema', or None")
+        if not isinstance(self.checkpoint_prefix, str):
+            fail("checkpoint_prefix", "expected a str such as 'model.' ('' for none)")
+        if (self.checkpoint_key or self.checkpoint_prefix) and not self.checkpoint:
+            fail("checkpoint_key" if self.checkpoint_key else "checkpoint_prefix", "needs a checkpoint (--checkpoint)")
         if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith("cuda")):
             fail("device", "choose cpu, cuda or cuda:N")
         if self.dtype is not None and self.dtype not in DTYPES:

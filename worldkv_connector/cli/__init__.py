@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "worldkv_connector.cli.generate",
     "worldkv_connector.cli.bench",
     "worldkv_connector.cli.bank",
+    "worldkv_connector.cli.convert",
 )
 
 

@@ -136,7 +136,7 @@ def _verify(args: argparse.Namespace) -> int:
 # --- save -----------------------------------------------------------------------------------------
 def _save(args: argparse.Namespace) -> int:
     from worldkv_connector.config import WorldKVConfig
-    from worldkv_connector.poses import parse_trajectory
+    from worldkv_connector.poses import trajectory_poses
 
     if not isinstance(args.num_chunks, int) or args.num_chunks < 1:
         raise ValueError(f"--num-chunks {args.num_chunks}: expected an int >= 1")
@@ -149,7 +149,7 @@ def _save(args: argparse.Namespace) -> int:
     if "bank_bytes" not in json.loads(args.kv_connector_config or "{}"):
         # room for every chunk of the rollout and no more (the default is sized for long serving)
         config = config.replace(bank_bytes=args.num_chunks * shape.chunk_bytes(config.kept_tokens(shape.frame_tokens)))
-    frames = parse_trajectory(args.trajectory)
+    frames = trajectory_poses(args.trajectory)  # video frames resampled to latent frames
     source = args.source
     if source == "auto":
         source = "engine" if _connector_available() else "synthetic"

@@ -180,7 +180,7 @@ def _plot(path: str, runs: dict, title: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from worldkv_connector.integration.video.model_config import get_model_config
-    from worldkv_connector.poses import parse_trajectory
+    from worldkv_connector.poses import trajectory_poses
 
     if args.num_chunks is not None and args.num_chunks < 1:
         raise ValueError(f"--num-chunks {args.num_chunks}: expected >= 1")
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     if args.revisit_degrees < 0:
         raise ValueError(f"--revisit-degrees {args.revisit_degrees}: expected >= 0")
     get_model_config(args.model)  # bad inputs fail before any model is built
-    poses = parse_trajectory(args.trajectory)
+    poses = trajectory_poses(args.trajectory)  # video frames resampled to latent frames
     runs = {}
     with cpu_threads(args.threads):
         for mode in DEMO_MODES:

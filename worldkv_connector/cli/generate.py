@@ -35,9 +35,16 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, model_default: str = "ti
     d = EngineArgs()
     p.add_argument("--model", default=model_default,
                    help=f"named model config: tiny, small, wan-1.3b, matrix-game-2, lingbot-fast (default {model_default})")
-    p.add_argument("--checkpoint", metavar="PATH.safetensors",
-                   help="load weights from a safetensors file (or directory of shards) in Wan's key layout; "
-                   "default: random weights from --seed")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="load weights from a .safetensors file, a directory of .safetensors shards or a .pt/.pth "
+                   "state dict, in the upstream Wan key layout or the diffusers/FastVideo layout (converted on "
+                   "load); default: random weights from --seed")
+    p.add_argument("--checkpoint-key", metavar="ENTRY",
+                   help="entry of a .pt/.pth checkpoint that holds the weights, dots for nested entries "
+                   "(e.g. generator_ema in Self-Forcing / CausVid checkpoints); default: the file's only state dict")
+    p.add_argument("--checkpoint-prefix", metavar="PREFIX", default="",
+                   help="prefix stripped from every checkpoint key (e.g. model. in Self-Forcing checkpoints; "
+                   "default none)")
     p.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="model and KV dtype (default: the model's)")
     p.add_argument("--attention-window", choices=("full", "sliding"), default=d.attention_window,
@@ -70,7 +77,7 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, model_default: str = "ti
 def engine_args_from(args: argparse.Namespace, **overrides):
     from worldkv_connector.integration.video.engine_args import EngineArgs
 
-    fields = ("model", "checkpoint", "device", "dtype", "attention_window", "sink_frames", "recent_frames",
+    fields = ("model", "checkpoint", "checkpoint_key", "checkpoint_prefix", "device", "dtype", "attention_window", "sink_frames", "recent_frames",
               "num_denoising_steps", "timestep_shift", "kv_cache_memory", "page_size", "attention_backend",
               "kv_connector", "kv_connector_config", "seed")
     values = {f: getattr(args, f) for f in fields}
@@ -84,12 +91,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         "generate",
         help="generate a rollout along a camera trajectory with the video backend",
         description="Roll out a causal video DiT chunk by chunk (3 latent frames) along a camera trajectory. "
-        "Trajectory frames map to latent frames 1:1; a trajectory shorter than the rollout holds its last pose.",
+        "Trajectories are in video frames (2 deg per frame, W/S/A/D over 24 frames, _ holds --hold-frames) "
+        "resampled to latent frames (4n+1 video frames -> n+1 latent frames), as the WorldKV reference does; "
+        "a trajectory shorter than the rollout holds its last pose.",
     )
     add_engine_arguments(p)
     p.add_argument("--trajectory", help=f"revisit trajectory spec, e.g. R_L_R_L_R_L90 (default {DEFAULT_TRAJECTORY})")
+    p.add_argument("--hold-frames", type=int, default=18,
+                   help="video frames one '_' of --trajectory holds the pose (default 18, the reference's runs)")
+    p.add_argument("--trajectory-frames", choices=("video", "latent"), default="video",
+                   help="unit of --trajectory: video frames resampled to latent frames (default, the reference's "
+                   "convention) or latent (the older 1:1 mapping, one grammar frame per latent frame)")
     p.add_argument("--poses", metavar="FILE.npy", help="camera-to-world poses [F, 4, 4], one per latent frame "
                    "(instead of --trajectory)")
+    p.add_argument("--actions", metavar="FILE",
+                   help="Matrix-Game-2 keyboard/mouse actions per video frame: .npy [N, 6] (W, S, A, D, mouse_pitch, "
+                   "mouse_yaw) or .json {\"keyboard\": [[W, S, A, D], ...], \"mouse\": [[pitch, yaw], ...]}; they "
+                   "condition the model and, integrated into camera poses, are what the connector retrieves by "
+                   "(instead of --trajectory / --poses)")
     p.add_argument("--num-chunks", type=int, help="chunks per session (default: enough for the trajectory)")
     p.add_argument("--sessions", type=int, default=1, help="sessions generated together, batched per step (default 1)")
     p.add_argument("--json", metavar="PATH", help="write per-chunk records and the summary as JSON")
@@ -245,14 +264,24 @@ def run(args: argparse.Namespace) -> int:
         if path is not None and not path.endswith(suffix):
             raise ValueError(f"{flag} {path}: expected a {suffix} path")
     from worldkv_connector.integration.video.model_config import get_model_config
-    from worldkv_connector.poses import parse_trajectory, validate_poses
+    from worldkv_connector.poses import trajectory_poses, validate_poses
 
-    get_model_config(args.model)  # bad inputs fail before any model or cache is built
-    outputs = VideoOutputs.from_args(args, get_model_config(args.model))  # VAE, prompt, image: checked and loaded
-    if args.poses is not None:
+    model_config = get_model_config(args.model)  # bad inputs fail before any model or cache is built
+    outputs = VideoOutputs.from_args(args, model_config)  # VAE, prompt, image: checked and loaded
+    if args.actions is not None:
+        from worldkv_connector.actions import load_actions
+
+        if model_config.family != "matrix-game-2":
+            raise ValueError(f"--actions: model {args.model!r} is not action-conditioned (use a matrix-game-2 model)")
+        if args.trajectory is not None or args.poses is not None:
+            raise ValueError("--actions gives the camera path: drop --trajectory / --poses")
+        keyboard, mouse = load_actions(args.actions)
+        source = {"inputs": {"keyboard": keyboard, "mouse": mouse}}
+    elif args.poses is not None:
         source = {"poses": validate_poses(_load_poses(args.poses), "--poses")}
     else:
-        source = {"poses": parse_trajectory(args.trajectory or DEFAULT_TRAJECTORY)}
+        source = {"poses": trajectory_poses(args.trajectory or DEFAULT_TRAJECTORY, frames=args.trajectory_frames,
+                                            hold_frames=args.hold_frames)}
     engine_args = engine_args_from(args)
     if args.resume_bank is not None and not Path(args.resume_bank).is_dir():
         raise FileNotFoundError(f"--resume-bank {args.resume_bank}: no such bank directory")
