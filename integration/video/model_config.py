@@ -41,6 +41,7 @@ class ModelConfig:
     freq_dim: int = 256  # sinusoidal timestep embedding size
     camera: bool = False  # per-block Plucker-ray camera conditioning
     camera_fov_degrees: float = 90.0  # horizontal field of view of the pinhole used for Plucker rays
+    temporal_rope: bool = True  # False: every frame sits at temporal position 0 (no time position; the world model)
     frames_per_chunk: int = 3
     eps: float = 1e-6
     timestep_scale: float = 1000.0  # sigma in [0, 1] -> Wan's timestep in [0, 1000]
@@ -89,6 +90,8 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.latent_width={self.latent_width!r}: must be divisible by patch width {ps[2]}"
             )
+        if not isinstance(self.temporal_rope, bool):
+            raise ValueError(f"ModelConfig.temporal_rope={self.temporal_rope!r}: expected True or False")
         if not 1.0 <= self.camera_fov_degrees <= 179.0:
             raise ValueError(f"ModelConfig.camera_fov_degrees={self.camera_fov_degrees!r}: expected 1..179")
         if not 0.0 < self.eps < 1.0:
@@ -183,6 +186,11 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         # LingBot-World-Fast: Wan2.2-A14B-shaped (one expert), 480x832, camera conditioned
         ModelConfig("lingbot-fast", num_layers=40, num_heads=40, head_dim=128, dim=5120, ffn_dim=13824,
                     latent_height=60, latent_width=104, camera=True),
+        # the world model trained on the procedural panorama world (worldkv_connector/world): 12 tokens
+        # per latent frame, camera-conditioned, no time position so any subset of cached chunks is a context
+        ModelConfig("world", num_layers=3, num_heads=4, head_dim=24, dim=96, ffn_dim=256, latent_height=4,
+                    latent_width=12, in_channels=4, out_channels=4, text_dim=8, text_len=1, freq_dim=32,
+                    camera=True, camera_fov_degrees=45.0, temporal_rope=False, dtype="fp32"),
     )
 }
 

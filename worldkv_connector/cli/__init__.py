@@ -19,6 +19,8 @@ COMMAND_MODULES = (
     "worldkv_connector.cli.generate",
     "worldkv_connector.cli.bench",
     "worldkv_connector.cli.bank",
+    "worldkv_connector.cli.train",
+    "worldkv_connector.cli.eval",
 )
 
 
