@@ -41,6 +41,8 @@ class LoadPath:
         self._ropes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._rotated: set[int] = set()
         self.resident_indices: dict[ChunkKey, torch.Tensor] = {}  # kept ids of chunks in the hot set
+        # merging compressions: per layer [num_pages, page_size] fp32 logit bias of every page slot
+        self.logit_bias: dict[str, torch.Tensor] | None = None
 
     # --- per step -------------------------------------------------------------------------------
     def begin_step(self, loads: list[LoadSpec], ropes: list[RopeDelta], layer_names: list[str],
@@ -60,6 +62,8 @@ class LoadPath:
             if entry.indices is not None:
                 self.resident_indices[spec.key] = entry.indices
             live.append(spec)
+        if live and self.logit_bias is not None:
+            self._write_bias(live, layer_names)
         if live:
             ps = self.page_size
             views = [self.bank.view(spec.key) for spec in live]  # [L, 2, T', H, D] each
@@ -103,6 +107,21 @@ class LoadPath:
             lens = [n for r in ropes for n in r.page_lens]
             deltas = [r.delta for r in ropes for _ in r.page_ids]
             self._ropes = tuple(torch.tensor(x, dtype=torch.int64, device=self.device) for x in (pages, deltas, lens))
+
+    def _write_bias(self, live: list[LoadSpec], layer_names: list[str]) -> None:
+        """log(count) of each loaded token into its page slots (0 for unmerged chunks: pages are reused)."""
+        ps = self.page_size
+        for spec in live:
+            counts = self.bank.get(spec.key).counts  # [L, T'] fp32 or None
+            for layer, name in enumerate(layer_names):
+                bias = self.logit_bias[name]
+                row = None if counts is None else counts[layer].log().to(bias.device)
+                for i, page in enumerate(spec.page_ids):
+                    n = min(ps, spec.num_tokens - i * ps)
+                    if row is None:
+                        bias[page, :n] = 0.0
+                    else:
+                        bias[page, :n] = row[i * ps : i * ps + n]
 
     def wait_layer(self, layer: int, kv_layer: torch.Tensor) -> None:
         """Order the compute stream after layer ``layer``'s load, then apply the step's RoPE deltas

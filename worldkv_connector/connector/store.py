@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from worldkv_connector.bank import Bank, BankEntry
-from worldkv_connector.compression import compress_chunk
+from worldkv_connector.compression import compress_chunk, get_compression
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.connector.meta import ChunkKey, StoreResult, StoreSpec
 from worldkv_connector.metrics import ConnectorMetrics
@@ -88,6 +88,9 @@ class StorePath:
                 meta = {"first_frame": spec.first_frame} if spec.first_frame >= 0 else None
                 try:
                     entry = self.bank.reserve(spec.key, self.kept, indices=idx, pose=spec.frame_poses, meta=meta)
+                    if entry is not None and self.config.compression != "novelty":
+                        # merge counts travel with the entry like the kept ids (tempcache's logit bias)
+                        entry.counts = torch.ones(self.num_layers, self.kept, pin_memory=self._pin)
                     if entry is None:
                         self._fail_early(spec, "the bank has no free slot (every entry is pinned or being written)")
                 except ValueError as exc:  # e.g. the key is already banked: never fail the step
@@ -125,12 +128,15 @@ class StorePath:
             flat_rows = rows.reshape(-1)
             k = flat[0].index_select(0, flat_rows).view(b, t, h, d)  # [B, T, H, D] gathered chunk K
             v = flat[1].index_select(0, flat_rows).view(b, t, h, d)
-            ck, cv, idx = self._compress(k, v)  # [B, T', H, D] x2, [B, T'] int64
+            ck, cv, idx, cnt = self._compress(k, v)  # [B, T', H, D] x2, [B, T'] int64, [B, T'] fp32 or None
             srcs, dsts = [], []
             for b, st in enumerate(live):
                 view = self.bank.view(st.spec.key)  # [L, 2, T', H, D]
                 srcs += [ck[b], cv[b], idx[b]]
                 dsts += [view[layer, 0], view[layer, 1], st.entry.indices[layer]]
+                if cnt is not None and st.entry.counts is not None:
+                    srcs.append(cnt[b])
+                    dsts.append(st.entry.counts[layer])
             after = None
             if self._event is not None:
                 # the copy stream must not read the staging rows before compute wrote them
@@ -151,21 +157,26 @@ class StorePath:
         self._jobs[job.job_id] = keys
 
     def _compress(self, k: torch.Tensor, v: torch.Tensor):
-        """k, v: [B, T, H, D] -> (k [B, T', H, D], v [B, T', H, D], ids [B, T'] int64), on k's device."""
+        """k, v: [B, T, H, D] -> (k [B, T', H, D], v [B, T', H, D], ids [B, T'] int64, counts [B, T'] fp32
+        or None for pruning), on k's device."""
         b, t = k.shape[:2]
         if self.kept == t:  # keep_ratio 1: nothing to rank
             ids = torch.arange(t, device=k.device).expand(b, t).contiguous()
-            return k, v, ids
+            return k, v, ids, None
+        if self.config.compression != "novelty":  # a registered merging compression (torch, any device)
+            out = get_compression(self.config.compression)(
+                k, v, frame_tokens=self.frame_tokens, keep_ratio=self.config.keep_ratio, pooled=self.config.pooled)
+            return out.k, out.v, out.indices, out.counts
         if k.device.type == "cuda":
             from worldkv_connector.kernels.compress import compress_chunk_kernel
 
             staging, ids = compress_chunk_kernel(
                 k, v, frame_tokens=self.frame_tokens, keep_ratio=self.config.keep_ratio, pooled=self.config.pooled
             )  # staging: [B, 2, T', H, D] contiguous
-            return staging[:, 0], staging[:, 1], ids
+            return staging[:, 0], staging[:, 1], ids, None
         out = compress_chunk(k, v, frame_tokens=self.frame_tokens, keep_ratio=self.config.keep_ratio,
                              pooled=self.config.pooled)
-        return out.k, out.v, out.indices
+        return out.k, out.v, out.indices, None
 
     def end_step(self) -> None:
         """End of the clean pass: a chunk that did not get every layer is not banked."""
