@@ -7,7 +7,7 @@ from worldkv_connector.cli import main
 def test_demo_prints_both_tables_and_writes_the_plot_and_json(tmp_path, capsys):
     png, js = tmp_path / "out" / "demo.png", tmp_path / "demo.json"
     # R_L30: 30 degrees right, a hold, back left; chunks 10-13 return to yaws of chunks 1-4
-    rc = main(["demo", "--trajectory", "R_L30", "--num-chunks", "14", "--num-denoising-steps", "1",
+    rc = main(["demo", "--model", "tiny", "--trajectory", "R_L30", "--num-chunks", "14", "--num-denoising-steps", "1",
                "--no-progress", "--plot", str(png), "--json", str(js)])
     out, err = capsys.readouterr()
     assert rc == 0, err
