@@ -46,3 +46,20 @@ def test_eval_revisit_refuses_unknown_modes_and_trajectories(capsys):
     assert "mode 'magic'" in capsys.readouterr().err
     assert main(["eval", "revisit", "--trajectories", "moon"]) == 2
     assert "trajectory 'moon'" in capsys.readouterr().err
+
+
+def test_observed_chunks_land_exactly_on_the_ground_truth():
+    import torch
+
+    from worldkv_connector.world.panorama import PanoramaWorld
+    from worldkv_connector.world.revisit import RevisitConfig, _engine_args, _rollout
+    from worldkv_connector.world.trajectories import revisit_poses
+    from worldkv_connector.world.weights import shipped_weights
+
+    poses = revisit_poses("glance", 3, 3)
+    truth_frames = PanoramaWorld(5).render(poses, 12, 45.0)
+    truth = {0: truth_frames[0:3], 2: truth_frames[6:9]}
+    args = _engine_args(RevisitConfig(num_denoising_steps=2), "full", str(shipped_weights()), 12, 45.0)
+    out = _rollout(args, poses, 3, 0, truth)["latents"]
+    assert torch.allclose(out[0:3], truth[0], atol=1e-4) and torch.allclose(out[6:9], truth[2], atol=1e-4)
+    assert not torch.allclose(out[3:6], truth_frames[3:6], atol=1e-2)  # chunk 1 is generated
