@@ -120,6 +120,11 @@ def run_revisit(args: argparse.Namespace) -> int:
     print()
     print_table(report)
     print()
+    names = list(report["trajectories"])
+    print("revisit PSNR dB per trajectory: " + ", ".join(
+        f"{mode} " + "/".join(_fmt(s["revisit_psnr_db_by_trajectory"].get(t), ".1f") for t in names)
+        for mode, s in report["modes"].items()) + f"  ({'/'.join(names)})")
+    print()
     print("acceptance (this run):")
     for check, ok, figures in acceptance(report):
         verdict = "reported" if ok is None else ("PASS" if ok else "FAIL")

@@ -213,6 +213,7 @@ def evaluate(cfg: RevisitConfig, progress: Callable[[str], None] | None = None) 
                            cfg.seed, truth)
             lat = out["latents"]
             acc = per_mode[mode]
+            acc.setdefault("by_trajectory", {})[name] = _mean([psnr(lat[j], lat[i]) for j, i in pairs])
             for j, i in pairs:
                 acc["psnr"].append(psnr(lat[j], lat[i]))
                 acc["ssim"].append(ssim(lat[j], lat[i]))
@@ -250,7 +251,7 @@ def _summary(a: dict) -> dict:
             "revisit_ssim_gt": _mean(a["ssim_gt"]), "revisit_pairs": len(a["psnr"]),
             "chunks_per_s": a["chunks"] / a["busy"] if a["busy"] else 0.0, "chunks": a["chunks"],
             "peak_resident_kv_bytes": a["peak_kv"], "resident_kv_bytes_last": a["resident_last"],
-            "bank_peak_bytes": a["bank_peak"]}
+            "bank_peak_bytes": a["bank_peak"], "revisit_psnr_db_by_trajectory": a.get("by_trajectory", {})}
 
 
 def report_json(report: dict) -> dict:
@@ -261,7 +262,8 @@ def report_json(report: dict) -> dict:
            "chunks_per_s": {m: s["chunks_per_s"] for m, s in modes.items()},
            "num_chunks": report["num_chunks"]}
     for key in ("revisit_ssim", "revisit_psnr_gt_db", "revisit_ssim_gt", "peak_resident_kv_bytes",
-                "resident_kv_bytes_last", "bank_peak_bytes", "revisit_pairs", "revisit_psnr_std_db"):
+                "resident_kv_bytes_last", "bank_peak_bytes", "revisit_pairs", "revisit_psnr_std_db",
+                "revisit_psnr_db_by_trajectory"):
         out[key] = {m: s[key] for m, s in modes.items()}
     out.update(config=report["config"], checkpoint_file=report["checkpoint"], trajectories=report["trajectories"])
     return out
