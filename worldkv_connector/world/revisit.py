@@ -226,7 +226,7 @@ def evaluate(cfg: RevisitConfig, progress: Callable[[str], None] | None = None) 
             acc["resident_last"] = max(acc["resident_last"], out["resident_kv_bytes_last"])
             acc["bank_peak"] = max(acc["bank_peak"], out["bank_peak_bytes"])
             if pairs and name not in samples.get(mode, {}):
-                picks = pairs[:: max(1, len(pairs) // 4)][:4]
+                picks = pairs[:: max(1, len(pairs) // 2)][:2]  # two pairs, far apart in the rollout
                 samples.setdefault(mode, {})[name] = {
                     "first": [lat[i] for _, i in picks], "revisit": [lat[j] for j, _ in picks],
                     "truth": [truth_frames[j] for j, _ in picks] if truth is not None else None}
