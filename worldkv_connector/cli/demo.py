@@ -37,7 +37,7 @@ __all__ = ["register", "run", "DEMO_MODES"]
 
 DEMO_MODES = ("full", "sliding", "worldkv")
 DEFAULT_PLOT = "out/demo.png"
-WORLD_TRAJECTORY = "RLRLRL180"  # the world model's default: 180 degrees out and back, three times
+WORLD_TRAJECTORY = "RLRLRL150"  # the world model's default: 150 degrees out and back, three times (chunks realign)
 WORLD_DEG_PER_FRAME = 15.0  # a chunk turns 45 degrees, one field of view of the world model
 DEFAULT_REVISIT_DEGREES = 5.0  # a few degrees: the yaw moves 6 degrees per chunk on the default trajectory
 _MiB = 1 << 20
@@ -138,7 +138,12 @@ def _verdict(run: dict, degrees: float) -> dict:
     from worldkv_connector.integration.video.recall import REVISIT_DISTANCE, revisit_sources
 
     recs = run["records"]
-    sources = revisit_sources(np.array([r["pose"] for r in recs]), run["sink_chunks"], run["recent_chunks"],
+    poses = np.array([r["pose"] for r in recs])  # [N, 4, 4] chunk means
+    # the mean of a chunk's rotations is not a rotation (a chunk turning 30 degrees shrinks it enough that
+    # two identical chunks sit ~20 degrees apart by the trace distance): judge revisits on its nearest rotation
+    u, _, vt = np.linalg.svd(poses[:, :3, :3])
+    poses[:, :3, :3] = u @ vt
+    sources = revisit_sources(poses, run["sink_chunks"], run["recent_chunks"],
                               max_degrees=degrees, max_distance=REVISIT_DISTANCE)
     hits, misses = [], []
     for r, src in zip(recs, sources):
