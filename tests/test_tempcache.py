@@ -104,3 +104,20 @@ def test_engine_with_tempcache_puts_log_counts_into_the_retrieved_pages():
     retrieved = [b for ids, b in seen if ids]
     assert retrieved and max(retrieved) > 0.5  # a merged key of count >= 2 was in the window
     assert all(b >= 0 for _, b in seen)
+
+
+def test_a_merged_entry_without_its_counts_is_a_load_error_not_wrong_attention():
+    from worldkv_connector.integration.video.engine import VideoEngine
+
+    with VideoEngine(model="tiny", attention_window="sliding", kv_connector="worldkv", page_size=16,
+                     num_denoising_steps=1, kv_connector_config='{"compression": "tempcache"}') as engine:
+        engine.add_session("s", trajectory="R_L90", num_chunks=12, seed=0)
+        for _ in range(5):
+            engine.step()
+        bank = engine.connector.worker.bank
+        for key in list(bank.keys()):  # as if restored from a bank saved without the counts
+            bank.get(key).counts = None
+        before = engine.connector.metrics()["load_errors"]
+        while engine.has_unfinished_sessions():
+            engine.step()
+        assert engine.connector.metrics()["load_errors"] > before

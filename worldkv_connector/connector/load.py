@@ -43,6 +43,7 @@ class LoadPath:
         self.resident_indices: dict[ChunkKey, torch.Tensor] = {}  # kept ids of chunks in the hot set
         # merging compressions: per layer [num_pages, page_size] fp32 logit bias of every page slot
         self.logit_bias: dict[str, torch.Tensor] | None = None
+        self.require_counts = False  # merged entries must bring their counts (else wrong attention mass)
 
     # --- per step -------------------------------------------------------------------------------
     def begin_step(self, loads: list[LoadSpec], ropes: list[RopeDelta], layer_names: list[str],
@@ -54,8 +55,11 @@ class LoadPath:
         bad: list[LoadSpec] = []
         for spec in loads:
             entry = self.bank.get(spec.key)
-            if entry is None or not entry.ready or entry.num_tokens != spec.num_tokens:
-                bad.append(spec)  # evicted or rewritten since it was planned: never load stale rows
+            if entry is None or not entry.ready or entry.num_tokens != spec.num_tokens or (
+                    self.require_counts and entry.counts is None):
+                # evicted or rewritten since it was planned: never load stale rows; a merged entry without
+                # its counts (e.g. from a bank saved without them) would attend with the wrong mass
+                bad.append(spec)
                 self.metrics.load_errors += 1
                 continue
             self.bank.touch(spec.key)  # a retrieval: young end of LRU

@@ -93,6 +93,7 @@ class WorldKVWorker:
         if self.config.compression != "novelty":  # merged tokens carry log(count) into attention
             self.logit_bias = {name: torch.zeros(t.shape[1], t.shape[2], device=t.device) for name, t in kv_caches.items()}
             self.loads.logit_bias = self.logit_bias
+            self.loads.require_counts = self.config.kept_tokens(s.frame_tokens) < s.frame_tokens * self.config.frames_per_chunk
         self._layer_of = {name: i for i, name in enumerate(self.layer_names)}
 
     def _layer(self, layer_name: str) -> int:
