@@ -57,6 +57,7 @@ class BankEntry:
     pins: int = 0  # in-flight transfers reading or writing it; pinned entries are never freed
     last_used: int = 0  # logical clock of the last reserve/touch
     indices: torch.Tensor | None = None  # kept token ids [L, num_tokens], CPU int64
+    counts: torch.Tensor | None = None  # tokens merged into each kept one [L, num_tokens] fp32 (tempcache); None: 1
     pose: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
 

@@ -48,6 +48,7 @@ class WorldKVConfig:
     # --- compression ---------------------------------------------------------------------
     keep_ratio: float = 0.25  # share of each non-anchor frame's tokens kept (1.0 = no compression)
     pooled: bool = True  # one shared budget over all non-anchor frames (reference "pooled" mode)
+    compression: str = "novelty"  # registered compression: "novelty" (prune) or "tempcache" (merge), same budget
     # --- reinsertion -------------------------------------------------------------------
     rope_correction: bool = False  # rotate temporal RoPE of retrieved keys to sit before recent
     hot_chunks: int = 6  # retrieved chunks kept resident on the GPU between steps (page budget)
@@ -100,6 +101,9 @@ class WorldKVConfig:
                 raise ValueError(
                     f"WorldKVConfig.{name}={value} must be a multiple of frames_per_chunk={self.frames_per_chunk}"
                 )
+        from worldkv_connector.compression import COMPRESSIONS  # late: compression imports this module
+
+        COMPRESSIONS.check(self.compression, "WorldKVConfig.compression")
         if self.fov_far <= self.fov_near:
             raise ValueError(f"WorldKVConfig.fov_far={self.fov_far} must be greater than fov_near={self.fov_near}")
         if self.hot_chunks < self.retrieval_chunks:
@@ -159,6 +163,8 @@ class WorldKVConfig:
     def fingerprint(self) -> str:
         """Hash of the knobs that change what a bank entry holds (used to refuse incompatible banks)."""
         keys = ("frames_per_chunk", "keep_ratio", "pooled", "page_size")
+        if self.compression != "novelty":  # novelty banks keep the fingerprint they always had
+            keys += ("compression",)
         blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

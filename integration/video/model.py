@@ -133,6 +133,8 @@ class CausalWanDiT(nn.Module):
         frame_pos = (frame_offset.to(dev, torch.int64)[:, None] + torch.arange(f, device=dev)).repeat_interleave(
             c.frame_tokens, dim=1
         )  # [B, T]
+        if not c.temporal_rope:
+            frame_pos = torch.zeros_like(frame_pos)  # no time position: the temporal channels stay unrotated
         row_pos, col_pos = self._rows.repeat(f), self._cols.repeat(f)  # [T]
         return rope_tables(frame_pos, row_pos, col_pos, c.head_dim)
 

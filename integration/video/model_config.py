@@ -16,7 +16,7 @@ __all__ = ["ModelConfig", "ActionConfig", "MODEL_CONFIGS", "MODEL_FAMILIES", "ge
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # wan: text-conditioned Wan T2V (Self-Forcing, CausVid); matrix-game-2: image + keyboard/mouse action
 # conditioned (models/matrix_game2.py); lingbot: text + Plucker camera conditioned (models/lingbot.py)
-MODEL_FAMILIES = ("wan", "matrix-game-2", "lingbot")
+MODEL_FAMILIES = ("wan", "matrix-game-2", "lingbot", "world")
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,8 @@ class ModelConfig:
     image_dim: int = 0  # CLIP image feature width of image-conditioned models (1280); 0: none
     image_len: int = 257  # CLIP image tokens
     action: ActionConfig | None = None  # Matrix-Game-2's action module
-    camera_fov_degrees: float = 90.0  # horizontal field of view of the default intrinsics (lingbot)
+    camera_fov_degrees: float = 90.0  # horizontal field of view of the default intrinsics (lingbot, world)
+    temporal_rope: bool = True  # False: every frame sits at temporal position 0 (no time position; the world model)
     frames_per_chunk: int = 3
     eps: float = 1e-6
     timestep_scale: float = 1000.0  # sigma in [0, 1] -> Wan's timestep in [0, 1000]
@@ -154,6 +155,8 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.latent_width={self.latent_width!r}: must be divisible by patch width {ps[2]}"
             )
+        if not isinstance(self.temporal_rope, bool):
+            raise ValueError(f"ModelConfig.temporal_rope={self.temporal_rope!r}: expected True or False")
         if not 1.0 <= self.camera_fov_degrees <= 179.0:
             raise ValueError(f"ModelConfig.camera_fov_degrees={self.camera_fov_degrees!r}: expected 1..179")
         if not 0.0 < self.eps < 1.0:
@@ -265,6 +268,11 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         ModelConfig("tiny-lingbot", num_layers=2, num_heads=2, head_dim=16, dim=32, ffn_dim=64, latent_height=8,
                     latent_width=8, in_channels=36, text_dim=32, text_len=8, freq_dim=32, family="lingbot",
                     dtype="fp32"),
+        # the world model trained on the procedural panorama world (worldkv_connector/world): 12 tokens
+        # per latent frame, camera-conditioned, no time position so any subset of cached chunks is a context
+        ModelConfig("world", num_layers=3, num_heads=4, head_dim=24, dim=96, ffn_dim=256, latent_height=4,
+                    latent_width=12, in_channels=4, out_channels=4, text_dim=8, text_len=1, freq_dim=32,
+                    family="world", camera_fov_degrees=45.0, temporal_rope=False, dtype="fp32"),
     )
 }
 

@@ -133,6 +133,8 @@ class ModelRunner:
         for i, ctx in enumerate(contexts):
             context[i, : ctx.shape[0]] = ctx
         extra = self.inputs.lingbot(rows, self.device) if c.family == "lingbot" else {}
+        if c.family == "world":  # the world model's own camera conditioning: the frames' absolute poses
+            extra["cam"] = torch.from_numpy(np.stack([r.frame_poses for r in rows])).float().to(self.device)
         return gens, lat, context.to(self.device), extra, offsets
 
     @torch.inference_mode()

@@ -17,7 +17,7 @@ from worldkv_connector.integration.video.model_config import ModelConfig
 
 __all__ = ["SessionInputs", "INPUT_KEYS"]
 
-INPUT_KEYS = {"wan": (), "matrix-game-2": ("keyboard", "mouse", "image", "first_latent"),
+INPUT_KEYS = {"wan": (), "world": (), "matrix-game-2": ("keyboard", "mouse", "image", "first_latent"),
               "lingbot": ("intrinsics", "first_latent")}
 
 

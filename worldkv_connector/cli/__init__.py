@@ -20,6 +20,8 @@ COMMAND_MODULES = (
     "worldkv_connector.cli.bench",
     "worldkv_connector.cli.bank",
     "worldkv_connector.cli.convert",
+    "worldkv_connector.cli.train",
+    "worldkv_connector.cli.eval",
 )
 
 

@@ -174,6 +174,12 @@ class WorldKVConnector(VideoKVConnector):
         return self.worker.load_error_pages()
 
     # --- diagnostics ----------------------------------------------------------------------------
+    @property
+    def logit_bias(self) -> dict[str, torch.Tensor] | None:
+        """Per layer [num_pages, page_size] fp32 attention logit bias of each page slot (``log`` of the
+        tokens a merged key stands for) when the compression merges (tempcache); None otherwise."""
+        return self.worker.logit_bias
+
     def kept_indices(self, session_id: str, chunk_id: int) -> torch.Tensor | None:
         """Kept token ids [L, T'] (CPU int64, ascending, anchor first) of a banked or resident
         chunk: which of its ``frames_per_chunk * frame_tokens`` tokens the window holds. None once

@@ -13,7 +13,7 @@ __all__ = ["model_class", "build_model_on"]
 
 
 def model_class(config: ModelConfig) -> type[torch.nn.Module]:
-    """The nn.Module class of a config's family (``wan``, ``matrix-game-2``, ``lingbot``)."""
+    """The nn.Module class of a config's family (``wan``, ``matrix-game-2``, ``lingbot``, ``world``)."""
     family = getattr(config, "family", "wan")
     if family == "matrix-game-2":
         from worldkv_connector.integration.video.models.matrix_game2 import MatrixGame2DiT
@@ -23,6 +23,10 @@ def model_class(config: ModelConfig) -> type[torch.nn.Module]:
         from worldkv_connector.integration.video.models.lingbot import LingBotWorldDiT
 
         return LingBotWorldDiT
+    if family == "world":
+        from worldkv_connector.integration.video.models.world import WorldDiT
+
+        return WorldDiT
     from worldkv_connector.integration.video.model import CausalWanDiT
 
     return CausalWanDiT
@@ -47,8 +51,10 @@ def example_inputs(config: ModelConfig, frames: int, randn) -> tuple[torch.Tenso
         extra["mouse"] = randn(1, frames, pad, c.action.mouse_dim_in) * 0
     else:
         context = randn(1, c.text_len, c.text_dim)
-    if c.family != "wan":
+    if c.family in ("matrix-game-2", "lingbot"):
         extra["cond"] = randn(1, frames, 20, c.latent_height, c.latent_width) * 0
+    if c.family == "world":
+        extra["cam"] = torch.eye(4, device=x.device).expand(1, frames, 4, 4).contiguous()
     if c.family == "lingbot":
         extra["c2w"] = torch.eye(4, device=x.device).expand(1, frames, 4, 4).contiguous()
     return x, context, extra
