@@ -9,6 +9,7 @@ import sys
 import uuid
 
 import pytest
+import torch
 
 from worldkv_connector.remote.servers import free_port
 
@@ -52,3 +53,46 @@ def test_ranks_agree_and_missing_shard_drops_the_chunk_everywhere(tmp_path, redi
     if size > 1:
         assert records[0]["own_read"] == [True, True, True]  # rank 0 read its shard fine: the minimum dropped it
         assert records[-1]["own_read"] == [True, False, True] and records[-1]["misses"] == 2  # reported by both reads
+
+
+ENGINE_WORKER = os.path.join(os.path.dirname(__file__), "engine_worker.py")
+
+
+def run_engine_ranks(out, size):
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, ENGINE_WORKER, str(r), str(size), str(port), str(out)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(max(size, 1))]
+    try:
+        errs = [p.communicate(timeout=240)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+    for p, err in zip(procs, errs):
+        assert p.returncode == 0, err[-3000:]
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one-rank")
+    run_engine_ranks(out, 0)  # the plain engine: all heads in one process
+    return out
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_sharded_engine_gives_the_latents_of_one_rank(one_rank, tmp_path, size):
+    """fp32, keep_ratio 1.0 and 0.25: the same retrieval and the same latents on every rank as one rank."""
+    from safetensors.torch import load_file
+
+    run_engine_ranks(tmp_path, size)
+    ref = json.loads((one_rank / "rec0_0.json").read_text())
+    assert any(ref["0.25"]["retrieved"]) and ref["0.25"]["kept"] < ref["1.0"]["kept"]  # retrieval and compression ran
+    for keep in ("1.0", "0.25"):
+        want = load_file(one_rank / f"lat0_0_{keep}.safetensors")["latents"]
+        for r in range(size):
+            rec = json.loads((tmp_path / f"rec{size}_{r}.json").read_text())
+            assert rec[keep] == ref[keep]
+            got = load_file(tmp_path / f"lat{size}_{r}_{keep}.safetensors")["latents"]
+            assert torch.allclose(got, want, rtol=0, atol=1e-5), (keep, r, (got - want).abs().max().item())
