@@ -165,3 +165,11 @@ def test_store_server_killed_resume_fails_over_to_misses(private_mooncake):
         engine.run()
         engine.drain()
         assert keys == [] and len(engine.results("a")) == 4
+
+
+def test_resume_without_a_remote_tier_is_a_clear_error():
+    cfg = json.dumps(dict(keep_ratio=0.5, retrieval_chunks=3, hot_chunks=3, bank_bytes=1 << 22))
+    with VideoEngine(model="tiny", attention_window="sliding", page_size=PS, kv_cache_memory=0.004,
+                     num_denoising_steps=1, kv_connector="worldkv", kv_connector_config=cfg) as engine:
+        with pytest.raises(ValueError, match="has no 'remote' tier"):
+            engine.connector.resume_remote("a")
