@@ -1,6 +1,7 @@
-"""One rank of the head-sharded engine test (run as a script by test_ranks.py): argv = rank, size,
-port, out dir. size 0: the plain one-rank engine. For keep_ratio 1.0 and 0.25 it rolls out a
-revisit trajectory and saves the latents and what each step retrieved."""
+"""One rank of the gloo tests (run as a script by test_ranks.py): argv = rank, size, port, out dir,
+remote config JSON. size 0: the plain one-rank engine. A rank first runs rank_checks.checks, then
+for keep_ratio 1.0 and 0.25 rolls out a revisit trajectory and saves the latents and what each
+step retrieved."""
 import json
 import os
 import sys
@@ -12,6 +13,7 @@ from safetensors.torch import save_file
 from worldkv_connector.integration.video import VideoEngine
 
 rank, size, port, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+remote = json.loads(sys.argv[5])
 torch.set_num_threads(1)
 group = None
 if size:
@@ -20,6 +22,11 @@ if size:
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     group = RankGroup()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from rank_checks import checks
+
+    checks_record = checks(group, remote)
+    json.dump(checks_record, open(os.path.join(out, f"checks{size}_{rank}.json"), "w"))
 record = {}
 for keep in (1.0, 0.25):
     cfg = dict(keep_ratio=keep, retrieval_chunks=2, hot_chunks=2, bank_bytes=1 << 24, sink_frames=3, recent_frames=3)

@@ -50,6 +50,13 @@ class RemoteBackend:
 
     name = "?"
     raw: object = None
+    _failures = 0
+
+    def _warn(self, msg: str, *args) -> None:
+        # the first failure at WARNING, later ones at DEBUG: a dead server must not flood the log
+        self._failures += 1
+        (logger.warning if self._failures == 1 else logger.debug)(msg + ("" if self._failures > 1 else
+                                                                         " (further failures are logged at DEBUG)"), *args)
 
     def register(self, t: torch.Tensor) -> None:
         """Make ``t``'s memory (contiguous CPU) eligible for zero-copy transfers (no-op by default)."""
@@ -120,7 +127,7 @@ class MooncakeBackend(RemoteBackend):
             return
         rc = self.raw.register_buffer(ptr, n)
         if rc != 0:
-            logger.warning("Mooncake register_buffer of %d bytes failed (code %d): transfers copy instead", n, rc)
+            self._warn("Mooncake register_buffer of %d bytes failed (code %d): transfers copy instead", n, rc)
             return
         self._regions.append((ptr, ptr + n))
 
@@ -146,7 +153,7 @@ class MooncakeBackend(RemoteBackend):
             for i in slow:
                 out[i] = self.raw.put(keys[i], _as_bytes(tensors[i].contiguous())) == 0
         except Exception as exc:  # noqa: BLE001 - a failed put is a result
-            logger.warning("Mooncake put failed: %s: %s", type(exc).__name__, exc)
+            self._warn("Mooncake put failed: %s: %s", type(exc).__name__, exc)
         return out
 
     def get_tensors(self, keys, outs):
@@ -170,7 +177,7 @@ class MooncakeBackend(RemoteBackend):
                     outs[i].view(torch.uint8).reshape(-1).copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
                     res[i] = len(data)
         except Exception as exc:  # noqa: BLE001 - a failed get is a miss
-            logger.warning("Mooncake get failed: %s: %s", type(exc).__name__, exc)
+            self._warn("Mooncake get failed: %s: %s", type(exc).__name__, exc)
         return res
 
     @staticmethod
@@ -187,7 +194,7 @@ class MooncakeBackend(RemoteBackend):
         try:
             return (self.raw.upsert(key, data) if overwrite else self.raw.put(key, data)) == 0
         except Exception as exc:  # noqa: BLE001
-            logger.warning("Mooncake put of %r failed: %s", key, exc)
+            self._warn("Mooncake put of %r failed: %s", key, exc)
             return False
 
     def put_if_absent(self, key, data):
@@ -198,14 +205,14 @@ class MooncakeBackend(RemoteBackend):
             self.raw.put(key, data)
             return bytes(self.raw.get(key)) == bytes(data)
         except Exception as exc:  # noqa: BLE001
-            logger.warning("Mooncake put_if_absent of %r failed: %s", key, exc)
+            self._warn("Mooncake put_if_absent of %r failed: %s", key, exc)
             return False
 
     def get_blob(self, key):
         try:
             data = self.raw.get(key)
         except Exception as exc:  # noqa: BLE001
-            logger.warning("Mooncake get of %r failed: %s", key, exc)
+            self._warn("Mooncake get of %r failed: %s", key, exc)
             return None
         return bytes(data) if data else None
 
@@ -216,7 +223,7 @@ class MooncakeBackend(RemoteBackend):
         try:
             return sum(rc == 0 for rc in self.raw.batch_remove(list(keys), True))
         except Exception as exc:  # noqa: BLE001
-            logger.warning("Mooncake remove failed: %s: %s", type(exc).__name__, exc)
+            self._warn("Mooncake remove failed: %s: %s", type(exc).__name__, exc)
             return 0
 
     def remove_prefix(self, prefix):
@@ -224,7 +231,7 @@ class MooncakeBackend(RemoteBackend):
         try:
             return max(0, self.raw.remove_by_regex(pattern, True))
         except Exception as exc:  # noqa: BLE001
-            logger.warning("Mooncake remove_by_regex(%r) failed: %s", pattern, exc)
+            self._warn("Mooncake remove_by_regex(%r) failed: %s", pattern, exc)
             return 0
 
     def close(self):
@@ -268,7 +275,7 @@ class RedisBackend(RemoteBackend):
         try:
             return fn()
         except self._redis.RedisError as exc:
-            logger.warning("Redis %s failed: %s: %s", what, type(exc).__name__, exc)
+            self._warn("Redis %s failed: %s: %s", what, type(exc).__name__, exc)
             return default
 
     def put_tensors(self, keys, tensors):

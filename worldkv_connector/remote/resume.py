@@ -60,7 +60,7 @@ def resume_remote(connector, session_id: str, *, source: str | None = None) -> l
     for rec in records:
         shape_ok = len(rec.shard_shape) == 5 and all(w is None or w == g for w, g in zip(want, rec.shard_shape))
         if not shape_ok or not 1 <= rec.num_tokens <= bank.slot_tokens or rec.num_tokens != rec.shard_shape[2]:
-            tier._miss(src, rec.chunk, f"shard shape {rec.shard_shape} does not fit this bank "
+            tier.report_miss(src, rec.chunk, f"shard shape {rec.shard_shape} does not fit this bank "
                        f"[{bank.num_layers}, 2, <= {bank.slot_tokens}, {bank.num_kv_heads}, {bank.head_dim}]")
             continue
         try:
@@ -68,7 +68,7 @@ def resume_remote(connector, session_id: str, *, source: str | None = None) -> l
         except (ValueError, TypeError):
             poses = None
         if poses is None or poses.shape[0] != fpc:
-            tier._miss(src, rec.chunk, "commit record has no usable pose")
+            tier.report_miss(src, rec.chunk, "commit record has no usable pose")
             continue
         usable.append((rec, poses))
     room = bank.free_slots

@@ -121,7 +121,8 @@ class RemoteTier:
         self._writing: set[str] = set()  # sessions whose writer record we hold
         self._refused: set[str] = set()  # sessions refused to us (logged once)
         self._started: set[str] = set()  # sessions whose start record we wrote
-        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="wkv-remote-sha")
+        # checksum threads: one per two cores, at most 4 (a shard's sha256 is one thread's work)
+        self._hasher = ThreadPoolExecutor(max(1, min(4, (os.cpu_count() or 2) // 2)), thread_name_prefix="wkv-remote-sha")
         self.counters = {"puts": 0, "put_failures": 0, "commits": 0, "gets": 0, "misses": 0, "missing": 0,
                          "corrupt": 0, "bytes_put": 0, "bytes_got": 0, "writes_refused": 0, "removed": 0}
         self.miss_log: deque[tuple[str, int, str]] = deque(maxlen=64)  # (session, chunk, reason), newest last
@@ -293,10 +294,10 @@ class RemoteTier:
                 try:
                     rec = ChunkRecord.from_bytes(data)
                 except (ValueError, TypeError, KeyError) as exc:
-                    self._miss(session, cid, f"unreadable commit record ({exc})")
+                    self.report_miss(session, cid, f"unreadable commit record ({exc})")
                     continue
                 if rec.session != session or rec.chunk != cid:
-                    self._miss(session, cid, "commit record names another chunk")
+                    self.report_miss(session, cid, "commit record names another chunk")
                     continue
                 out.append(rec)
             if not found:
@@ -311,7 +312,7 @@ class RemoteTier:
         todo = []
         for i, (rec, out) in enumerate(zip(records, outs)):
             if list(out.shape) != rec.shard_shape or _dtype_name(out.dtype) != rec.dtype or rec.num_ranks != self.num_ranks:
-                self._miss(rec.session, rec.chunk, f"shard {rec.shard_shape} {rec.dtype} x{rec.num_ranks} ranks, this "
+                self.report_miss(rec.session, rec.chunk, f"shard {rec.shard_shape} {rec.dtype} x{rec.num_ranks} ranks, this "
                            f"rank reads {list(out.shape)} {_dtype_name(out.dtype)} x{self.num_ranks}")
             else:
                 todo.append(i)
@@ -327,13 +328,13 @@ class RemoteTier:
             for i, n in zip(idx, codes):
                 rec = records[i]
                 if n < 0:
-                    self._miss(rec.session, rec.chunk, "shard missing" if n == MISSING else f"shard unreadable (code {n})")
+                    self.report_miss(rec.session, rec.chunk, "shard missing" if n == MISSING else f"shard unreadable (code {n})")
                     continue
                 checks[i] = self._hasher.submit(_sha, outs[i])
         for i, fut in checks.items():
             rec = records[i]
             if fut.result() != rec.shards[self.rank]:
-                self._miss(rec.session, rec.chunk, "shard failed its sha256 check (corrupted)", corrupt=True)
+                self.report_miss(rec.session, rec.chunk, "shard failed its sha256 check (corrupted)", corrupt=True)
                 continue
             ok[i] = True
             self.counters["bytes_got"] += outs[i].numel() * outs[i].element_size()
@@ -341,17 +342,18 @@ class RemoteTier:
 
     def get_indices(self, rec: ChunkRecord, num_layers: int) -> torch.Tensor | None:
         """The chunk's kept token ids ``[L, T]`` int64 (None if it has none; raises nothing: a miss
-        is None with ``_miss`` counted, check ``rec.indices_sha``)."""
+        is None with ``report_miss`` counted, check ``rec.indices_sha``)."""
         if rec.indices_sha is None:
             return None
         out = torch.empty(num_layers, rec.num_tokens, dtype=torch.int64)
         n = self.backend.get_tensors([self._key(rec.session, rec.chunk, "ix")], [out])[0]
         if n < 0 or _sha(out) != rec.indices_sha:
-            self._miss(rec.session, rec.chunk, "kept token ids missing or corrupted", corrupt=n >= 0)
+            self.report_miss(rec.session, rec.chunk, "kept token ids missing or corrupted", corrupt=n >= 0)
             return None
         return out
 
-    def _miss(self, session: str, chunk: int, reason: str, *, corrupt: bool = False) -> None:
+    def report_miss(self, session: str, chunk: int, reason: str, *, corrupt: bool = False) -> None:
+        """Count and log a chunk left out (``stats()["misses"]``, ``miss_log``)."""
         self.counters["misses"] += 1
         self.counters["corrupt" if corrupt else "missing"] += 1
         self.miss_log.append((session, chunk, reason))
