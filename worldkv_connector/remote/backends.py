@@ -216,6 +216,15 @@ class MooncakeBackend(RemoteBackend):
             return None
         return bytes(data) if data else None
 
+    def get_blobs(self, keys):
+        # one existence round trip first: most probed keys of a listing are absent
+        try:
+            there = self.raw.batch_is_exist(list(keys)) if keys else []
+        except Exception as exc:  # noqa: BLE001
+            self._warn("Mooncake batch_is_exist failed: %s: %s", type(exc).__name__, exc)
+            return [None] * len(keys)
+        return [self.get_blob(k) if e == 1 else None for k, e in zip(keys, there)]
+
     def remove(self, keys):
         if not keys:
             return 0
