@@ -422,6 +422,16 @@ class Bank(DiskSpillMixin):
             raise NotResidentError(f"bank key {key!r} is on the disk tier: call ensure_resident(key) first")
         return self._slab[entry.slot, :, :, : entry.num_tokens]
 
+    def attach_remote(self, remote: RemoteTier) -> None:
+        """Replace the remote tier (closing the previous one), e.g. with a rank's own tier; its
+        backend gets the host slab registered for zero-copy transfers."""
+        self._check_open()
+        if self.remote is not None and self.remote is not remote:
+            self.remote.close()
+        self.remote = remote
+        if self.tier == "cpu":
+            remote.backend.register(self._slab)
+
     # --- reporting and lifetime ----------------------------------------------------------------
     def stats(self) -> dict:
         """Counters. ``bytes_used``/``capacity_bytes`` are the host/GPU tier's; ``entries`` and

@@ -72,5 +72,9 @@ def test_sharded_engine_gives_the_latents_of_one_rank(one_rank, tmp_path, redis_
         for r in range(size):
             rec = json.loads((tmp_path / f"rec{size}_{r}.json").read_text())
             assert rec[keep] == ref[keep]
+            rem = rec["remote"]  # each rank wrote its shards, rank 0 committed, a new engine resumed them
+            assert rem["commits"] == (5 if r == 0 else 0) and rem["resumed"] == rem["written"] == list(range(5))
+            assert rem["bit_exact"] and rem["base"] == 5
+            assert rem["retrieved"][0] and max(rem["retrieved"][0]) < 5  # the first resumed chunk retrieves written ones
             got = load_file(tmp_path / f"lat{size}_{r}_{keep}.safetensors")["latents"]
             assert torch.allclose(got, want, rtol=0, atol=1e-5), (keep, r, (got - want).abs().max().item())

@@ -12,14 +12,16 @@ rank, so the replicated weights and inputs agree) into this rank's part of a hea
 - ``RankedConnector`` is the WorldKV connector with the rank hooks: each step's plan is checked
   against rank 0's by digest (``PlanDivergenceError`` before any copy), compression statistics are
   all-reduced (``ranks.compression``: every rank keeps the same tokens), store results are
-  all-reduced by minimum (a chunk banked on only some ranks is no candidate anywhere) and load-error
+  all-reduced by minimum (a chunk banked on only some ranks is no candidate anywhere; with a
+  ``remote`` tier the chunks banked everywhere are written through per rank) and load-error
   pages are united over ranks (a chunk whose load failed on any rank leaves every rank's window).
 
 The projections are replicated, not split (the tiny test models gain nothing from it); what the
 connector sees is exactly a head-sharded rank's KV. Store results are reduced per poll, which is
 step-aligned with synchronous copies (the CPU path); on CUDA the ranks' polls must be aligned too.
-The remote tier under ranks goes through ``ranks.remote.ShardedRemote``; a ``remote`` config is
-refused here.
+With a ``remote`` config each rank writes its own shard of every chunk banked on all ranks and rank 0
+commits it (``ranks.remote.ShardedRemote``); ``resume_remote`` reads each rank's shards and drops a
+chunk missing on any rank everywhere.
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ from worldkv_connector.connector.connector import WorldKVConnector
 from worldkv_connector.connector.meta import StoreResult
 from worldkv_connector.ranks.compression import sharded_compress_chunk
 from worldkv_connector.ranks.group import RankGroup
+from worldkv_connector.ranks.remote import ShardedRemote
+from worldkv_connector.remote.resume import resume_remote
+from worldkv_connector.remote.tier import RemoteTier
 
 __all__ = ["shard_engine", "ShardedAttention", "RankedConnector", "plan_summary"]
 
@@ -49,11 +54,13 @@ class RankedConnector(WorldKVConnector):
 
     def __init__(self, engine_config, kv_shape, connector_config_json, device, *, group: RankGroup) -> None:
         super().__init__(engine_config, kv_shape, connector_config_json, device)
-        if self.config.remote is not None:
-            self.close()
-            raise ValueError("RankedConnector: a 'remote' tier under sharded ranks goes through "
-                             "worldkv_connector.ranks.ShardedRemote; the per-rank write-through is not wired here")
         self.group = group
+        self.sharded = None
+        bank = self.worker.bank
+        if bank.remote is not None:  # this rank's own tier: one object per chunk per rank
+            old = bank.remote
+            bank.attach_remote(RemoteTier(old.config, fingerprint=old.fingerprint, rank=group.rank, num_ranks=group.size))
+            self.sharded = ShardedRemote(bank.remote, group)
         cfg = self.config
         stores = self.worker.stores
 
@@ -74,9 +81,26 @@ class RankedConnector(WorldKVConnector):
                 if key in self.worker.bank:
                     self.worker.bank.free(key)
             report.stores = [r if good == r.ok else StoreResult(r.key, False, 0) for r, good in zip(report.stores, ok)]
+            if self.sharded is not None:
+                for r in report.stores:  # the same chunks in the same order on every rank
+                    if r.ok:
+                        self._write_through(r.key)
             return report
 
         self.worker.poll = ranked_poll  # hook 2 (WorldKVWorker.poll, wrapped)
+
+    def _write_through(self, key) -> None:
+        entry, bank = self.worker.bank.get(key), self.worker.bank
+        self.sharded.write_chunk(key[0], key[1], bank.view(key), poses=entry.pose,
+                                 first_frame=entry.meta.get("first_frame"), indices=entry.indices)
+
+    def resume_remote(self, session_id: str, *, source: str | None = None):
+        """``WorldKVConnector.resume_remote`` with every rank reading its own shards and agreeing
+        (rank 0 lists and holds the writer record; a chunk missing on any rank is left out on all)."""
+        self._check_open()
+        if self.sharded is None:
+            raise ValueError("resume_remote: the connector config has no 'remote' tier")
+        return resume_remote(self, session_id, source=source, io=self.sharded)
 
     def build_connector_meta(self, scheduler_output):
         meta = super().build_connector_meta(scheduler_output)

@@ -59,8 +59,30 @@ class ShardedRemote:
         recs = self.tier.committed(session) if self.group.rank == 0 else None
         return self.group.broadcast(recs)
 
-    def read_chunks(self, records: Sequence[ChunkRecord], outs: Sequence[torch.Tensor]) -> list[bool]:
+    def read_chunks(self, records: Sequence[ChunkRecord], outs: Sequence[torch.Tensor],
+                    also_ok: Sequence[bool] | None = None) -> list[bool]:
         """Read this rank's shard of each record into ``outs`` (``[L, 2, T, H/N, D]``). The mask is
-        the same on every rank: False where any rank missed."""
+        the same on every rank: False where any rank missed (or had ``also_ok`` False)."""
         mine = self.tier.get_shards(records, outs)
+        if also_ok is not None:
+            mine = [a and b for a, b in zip(mine, also_ok)]
         return self.group.all_min(mine)
+
+    def acquire_writer(self, session: str) -> None:
+        """Rank 0 takes the session's writer record; a refusal is raised on every rank."""
+        err = None
+        if self.group.rank == 0:
+            try:
+                self.tier.acquire_writer(session)
+            except ValueError as exc:
+                err = str(exc)
+        err = self.group.broadcast(err)
+        if err is not None:
+            from worldkv_connector.remote.tier import RemoteWriterError
+
+            raise RemoteWriterError(err)
+
+    def drop_chunk(self, session: str, chunk: int) -> None:
+        """Rank 0 removes every rank's objects of a chunk that missed."""
+        if self.group.rank == 0:
+            self.tier.drop_chunk(session, chunk)

@@ -23,7 +23,7 @@ import torch
 
 from worldkv_connector.poses import validate_poses
 
-__all__ = ["resume_remote"]
+__all__ = ["resume_remote", "TierIO"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +36,32 @@ def _tier(connector):
     return tier
 
 
-def resume_remote(connector, session_id: str, *, source: str | None = None) -> list[tuple[str, int]]:
+class TierIO:
+    """How ``resume_remote`` talks to the store for one rank (head-sharded ranks pass
+    ``worldkv_connector.ranks.ShardedRemote``, which has the same methods and agrees across ranks)."""
+
+    def __init__(self, tier) -> None:
+        self.tier = tier
+
+    def acquire_writer(self, session: str) -> None:
+        self.tier.acquire_writer(session)
+
+    def committed(self, session: str):
+        return self.tier.committed(session)
+
+    def read_chunks(self, records, outs, also_ok=None):
+        ok = self.tier.get_shards(records, outs)
+        return ok if also_ok is None else [a and b for a, b in zip(ok, also_ok)]
+
+    def drop_chunk(self, session: str, chunk: int) -> None:
+        self.tier.drop_chunk(session, chunk)
+
+
+def resume_remote(connector, session_id: str, *, source: str | None = None, io=None) -> list[tuple[str, int]]:
     """Bring ``source``'s (default: ``session_id``'s) committed chunks into the connector as
     retrieval candidates of ``session_id``. Call it before the session's first step. Returns the
     bank keys adopted. ``ValueError`` (``RemoteWriterError``) when another engine writes
-    ``session_id`` or the session already ran here."""
+    ``session_id`` or the session already ran here. ``io``: default ``TierIO(the bank's tier)``."""
     for name, value in (("session_id", session_id), ("source", source)):
         if value is not None and not isinstance(value, str):
             raise ValueError(f"resume_remote {name}={value!r}: expected a str")
@@ -48,12 +69,13 @@ def resume_remote(connector, session_id: str, *, source: str | None = None) -> l
     if connector.scheduler.known_session(session_id):
         raise ValueError(f"resume_remote: session {session_id!r} already ran in (or was loaded into) this connector; "
                          "resume it once, before its first step")
-    tier.acquire_writer(session_id)
+    io = TierIO(tier) if io is None else io
+    io.acquire_writer(session_id)
     src = session_id if source is None else source
-    if source is not None and tier.committed(session_id):
+    if source is not None and io.committed(session_id):
         raise ValueError(f"resume_remote: session {session_id!r} already has chunks of its own in the remote tier; "
                          "join a world with a fresh session id, or resume this one without source")
-    records = tier.committed(src)
+    records = io.committed(src)
     bank, fpc = connector.worker.bank, connector.config.frames_per_chunk
     want = [bank.num_layers, 2, None, bank.num_kv_heads, bank.head_dim]
     usable = []
@@ -76,11 +98,9 @@ def resume_remote(connector, session_id: str, *, source: str | None = None) -> l
         logger.warning("resume_remote: %d committed chunk(s) of %r, the host bank has room for %d; the oldest "
                        "%d stay in the remote store only", len(usable), src, room, len(usable) - room)
         usable = usable[len(usable) - room:]
-    keys, outs, staged = [], [], []
+    keys, outs, staged, ix_ok = [], [], [], []
     for rec, poses in usable:
         ix = tier.get_indices(rec, bank.num_layers)
-        if rec.indices_sha is not None and ix is None:
-            continue  # a miss (counted by the tier)
         key = (session_id, rec.chunk)
         meta = {"remote": src, **({"first_frame": rec.first_frame} if rec.first_frame is not None else {})}
         entry = bank.reserve(key, rec.num_tokens, indices=ix, pose=poses, meta=meta)
@@ -91,13 +111,14 @@ def resume_remote(connector, session_id: str, *, source: str | None = None) -> l
         keys.append((rec, poses, key))
         outs.append(out)
         staged.append(view)
-    ok = tier.get_shards([k[0] for k in keys], outs)
+        ix_ok.append(rec.indices_sha is None or ix is not None)  # a kept-ids miss is counted by the tier
+    ok = io.read_chunks([k[0] for k in keys], outs, ix_ok)
     adopted = []
     for good, (rec, poses, key), out, view in zip(ok, keys, outs, staged):
         if not good:
             bank.free(key)
             if source is None:
-                tier.drop_chunk(src, rec.chunk)
+                io.drop_chunk(src, rec.chunk)
             continue
         if out is not view:
             view.copy_(out)
