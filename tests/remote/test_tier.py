@@ -160,3 +160,22 @@ def test_unreachable_server_is_a_clear_error():
         port = s.getsockname()[1]  # nothing listens there once closed
     with pytest.raises(RemoteError, match=f"cannot reach Redis/Valkey at 127.0.0.1:{port}"):
         make_backend(RemoteConfig(backend="redis", address=f"127.0.0.1:{port}", timeout_s=1.0))
+
+
+def test_master_killed_writes_and_reads_fail_over_bounded(private_mooncake):
+    """Mooncake's master gone mid-run: puts fail at once, listings come back empty (misses), within
+    the client's RPC timeouts; nothing hangs."""
+    import time
+
+    tier = _tier(private_mooncake, persist=True)
+    try:
+        assert tier.write_chunk("s", 0, _payload(torch.float32, 0), poses=POSES)
+        private_mooncake.master.stop(kill=True)
+        t0 = time.monotonic()
+        assert not tier.write_chunk("s", 1, _payload(torch.float32, 1), poses=POSES)
+        assert tier.committed("s") == []
+        tier.end_session("s")
+        assert time.monotonic() - t0 < 60
+        assert tier.stats()["put_failures"] == 1 and tier.stats()["commits"] == 1
+    finally:
+        tier.close()
