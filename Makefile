@@ -4,10 +4,11 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.vllm-installed
+REMOTE_STAMP := $(VENV)/.remote-installed
 # pip quiet, and no warnings about missing local index folders
 PIP    := $(BIN)/pip --disable-pip-version-check -q
 
-.PHONY: demo test test-fast soak setup setup-vllm setup-fastvideo test-fastvideo clean gpu-check
+.PHONY: demo test test-fast soak setup setup-vllm setup-fastvideo test-fastvideo setup-remote clean gpu-check
 
 # FastVideo peer (tests/fastvideo): its own venv, since fastvideo 0.2.1 pins torch 2.12 and a GPU
 # stack it does not import. fastvideo goes in with --no-deps, then the exact list of what it
@@ -44,12 +45,25 @@ $(FV_STAMP): pyproject.toml setup.py $(FV_REQ)
 
 setup: $(STAMP)
 setup-vllm: $(VLLM_STAMP)
+# The remote tier's servers and clients (tests start the servers on 127.0.0.1 themselves):
+# Debian's redis-server and libibverbs1 (the Mooncake wheel links it even for TCP), then the
+# pinned Python clients. apt runs only when something is missing, so a second run is quiet.
+APT_SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+$(REMOTE_STAMP): $(STAMP)
+	@echo "[setup] installing redis-server, libibverbs1, Mooncake Store and redis clients (first run only)"
+	@if ! command -v redis-server >/dev/null || ! ldconfig -p | grep -q 'libibverbs.so.1 '; then \
+		$(APT_SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(APT_SUDO) apt-get install -y -qq redis-server libibverbs1 >/dev/null; fi
+	$(PIP) install mooncake-transfer-engine-non-cuda==0.3.13.post1 redis==8.1.0 hiredis==3.5.0
+	@touch $(REMOTE_STAMP)
+
 setup-fastvideo: $(FV_STAMP)
+setup-remote: $(REMOTE_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/worldkv demo
 
-test: $(VLLM_STAMP) $(FV_STAMP)
+test: $(VLLM_STAMP) $(REMOTE_STAMP) $(FV_STAMP)
 	$(BIN)/python -m pytest -m "not fastvideo"
 	$(MAKE) --no-print-directory test-fastvideo
 
@@ -57,7 +71,7 @@ test: $(VLLM_STAMP) $(FV_STAMP)
 test-fastvideo: $(FV_STAMP)
 	OMP_NUM_THREADS=1 $(FV_BIN)/python -m pytest -m fastvideo tests/fastvideo
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(REMOTE_STAMP)
 	$(BIN)/python -m pytest -m "not slow and not vllm and not fastvideo"
 
 soak: $(STAMP)

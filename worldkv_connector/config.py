@@ -61,6 +61,8 @@ class WorldKVConfig:
     disk_bytes: int = 64 * _GiB  # capacity of the disk tier in bytes
     # --- transfers ----------------------------------------------------------------------
     copy_kernel_threshold_bytes: int = 28 * 1024  # fragments under this go through the SM copy kernel
+    # --- remote tier (worldkv_connector.remote.RemoteConfig: backend, address, namespace, ...) -----
+    remote: dict | None = None  # a shared world bank on Mooncake Store or Redis/Valkey; None: this process only
 
     _RANGES = {
         "retrieval_chunks": (0, 4096),
@@ -106,6 +108,10 @@ class WorldKVConfig:
         COMPRESSIONS.check(self.compression, "WorldKVConfig.compression")
         if self.fov_far <= self.fov_near:
             raise ValueError(f"WorldKVConfig.fov_far={self.fov_far} must be greater than fov_near={self.fov_near}")
+        if self.remote is not None:
+            from worldkv_connector.remote.config import RemoteConfig  # validates, naming remote.<key>
+
+            RemoteConfig.from_value(self.remote)
         if self.hot_chunks < self.retrieval_chunks:
             raise ValueError(
                 f"WorldKVConfig.hot_chunks={self.hot_chunks} must be >= retrieval_chunks={self.retrieval_chunks} "
@@ -169,7 +175,8 @@ class WorldKVConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-_TYPES = {"int": (int,), "float": (float, int), "bool": (bool,), "str": (str,), "str | None": (str, type(None))}
+_TYPES = {"int": (int,), "float": (float, int), "bool": (bool,), "str": (str,), "str | None": (str, type(None)),
+          "dict | None": (dict, type(None))}
 
 
 def _check_type(name: str, value: Any, annotation: Any) -> None:
@@ -180,5 +187,5 @@ def _check_type(name: str, value: Any, annotation: Any) -> None:
     else:
         ok = isinstance(value, allowed)
     if not ok or (isinstance(value, float) and not math.isfinite(value)):
-        names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        names = " or ".join({type(None): "null", dict: "a JSON object"}.get(t, t.__name__) for t in allowed)
         raise ValueError(f"WorldKVConfig.{name}={value!r} has the wrong type: expected {names}, got {type(value).__name__}")

@@ -40,6 +40,7 @@ from worldkv_connector.integration.video.connector_api import (
     AttentionMetadata, ChunkRequest, EngineView, ForwardContext, SchedulerOutput, VideoKVConnector, register_connector,
 )
 from worldkv_connector.metrics import ConnectorMetrics
+from worldkv_connector.remote.resume import resume_remote
 from worldkv_connector.shapes import KVShape
 from worldkv_connector.transfer import TransferEngine
 
@@ -168,6 +169,8 @@ class WorldKVConnector(VideoKVConnector):
                 # after the last store ended: nothing writes its entries any more
                 self.scheduler.forget_session(sid)
                 self.worker.end_session(sid)
+                if self.worker.bank.remote is not None:  # its remote objects go too, unless the world persists
+                    self.worker.bank.remote.end_session(sid)
         return done, report.loads_done
 
     def get_block_ids_with_load_errors(self) -> set[int]:
@@ -204,6 +207,13 @@ class WorldKVConnector(VideoKVConnector):
         changed on a bad or mismatched bank (corrupted bytes, other model shape or config)."""
         self._check_open()
         return load_connector_bank(self, path)
+
+    def resume_remote(self, session_id: str, *, source: str | None = None) -> list[ChunkKey]:
+        """Resume ``session_id`` (or, with ``source``, join the shared world of that session) from the
+        config's remote tier: see ``worldkv_connector.remote.resume``. Call it before the session's
+        first step. ``ValueError`` when another engine writes ``session_id``."""
+        self._check_open()
+        return resume_remote(self, session_id, source=source)
 
     def wrap_transfer(self, wrap: Callable[[TransferEngine], Any]) -> Any:
         """Replace the transfer engine by ``wrap(current)``, e.g. ``lambda t: FaultyTransferEngine(t,

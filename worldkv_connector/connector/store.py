@@ -71,6 +71,9 @@ class StorePath:
         # page-locked ids so their device-to-host copy joins the job's DMA batch (pageable memory
         # would force a copy that blocks the host until the compute stream caught up)
         self._pin = device.type == "cuda"
+        # compress(k, v) -> (k, v, ids) replacing the one-rank compression (head-sharded ranks:
+        # worldkv_connector.ranks.engine, whose scores need every rank's heads)
+        self.compress_fn = None
 
     # --- per step -------------------------------------------------------------------------------
     def begin_step(self, stores: list[StoreSpec]) -> None:
@@ -240,6 +243,8 @@ class StorePath:
     def _compress(self, k: torch.Tensor, v: torch.Tensor):
         """k, v: [B, T, H, D] -> (k [B, T', H, D], v [B, T', H, D], ids [B, T'] int64, counts [B, T'] fp32
         or None for pruning), on k's device."""
+        if self.compress_fn is not None:  # head-sharded ranks: pruning scored over every rank's heads
+            return (*self.compress_fn(k, v), None)
         b, t = k.shape[:2]
         if self.kept == t:  # keep_ratio 1: nothing to rank
             ids = torch.arange(t, device=k.device).expand(b, t).contiguous()
