@@ -7,7 +7,16 @@ VLLM_STAMP := $(VENV)/.vllm-installed
 # pip quiet, and no warnings about missing local index folders
 PIP    := $(BIN)/pip --disable-pip-version-check -q
 
-.PHONY: demo test test-fast soak setup setup-vllm clean
+.PHONY: demo test test-fast soak setup setup-vllm setup-fastvideo test-fastvideo clean
+
+# FastVideo peer (tests/fastvideo): its own venv, since fastvideo 0.2.1 pins torch 2.12 and a GPU
+# stack it does not import. fastvideo goes in with --no-deps, then the exact list of what it
+# imports (requirements/fastvideo.txt), installed beside torch==2.13.0 so nothing moves torch.
+FV_VENV  ?= .venv-fastvideo
+FV_BIN   := $(FV_VENV)/bin
+FV_STAMP := $(FV_VENV)/.installed
+FV_PIP   := $(FV_BIN)/pip --disable-pip-version-check -q
+FV_REQ   := requirements/fastvideo.txt
 
 $(STAMP): pyproject.toml setup.py
 	@echo "[setup] creating $(VENV) and installing worldkv-connector (first run only)"
@@ -24,20 +33,35 @@ $(VLLM_STAMP): $(STAMP)
 	-$(PIP) uninstall -y torchvision torchaudio torchcodec
 	@touch $(VLLM_STAMP)
 
+$(FV_STAMP): pyproject.toml setup.py $(FV_REQ)
+	@echo "[setup] creating $(FV_VENV) with fastvideo 0.2.1 for the FastVideo tests (first run only, about 3 minutes)"
+	$(PYTHON) -m venv $(FV_VENV)
+	$(FV_PIP) install torch==2.13.0
+	$(FV_PIP) install -e '.[test]'
+	$(FV_PIP) install --no-deps $$(grep -E '^fastvideo==' $(FV_REQ))
+	$(FV_PIP) install torch==2.13.0 $$(grep -vE '^(#|fastvideo==|$$)' $(FV_REQ))
+	@touch $(FV_STAMP)
+
 setup: $(STAMP)
 setup-vllm: $(VLLM_STAMP)
+setup-fastvideo: $(FV_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/worldkv demo
 
-test: $(VLLM_STAMP)
-	$(BIN)/python -m pytest
+test: $(VLLM_STAMP) $(FV_STAMP)
+	$(BIN)/python -m pytest -m "not fastvideo"
+	$(MAKE) --no-print-directory test-fastvideo
+
+# the FastVideo-marked tests, in .venv-fastvideo (they are deselected in the main venv)
+test-fastvideo: $(FV_STAMP)
+	OMP_NUM_THREADS=1 $(FV_BIN)/python -m pytest -m fastvideo tests/fastvideo
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not vllm"
+	$(BIN)/python -m pytest -m "not slow and not vllm and not fastvideo"
 
 soak: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(FV_VENV) build *.egg-info
