@@ -1,0 +1,73 @@
+"""WorldKV in place of FastVideo's rolling cache, against FastVideo's own cache (same weights,
+same inputs, fp32): with keep_ratio 1.0 and a window that loses nothing, the outputs are FastVideo's.
+
+Two ways to lose nothing: a recent window that holds every chunk (nothing leaves it), and a
+recent window of one chunk where every evicted chunk is banked and retrieved back (the bank path:
+write-through stores at the clean pass, loads into pages, the window rebuilt sink | retrieved |
+recent). A window that evicts without retrieval must differ (the check can fail)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastvideo_drive as drive
+import fastvideo_tiny as tiny
+from worldkv_connector.integration.fastvideo import FastVideoWorldKVConfig, WorldKVBinding
+from worldkv_connector.integration.fastvideo.models import spec_for
+
+N = 6  # chunks
+BUILD = {"causal_wan": tiny.tiny_causal_wan, "matrixgame2": tiny.tiny_matrixgame2, "lingbot2": tiny.tiny_lingbot2}
+
+
+def _fastvideo_own(kind, actions):
+    m = BUILD[kind](local_attn_size=3 * N, sink_size=0)  # FastVideo's window holds all N chunks
+    return drive.run(kind, m, drive.dense_caches(m, kind, 3 * N), N, actions=actions)
+
+
+def _worldkv(kind, actions, *, recent_frames, retrieval_chunks, keep_ratio=1.0):
+    m = BUILD[kind](local_attn_size=9, sink_size=3)  # FastVideo's own window settings are replaced
+    cfg = FastVideoWorldKVConfig(connector={"keep_ratio": keep_ratio, "retrieval_chunks": retrieval_chunks},
+                                 sink_frames=3, recent_frames=recent_frames, page_size=4)
+    b = WorldKVBinding(m, spec_for(m), cfg)
+    b.install()
+    caches = {"kv_cache": b.new_caches(1, torch.float32, "cpu")}
+    if kind == "matrixgame2":
+        ms, kb = b.new_action_caches()
+        caches.update(kv_cache_mouse=ms, kv_cache_keyboard=kb)
+    out = drive.run(kind, m, caches, N, actions=actions)
+    log = list(b.host.retrieved_log)
+    metrics = b.metrics()
+    b.uninstall()
+    return out, log, metrics
+
+
+@pytest.fixture(scope="module")
+def refs(fastvideo_dist):
+    actions = drive.mg2_actions_for(N)
+    return {k: (_fastvideo_own(k, actions if k == "matrixgame2" else None), actions) for k in BUILD}
+
+
+@pytest.mark.parametrize("kind", list(BUILD))
+def test_never_evicting_window_equals_fastvideo(kind, refs):
+    ref, actions = refs[kind]
+    out, log, _ = _worldkv(kind, actions, recent_frames=3 * (N - 1), retrieval_chunks=0)
+    assert all(r == [] for r in log)
+    assert (out - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", list(BUILD))
+def test_evict_bank_and_retrieve_all_equals_fastvideo(kind, refs):
+    ref, actions = refs[kind]
+    out, log, metrics = _worldkv(kind, actions, recent_frames=3, retrieval_chunks=N)
+    # chunk c sees sink 0, retrieved 1..c-2 (banked, loaded back), recent c-1
+    assert log == [[], [], [], [1], [1, 2], [1, 2, 3]]
+    assert metrics["bytes_loaded"] > 0 and metrics["bytes_stored"] > 0
+    assert (out - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", list(BUILD))
+def test_eviction_without_retrieval_differs(kind, refs):
+    ref, actions = refs[kind]
+    out, _, _ = _worldkv(kind, actions, recent_frames=3, retrieval_chunks=0)
+    assert (out[:3] - ref[:3]).abs().max().item() <= 1e-5  # the window still holds everything
+    assert (out[3:] - ref[3:]).abs().max().item() > 1e-3  # chunk 1 is gone from chunk 3 on
