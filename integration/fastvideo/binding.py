@@ -213,16 +213,18 @@ class WorldKVBinding:
             if d is not self.caches[layer]:
                 raise RuntimeError(f"worldkv: layer {layer} got the window dict of layer {d[MARK]}")
             if layer not in self._win:
-                w, ids = self.host.layer_window(layer, d["k"], d["v"])
-                d["local_end_index"].fill_(w)
-                d["global_end_index"].fill_(self._current_start)
-                self._win[layer] = w
-                if self.spec.has_actions and self.kb_caches is not None:
-                    self._stage_actions(layer, ids)
+                with torch.no_grad():  # cache bookkeeping is never part of a graph
+                    w, ids = self.host.layer_window(layer, d["k"], d["v"])
+                    d["local_end_index"].fill_(w)
+                    d["global_end_index"].fill_(self._current_start)
+                    self._win[layer] = w
+                    if self.spec.has_actions and self.kb_caches is not None:
+                        self._stage_actions(layer, ids)
             out = orig(*args, **kwargs)
             if self._clean:
                 w, n = self._win[layer], self.host.chunk_tokens
-                self.host.commit_layer(layer, d["k"][:, w:w + n], d["v"][:, w:w + n])
+                with torch.no_grad():
+                    self.host.commit_layer(layer, d["k"][:, w:w + n].detach(), d["v"][:, w:w + n].detach())
             return out
 
         return forward
@@ -256,7 +258,8 @@ class WorldKVBinding:
                     rows.append(None)
                     continue
                 kb, ms = self.kb_caches[layer], self.ms_caches[layer]
-                rows.append(tuple(d[x][:, f:f + self.fpc].to("cpu", copy=True) for d in (kb, ms) for x in ("k", "v")))
+                rows.append(tuple(d[x][:, f:f + self.fpc].detach().to("cpu", copy=True) for d in (kb, ms)
+                                  for x in ("k", "v")))
             self.action_bank[chunk] = rows
         self.host.end_chunk()
         self._chunk, self._clean = None, False

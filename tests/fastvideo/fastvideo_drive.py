@@ -94,3 +94,57 @@ def run(kind: str, model, caches: dict, chunks: int, *, actions=None, start_chun
             if on_chunk is not None:
                 on_chunk(c)
     return torch.stack(outs)
+
+
+def _to_fp32(x):
+    if torch.is_tensor(x) and x.is_floating_point():
+        return x.float()
+    if isinstance(x, list) and x and torch.is_tensor(x[0]):
+        return [_to_fp32(y) for y in x]
+    return x
+
+
+def fp32_inputs(model) -> None:
+    """FastVideo's stages cast the transformer's inputs to bf16 and rely on CUDA autocast; on the
+    CPU that autocast is off, so a test-side wrapper casts the inputs back to the fp32 model."""
+    orig = model.forward
+
+    def forward(*args, **kwargs):
+        return orig(*[_to_fp32(a) for a in args], **{k: _to_fp32(v) for k, v in kwargs.items()})
+
+    model.forward = forward
+
+
+def matrixgame2_stage(model, steps=STEPS):
+    """FastVideo's own MatrixGame2CausalDenoisingStage on a tiny model, with the pipeline-args
+    fields it reads. Returns (stage, fastvideo_args)."""
+    import types
+
+    from fastvideo.models.schedulers.scheduling_self_forcing_flow_match import SelfForcingFlowMatchScheduler
+    from fastvideo.pipelines.stages.matrixgame2_denoising import MatrixGame2CausalDenoisingStage
+
+    fp32_inputs(model)
+    sched = SelfForcingFlowMatchScheduler(num_inference_steps=1000, shift=5.0, sigma_min=0.0, extra_one_step=True,
+                                          training=True)
+    stage = MatrixGame2CausalDenoisingStage(model, sched)
+    args = types.SimpleNamespace(disable_autocast=True, VSA_sparsity=0.0, pipeline_config=types.SimpleNamespace(
+        dmd_denoising_steps=list(steps), warp_denoising_step=True, context_noise=0,
+        dit_config=types.SimpleNamespace(boundary_ratio=None, patch_size=(1, 2, 2))))
+    return stage, args
+
+
+def matrixgame2_batch(chunks: int, seed: int = 0):
+    """A ForwardBatch for ``chunks`` streaming chunks (actions start at zero; streaming_step fills them)."""
+    from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+
+    g = torch.Generator().manual_seed(seed)
+    t = 1 + 4 * (FPC * chunks - 1)
+    return ForwardBatch(data_type="video", latents=torch.randn(1, 4, FPC * chunks, 4, 4, generator=g),
+                        prompt_embeds=[torch.zeros(1, 1, 16)], image_embeds=[torch.randn(1, 4, 16, generator=g)],
+                        image_latent=torch.randn(1, 4, FPC * chunks, 4, 4, generator=g), generator=g,
+                        keyboard_cond=torch.zeros(1, t, 4), mouse_cond=torch.zeros(1, t, 2))
+
+
+def video_frames_of_chunk(c: int) -> int:
+    """Video frames of actions a Matrix-Game-2 streaming step takes for chunk ``c``."""
+    return 1 + 4 * (FPC - 1) if c == 0 else 4 * FPC
