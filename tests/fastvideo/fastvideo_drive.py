@@ -127,6 +127,12 @@ def matrixgame2_stage(model, steps=STEPS):
     sched = SelfForcingFlowMatchScheduler(num_inference_steps=1000, shift=5.0, sigma_min=0.0, extra_one_step=True,
                                           training=True)
     stage = MatrixGame2CausalDenoisingStage(model, sched)
+    orig, orig_act = stage._initialize_kv_cache, stage._initialize_action_kv_cache
+    # the stage asks for bf16 caches (for its CUDA autocast); the fp32 model on the CPU needs fp32
+    stage._initialize_kv_cache = lambda batch_size, dtype, device: orig(batch_size=batch_size, dtype=torch.float32,
+                                                                        device=device)
+    stage._initialize_action_kv_cache = lambda batch_size, dtype, device: orig_act(
+        batch_size=batch_size, dtype=torch.float32, device=device)
     args = types.SimpleNamespace(disable_autocast=True, VSA_sparsity=0.0, pipeline_config=types.SimpleNamespace(
         dmd_denoising_steps=list(steps), warp_denoising_step=True, context_noise=0,
         dit_config=types.SimpleNamespace(boundary_ratio=None, patch_size=(1, 2, 2))))
@@ -148,3 +154,32 @@ def matrixgame2_batch(chunks: int, seed: int = 0):
 def video_frames_of_chunk(c: int) -> int:
     """Video frames of actions a Matrix-Game-2 streaming step takes for chunk ``c``."""
     return 1 + 4 * (FPC - 1) if c == 0 else 4 * FPC
+
+
+def causal_wan_stage(model, steps=STEPS):
+    """FastVideo's own CausalDMDDenosingStage (Self-Forcing / CausVid) on a tiny model."""
+    import types
+
+    from fastvideo.models.schedulers.scheduling_self_forcing_flow_match import SelfForcingFlowMatchScheduler
+    from fastvideo.pipelines.stages.causal_denoising import CausalDMDDenosingStage
+
+    fp32_inputs(model)
+    sched = SelfForcingFlowMatchScheduler(num_inference_steps=1000, shift=5.0, sigma_min=0.0, extra_one_step=True,
+                                          training=True)
+    stage = CausalDMDDenosingStage(model, sched)
+    orig = stage._initialize_kv_cache
+    # the stage asks for bf16 caches (for its CUDA autocast); the fp32 model on the CPU needs fp32
+    stage._initialize_kv_cache = lambda batch_size, dtype, device: orig(batch_size, torch.float32, device)
+    args = types.SimpleNamespace(disable_autocast=True, VSA_sparsity=0.0, pipeline_config=types.SimpleNamespace(
+        dmd_denoising_steps=list(steps), warp_denoising_step=True, context_noise=0,
+        dit_config=types.SimpleNamespace(boundary_ratio=None, patch_size=(1, 2, 2)),
+        text_encoder_configs=[types.SimpleNamespace(arch_config=types.SimpleNamespace(text_len=8))]))
+    return stage, args
+
+
+def causal_wan_batch(chunks: int, seed: int = 0):
+    from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+
+    g = torch.Generator().manual_seed(seed)
+    return ForwardBatch(data_type="video", latents=torch.randn(1, 4, FPC * chunks, 4, 4, generator=g),
+                        prompt_embeds=[torch.randn(1, 8, 16, generator=g)], generator=g)

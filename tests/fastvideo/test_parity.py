@@ -71,3 +71,40 @@ def test_eviction_without_retrieval_differs(kind, refs):
     out, _, _ = _worldkv(kind, actions, recent_frames=3, retrieval_chunks=0)
     assert (out[:3] - ref[:3]).abs().max().item() <= 1e-5  # the window still holds everything
     assert (out[3:] - ref[3:]).abs().max().item() > 1e-3  # chunk 1 is gone from chunk 3 on
+
+
+def test_causal_wan_stage_forward_equals_fastvideo(fastvideo_dist):
+    """FastVideo's own CausalDMDDenosingStage.forward (Self-Forcing's chunk loop and clean pass),
+    without and with WorldKV enabled on it."""
+    from worldkv_connector.integration.fastvideo import enable_worldkv, worldkv_binding
+
+    stage, args = drive.causal_wan_stage(tiny.tiny_causal_wan(local_attn_size=3 * N))
+    ref = stage.forward(drive.causal_wan_batch(N), args).latents.clone()
+    stage2, args2 = drive.causal_wan_stage(tiny.tiny_causal_wan(local_attn_size=9, sink_size=3))
+    enable_worldkv(stage2, connector={"keep_ratio": 1.0, "retrieval_chunks": N}, sink_frames=3, recent_frames=3,
+                   page_size=4)
+    out = stage2.forward(drive.causal_wan_batch(N), args2).latents
+    b = worldkv_binding(stage2)
+    assert b.host.retrieved_log == [[], [], [], [1], [1, 2], [1, 2, 3]]
+    assert (out - ref).abs().max().item() <= 1e-5
+    assert b.metrics()["bank_entries"] == 0  # the stage call was the world: its bank is freed
+
+
+def test_matrixgame2_stage_forward_equals_fastvideo(fastvideo_dist):
+    """FastVideo's own MatrixGame2CausalDenoisingStage.forward (per-block seams), with its keyboard
+    and mouse caches, without and with WorldKV (evict, bank, retrieve everything back)."""
+    from worldkv_connector.integration.fastvideo import enable_worldkv, worldkv_binding
+
+    def batch():
+        bt = drive.matrixgame2_batch(N)
+        bt.keyboard_cond, bt.mouse_cond = drive.mg2_actions_for(N)
+        return bt
+
+    stage, args = drive.matrixgame2_stage(tiny.tiny_matrixgame2(local_attn_size=3 * N))
+    ref = stage.forward(batch(), args).latents.clone()
+    stage2, args2 = drive.matrixgame2_stage(tiny.tiny_matrixgame2(local_attn_size=9, sink_size=3))
+    enable_worldkv(stage2, connector={"keep_ratio": 1.0, "retrieval_chunks": N}, sink_frames=3, recent_frames=3,
+                   page_size=4)
+    out = stage2.forward(batch(), args2).latents
+    assert worldkv_binding(stage2).host.retrieved_log == [[], [], [], [1], [1, 2], [1, 2, 3]]
+    assert (out - ref).abs().max().item() <= 1e-5
