@@ -33,6 +33,9 @@ __all__ = ["enable_worldkv", "disable_worldkv", "install_in_worker", "worldkv_bi
 logger = logging.getLogger(__name__)
 
 _ATTR = "_worldkv_binding"
+_SAVED = "_worldkv_saved_methods"
+_PATCHED = ("_initialize_kv_cache", "_initialize_action_kv_cache", "_initialize_self_kv_cache", "forward",
+            "streaming_reset", "streaming_clear")
 _STAGES = ("CausalDMDDenosingStage", "CausalDenoisingStage", "MatrixGame2CausalDenoisingStage",
            "LingBotWorld2CausalFastGenerationStage")
 
@@ -100,9 +103,12 @@ def disable_worldkv(target) -> None:
         if binding is None:
             continue
         binding.uninstall()
-        for name in ("_initialize_kv_cache", "_initialize_action_kv_cache", "_initialize_self_kv_cache", "forward",
-                     "streaming_reset", "streaming_clear"):
-            stage.__dict__.pop(name, None)  # back to the class's method
+        saved = stage.__dict__.pop(_SAVED, {})
+        for name in _PATCHED:
+            if name in saved:
+                stage.__dict__[name] = saved[name]  # an instance override that was there before
+            else:
+                stage.__dict__.pop(name, None)  # back to the class's method
         delattr(stage, _ATTR)
 
 
@@ -129,6 +135,7 @@ def _install_stage(stage, cfg: FastVideoWorldKVConfig) -> WorldKVBinding:
     binding = WorldKVBinding(stage.transformer, spec, cfg)
     binding.install()
     setattr(stage, _ATTR, binding)
+    setattr(stage, _SAVED, {n: stage.__dict__[n] for n in _PATCHED if n in stage.__dict__})
 
     if kind == "LingBotWorld2CausalFastGenerationStage":
         stage._initialize_self_kv_cache = lambda batch_size, kv_size, dtype, device: binding.new_caches(
