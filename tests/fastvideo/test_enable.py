@@ -160,5 +160,6 @@ def test_lingbot_revisit_retrieves_by_c2w(fastvideo_dist):
         hits += len(set(log[c]) & set(want))
         total += len(log[c])
     assert total == n - 3 and hits / total >= 0.9, log
+    print(f"lingbot2 revisit: precision {hits}/{total}")
     assert log[6:9] == [[3], [2], [1]]  # back at 80, 50, 20 deg: the first pass's 90, 60, 30 deg chunks
     b.uninstall()

@@ -74,6 +74,8 @@ def test_revisit_retrieves_first_visit_chunks_by_integrated_actions(fastvideo_di
             fv_want += len(first)
             fv_got += len(first & set(got))
     precision = hits / total
+    print(f"matrixgame2 revisit: precision {precision:.3f} over {total} retrievals; first-visit recall "
+          f"{fv_got}/{fv_want}")
     assert total >= 2 * (chunks - 4)
     assert precision >= 0.9, (precision, log)
     # coming back, the first-visit chunks of the same views are put back into the window
