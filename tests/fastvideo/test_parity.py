@@ -108,3 +108,33 @@ def test_matrixgame2_stage_forward_equals_fastvideo(fastvideo_dist):
     out = stage2.forward(batch(), args2).latents
     assert worldkv_binding(stage2).host.retrieved_log == [[], [], [], [1], [1, 2], [1, 2, 3]]
     assert (out - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["causal_wan", "matrixgame2"])
+def test_failed_loads_drop_the_chunk_from_every_window(kind, refs):
+    """Every load fails: the retrieved chunks leave the step's window (self-attention and, for
+    Matrix-Game-2, the action caches), so the outputs are exactly those of a window that never
+    retrieved: never attention over pages that did not arrive."""
+    from worldkv_connector.faults import FaultyTransferEngine
+
+    _, actions = refs[kind]
+    plain, _, _ = _worldkv(kind, actions, recent_frames=3, retrieval_chunks=0)
+    m = BUILD[kind](local_attn_size=9, sink_size=3)
+    cfg = FastVideoWorldKVConfig(connector={"keep_ratio": 1.0, "retrieval_chunks": N}, sink_frames=3,
+                                 recent_frames=3, page_size=4)
+    b = WorldKVBinding(m, spec_for(m), cfg)
+    b.install()
+    caches = {"kv_cache": b.new_caches(1, torch.float32, "cpu")}
+    if kind == "matrixgame2":
+        ms, kb = b.new_action_caches()
+        caches.update(kv_cache_mouse=ms, kv_cache_keyboard=kb)
+
+    def fail_loads_from_now(c):
+        if c == 0:  # the host (and its connector) is built at the first call: wrap its transfer engine then
+            b.host.connector.wrap_transfer(lambda t: FaultyTransferEngine(t, fail_loads=1.0))
+
+    out = drive.run(kind, m, caches, N, actions=actions, on_chunk=fail_loads_from_now)
+    assert b.metrics()["load_errors"] > 0
+    assert b.host.retrieved_log[3:] == [[], [], []]  # every retrieved chunk was dropped
+    assert (out - plain).abs().max().item() <= 1e-5
+    b.uninstall()
