@@ -99,8 +99,10 @@ def run(kind: str, model, caches: dict, chunks: int, *, actions=None, start_chun
 def _to_fp32(x):
     if torch.is_tensor(x) and x.is_floating_point():
         return x.float()
-    if isinstance(x, list) and x and torch.is_tensor(x[0]):
-        return [_to_fp32(y) for y in x]
+    if isinstance(x, (list, tuple)) and x and torch.is_tensor(x[0]):
+        return type(x)(_to_fp32(y) for y in x)
+    if isinstance(x, dict) and not any(isinstance(k, str) and k.startswith("_worldkv") for k in x):
+        return {k: _to_fp32(v) for k, v in x.items()}
     return x
 
 
