@@ -15,6 +15,10 @@
    SDPA in bf16 whatever the model dtype. On the CPU both run SDPA in the input's dtype (fp32 tests
    stay fp32); FastVideo's own path and the adapter's path go through the same shim.
 
+4. ``get_local_torch_device`` answers ``mps`` on every platform that is neither CUDA nor NPU;
+   on the CPU platform it answers ``cpu`` (patched where it is defined and re-exported, before the
+   stages import it).
+
 Nothing else of FastVideo is changed. ``install()`` is idempotent.
 """
 from __future__ import annotations
@@ -72,6 +76,26 @@ def _lingbot_cpu_attention() -> None:
     causal_fast.attention = sdpa
 
 
+def _cpu_local_device() -> None:
+    import sys
+
+    import fastvideo.distributed as dist
+    from fastvideo.distributed import parallel_state
+
+    orig = parallel_state.get_local_torch_device
+
+    def get_local_torch_device() -> torch.device:
+        from fastvideo.platforms import current_platform
+
+        if current_platform.is_cpu():
+            return torch.device("cpu")
+        return orig()
+
+    for mod in [parallel_state, dist] + [m for n, m in sys.modules.items() if n.startswith("fastvideo.") and m]:
+        if getattr(mod, "get_local_torch_device", None) is orig:
+            mod.get_local_torch_device = get_local_torch_device
+
+
 def install() -> None:
     """Apply both shims (before any ``fastvideo`` import)."""
     if _STATE["installed"]:
@@ -80,6 +104,7 @@ def install() -> None:
     _define_torchvision_ops()
     _route_cpu_attention()
     _lingbot_cpu_attention()
+    _cpu_local_device()
     _STATE["installed"] = True
 
 
