@@ -173,6 +173,8 @@ def _check_type(name: str, value: Any, annotation: Any) -> None:
         ok = False
     else:
         ok = isinstance(value, allowed)
-    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+    if ok and isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"WorldKVConfig.{name}={value!r} is not a finite number")
+    if not ok:
         names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
         raise ValueError(f"WorldKVConfig.{name}={value!r} has the wrong type: expected {names}, got {type(value).__name__}")
