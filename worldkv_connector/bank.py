@@ -42,6 +42,38 @@ logger = logging.getLogger(__name__)
 
 BankKey = Hashable
 _TIERS = ("cpu", "gpu")
+_GiB = 1 << 30
+
+
+def _host_memory() -> tuple[int | None, int | None]:
+    """(MemTotal + SwapTotal, MemAvailable) in bytes, from /proc/meminfo; None where unknown."""
+    info = {}
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                name, _, rest = line.partition(":")
+                info[name] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None, None
+    total = info.get("MemTotal")
+    return (None if total is None else total + info.get("SwapTotal", 0)), info.get("MemAvailable")
+
+
+def _check_machine(tier: str, device: torch.device, nbytes: int) -> None:
+    """A bank larger than the machine could ever hold is a configuration error (before allocating)."""
+    if tier == "gpu":
+        free, total = torch.cuda.mem_get_info(device)
+        if nbytes > free:
+            raise ValueError(f"bank_bytes: a gpu bank of {nbytes} bytes ({nbytes / _GiB:.3g} GiB) is more than the "
+                             f"{free / _GiB:.3g} GiB free on {device} (of {total / _GiB:.3g} GiB); lower bank_bytes")
+        return
+    total, available = _host_memory()
+    if total is not None and nbytes > total:
+        raise ValueError(f"bank_bytes: a cpu bank of {nbytes} bytes ({nbytes / _GiB:.3g} GiB) is more than this "
+                         f"machine's {total / _GiB:.3g} GiB of memory and swap; lower bank_bytes")
+    if available is not None and nbytes > available:
+        logger.warning("bank of %.3g GiB is more than the %.3g GiB of host memory available now: it is allocated "
+                       "lazily, and filling it may swap or fail", nbytes / _GiB, available / _GiB)
 
 
 @dataclass
@@ -147,7 +179,14 @@ class Bank(DiskSpillMixin):
         self.eviction = eviction
 
         shape = (self.num_slots, num_layers, 2, slot_tokens, num_kv_heads, head_dim)
-        self._slab = torch.empty(shape, dtype=dtype, device=self.device)
+        slab_bytes = self.num_slots * self.slot_bytes
+        _check_machine(tier, self.device, slab_bytes)
+        try:
+            self._slab = torch.empty(shape, dtype=dtype, device=self.device)
+        except (RuntimeError, MemoryError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            raise ValueError(f"bank_bytes={capacity_bytes} ({capacity_bytes / _GiB:.3g} GiB): the {tier} tier cannot "
+                             f"allocate {slab_bytes} bytes on this machine ({str(exc).splitlines()[0][:120]}); "
+                             "lower bank_bytes") from None
         want_pin = torch.cuda.is_available() if pin is None else bool(pin)
         if want_pin and tier == "cpu" and not torch.cuda.is_available():
             raise ValueError("Bank pin=True needs CUDA: torch.cuda.is_available() is False")
