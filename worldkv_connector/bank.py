@@ -34,6 +34,7 @@ import torch
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.disk_tier import DISK, DiskSpillMixin, DiskTier, NotResidentError
 from worldkv_connector.eviction import EvictionPolicy, get_eviction
+from worldkv_connector.machine import host_memory
 from worldkv_connector.shapes import KVShape
 
 __all__ = ["Bank", "BankEntry", "BankKey", "NotResidentError"]
@@ -45,20 +46,6 @@ _TIERS = ("cpu", "gpu")
 _GiB = 1 << 30
 
 
-def _host_memory() -> tuple[int | None, int | None]:
-    """(MemTotal + SwapTotal, MemAvailable) in bytes, from /proc/meminfo; None where unknown."""
-    info = {}
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                name, _, rest = line.partition(":")
-                info[name] = int(rest.split()[0]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None, None
-    total = info.get("MemTotal")
-    return (None if total is None else total + info.get("SwapTotal", 0)), info.get("MemAvailable")
-
-
 def _check_machine(tier: str, device: torch.device, nbytes: int) -> None:
     """A bank larger than the machine could ever hold is a configuration error (before allocating)."""
     if tier == "gpu":
@@ -67,7 +54,7 @@ def _check_machine(tier: str, device: torch.device, nbytes: int) -> None:
             raise ValueError(f"bank_bytes: a gpu bank of {nbytes} bytes ({nbytes / _GiB:.3g} GiB) is more than the "
                              f"{free / _GiB:.3g} GiB free on {device} (of {total / _GiB:.3g} GiB); lower bank_bytes")
         return
-    total, available = _host_memory()
+    total, available = host_memory()
     if total is not None and nbytes > total:
         raise ValueError(f"bank_bytes: a cpu bank of {nbytes} bytes ({nbytes / _GiB:.3g} GiB) is more than this "
                          f"machine's {total / _GiB:.3g} GiB of memory and swap; lower bank_bytes")

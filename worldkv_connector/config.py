@@ -12,9 +12,10 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
+
+from worldkv_connector.machine import available_host_memory
 
 __all__ = ["WorldKVConfig", "kept_tokens_per_chunk", "default_bank_bytes", "AUTO_BANK_SHARE"]
 
@@ -26,20 +27,6 @@ _MiB = 1 << 20
 AUTO_BANK_SHARE = 0.25
 _AUTO_FALLBACK = 8 * _GiB  # where the machine cannot say what it has
 _host_default: int | None = None  # one value per process, so equal configs stay equal
-
-
-def _host_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def default_bank_bytes(tier: str = "cpu") -> int:
@@ -56,7 +43,7 @@ def default_bank_bytes(tier: str = "cpu") -> int:
     else:
         if _host_default is not None:
             return _host_default
-        free = _host_available()
+        free = available_host_memory()
     size = _AUTO_FALLBACK if free is None else max(64 * _MiB, int(free * AUTO_BANK_SHARE) // _MiB * _MiB)
     if tier != "gpu":
         _host_default = size

@@ -27,12 +27,9 @@ killed save left behind: ``.*.tmp-*`` files and data files the manifest does not
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
-import math
 import os
 import secrets
 import tempfile
@@ -44,11 +41,14 @@ import numpy as np
 import torch
 
 from worldkv_connector.bank import Bank
+from worldkv_connector.bank_files import LOCK, BankLockedError, bank_lock
+from worldkv_connector.bank_files import bank_dir as _bank_dir
+from worldkv_connector.bank_files import clean_stale as _clean_stale
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.shapes import KVShape
 
 __all__ = ["save_bank", "load_bank", "read_manifest", "verify_bank", "encode_key", "decode_key", "MANIFEST",
-           "FORMAT_VERSION", "BankLockedError", "bank_lock"]
+           "FORMAT_VERSION", "BankLockedError", "bank_lock", "LOCK"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,70 +56,7 @@ MANIFEST = "manifest.json"
 FORMAT = "worldkv-bank"
 FORMAT_VERSION = 1
 _SHAPE_FIELDS = ("num_layers", "num_kv_heads", "head_dim", "dtype", "frame_tokens")
-LOCK = ".lock"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # KVShape.dtype names
-
-
-class BankLockedError(ValueError):
-    """Another process is saving into the same bank directory."""
-
-
-def _bank_dir(path, *, create: bool) -> Path:
-    """``path`` as a bank directory: a non-empty path that is not a file (created if asked)."""
-    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
-        raise ValueError(f"bank path {path!r}: expected a directory path")
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise ValueError(f"bank path {str(path)!r} is a file, not a bank directory")
-    if create:
-        try:
-            p.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ValueError(f"bank path {str(path)!r}: cannot create the directory ({exc.strerror or exc})") from None
-    return p
-
-
-@contextlib.contextmanager
-def bank_lock(path: str | os.PathLike, *, wait: bool = False):
-    """Hold the advisory lock of the bank directory ``path`` (created). ``BankLockedError`` naming
-    the holder's pid when another process holds it (unless ``wait``)."""
-    p = _bank_dir(path, create=True)
-    fd = os.open(p / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise BankLockedError(f"bank {str(path)!r} is locked by pid {holder}, which is saving into it; "
-                                  "wait for it or save elsewhere") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        try:
-            yield p
-        finally:
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
-def _clean_stale(p: Path, keep: set[str]) -> int:
-    """Delete leftovers of killed saves (call with the lock held): temporary files, and data files
-    not in ``keep`` (the names the current manifest refers to). Returns how many were removed."""
-    removed = 0
-    for f in p.iterdir():
-        name = f.name
-        stale = (name.startswith(".") and ".tmp-" in name) or (
-            name.startswith("kv-") and name.endswith(".safetensors") and name not in keep)
-        if stale and f.is_file():
-            try:
-                f.unlink()
-                removed += 1
-            except OSError:
-                pass
-    if removed:
-        logger.info("removed %d file(s) left by an interrupted save in %s", removed, p)
-    return removed
 
 
 def _current_data_file(p: Path) -> set[str]:
@@ -468,8 +405,8 @@ def load_bank(path: str | os.PathLike, bank: Bank, *, config: WorldKVConfig, kv_
     p = _bank_dir(path, create=False)
     manifest = read_manifest(p)
     try:  # a load that can take the lock clears what a killed save left; a save in progress keeps its files
-        with bank_lock(p):
-            _clean_stale(p, {manifest["data_file"]})
+        with bank_lock(p):  # the manifest read again under the lock: a save may have landed since
+            _clean_stale(p, _current_data_file(p))
     except (BankLockedError, OSError, ValueError):
         pass
     _check_compat(manifest, config, kv_shape)

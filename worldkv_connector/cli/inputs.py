@@ -8,31 +8,17 @@ run keeps (latents with ``--output``, records with ``--json``) would take.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MAX_TRAJECTORY_FRAMES", "trajectory_frames", "load_poses", "check_run_size", "available_memory"]
+from worldkv_connector.machine import available_host_memory
+
+__all__ = ["MAX_TRAJECTORY_FRAMES", "trajectory_frames", "load_poses", "check_run_size"]
 
 MAX_TRAJECTORY_FRAMES = 3_000_000  # 3 latent frames per chunk x MAX_CHUNKS; 384 MB of float64 poses
 _RECORD_BYTES = 600  # JSON text of one per-chunk record, with the pose (measured: about 450)
 _ROT_DEG_PER_FRAME, _MOVE_FRAMES, _HOLD_FRAMES = 2.0, 24, 12  # poses.parse_trajectory's defaults
-
-
-def available_memory() -> int | None:
-    """Bytes of host memory available now (MemAvailable), or None where unknown."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def trajectory_frames(spec: str) -> int | None:
@@ -90,7 +76,7 @@ def check_run_size(total_chunks: int, *, latent_bytes_per_chunk: int, keep_laten
     """Refuse a run whose kept results (latents with --output, records with --json) would not fit
     in half of the host memory available now."""
     per_chunk = (latent_bytes_per_chunk if keep_latents else 0) + (_RECORD_BYTES if keep_records else 0)
-    avail = available_memory()
+    avail = available_host_memory()
     if not per_chunk or avail is None:
         return
     need = total_chunks * per_chunk
