@@ -37,7 +37,7 @@ from worldkv_connector.eviction import EvictionPolicy, get_eviction
 from worldkv_connector.machine import host_memory
 from worldkv_connector.shapes import KVShape
 
-__all__ = ["Bank", "BankEntry", "BankKey", "NotResidentError"]
+__all__ = ["Bank", "BankEntry", "BankKey", "NotResidentError", "check_bank_memory"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ _TIERS = ("cpu", "gpu")
 _GiB = 1 << 30
 
 
-def _check_machine(tier: str, device: torch.device, nbytes: int) -> None:
+def check_bank_memory(tier: str, device: torch.device | str, nbytes: int) -> None:
     """A bank larger than the machine could ever hold is a configuration error (before allocating)."""
     if tier == "gpu":
         free, total = torch.cuda.mem_get_info(device)
@@ -167,7 +167,7 @@ class Bank(DiskSpillMixin):
 
         shape = (self.num_slots, num_layers, 2, slot_tokens, num_kv_heads, head_dim)
         slab_bytes = self.num_slots * self.slot_bytes
-        _check_machine(tier, self.device, slab_bytes)
+        check_bank_memory(tier, self.device, slab_bytes)
         try:
             self._slab = torch.empty(shape, dtype=dtype, device=self.device)
         except (RuntimeError, MemoryError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError

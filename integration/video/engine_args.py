@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass
 
 __all__ = ["EngineArgs", "ATTENTION_WINDOWS", "DTYPES", "DEFAULT_SINK_FRAMES", "DEFAULT_RECENT_FRAMES", "MAX_CHUNKS"]
@@ -56,6 +57,10 @@ class EngineArgs:
                 allowed = f"not a finite number ({allowed})"
             raise ValueError(f"EngineArgs.{name}={value!r}: {allowed}")
 
+        for f in dataclasses.fields(self):  # numpy integers from the Python API are ints here
+            value = getattr(self, f.name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+                object.__setattr__(self, f.name, int(value))
         if isinstance(self.kv_connector_config, dict):  # the Python API may pass the config itself
             try:
                 object.__setattr__(self, "kv_connector_config", json.dumps(self.kv_connector_config))

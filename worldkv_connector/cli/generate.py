@@ -209,6 +209,13 @@ def _check_inputs(args: argparse.Namespace):
     if chunks > MAX_CHUNKS:
         raise ValueError(f"the trajectory makes {chunks} chunks: allowed at most {MAX_CHUNKS} (give --num-chunks)")
     check_kv_capacity(engine_args, [chunks] * args.sessions)
+    if engine_args.kv_connector == "worldkv" and engine_args.device == "cpu":  # before the model is built
+        from worldkv_connector.bank import check_bank_memory
+        from worldkv_connector.config import WorldKVConfig
+
+        config = WorldKVConfig.from_json(engine_args.kv_connector_config)
+        if config.bank == "cpu":
+            check_bank_memory("cpu", "cpu", config.bank_bytes)
     from worldkv_connector.cli.inputs import check_run_size
 
     latent_bytes = 4 * model.frames_per_chunk * model.out_channels * model.latent_height * model.latent_width

@@ -16,7 +16,7 @@ from worldkv_connector.machine import available_host_memory
 
 __all__ = ["MAX_TRAJECTORY_FRAMES", "trajectory_frames", "load_poses", "check_run_size"]
 
-MAX_TRAJECTORY_FRAMES = 3_000_000  # 3 latent frames per chunk x MAX_CHUNKS; 384 MB of float64 poses
+MAX_TRAJECTORY_FRAMES = 1_000_000  # 128 MB of float64 poses (checking them takes a few times that)
 _RECORD_BYTES = 600  # JSON text of one per-chunk record, with the pose (measured: about 450)
 _ROT_DEG_PER_FRAME, _MOVE_FRAMES, _HOLD_FRAMES = 2.0, 24, 12  # poses.parse_trajectory's defaults
 
