@@ -242,3 +242,23 @@ def test_memory_stays_flat_over_a_long_connector_run(tmp_path):
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["chunks"] == 1500 and r["rss_max"] <= 1.05 * r["rss_from"], r
+
+
+def test_a_run_that_fails_midway_keeps_its_records(tmp_path, capsys, monkeypatch):
+    from worldkv_connector.integration.video.engine import VideoEngine
+
+    step, calls = VideoEngine.step, []
+
+    def failing(self):
+        calls.append(1)
+        if len(calls) == 5:
+            raise ValueError("injected failure")
+        return step(self)
+
+    monkeypatch.setattr(VideoEngine, "step", failing)
+    path = tmp_path / "out" / "run.json"
+    assert main(["generate", "--model", "tiny", "--num-chunks", "10", "--kv-connector", "worldkv", "--json", str(path),
+                 "--no-progress"]) == 2
+    assert "injected failure" in capsys.readouterr().err
+    doc = json.loads(path.read_text())
+    assert (doc["complete"], doc["stopped"], len(doc["records"])) == (False, "error", 4)

@@ -263,7 +263,13 @@ def run(args: argparse.Namespace) -> int:
                 engine.run(on_result, should_stop=lambda: sigint.stopped)
                 stopped = "interrupted" if sigint.stopped else None
             finally:  # finished, interrupted or failed: what was produced is written
-                _finish(args, engine, engine_args, outputs, output, stopped, keep)
+                try:
+                    _finish(args, engine, engine_args, outputs, output, stopped, keep)
+                except Exception as exc:
+                    if stopped != "error":
+                        raise
+                    # the run's own error is on its way out: do not hide it behind this one
+                    print(f"worldkv generate: could not write the outputs after the failure: {exc}", file=sys.stderr)
     return EXIT_INTERRUPTED if stopped == "interrupted" else 0
 
 
