@@ -52,7 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover - type names only
 
 __all__ = ["WorldKVConnector", "VLLMConnectorConfig", "WorldKVConnectorStats"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger: its handler prints these lines
 
 # WorldKVConfig keys that only mean something to the video backend (poses, windows, compression
 # layout); accepted so one JSON can serve both hosts, and ignored here

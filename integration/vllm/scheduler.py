@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover - type names only
 
 __all__ = ["BlockTransfer", "WorldKVConnectorMetadata", "WorldKVWorkerMetadata", "WorldKVScheduler", "bank_key"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger: its handler prints these lines
 _LOG_EVERY = 100  # finished requests between two INFO lines of bank hits
 
 BankKey = Hashable  # (namespace: str, block_hash: bytes)
