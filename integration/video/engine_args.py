@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import numbers
 from dataclasses import dataclass
 
-__all__ = ["EngineArgs", "ATTENTION_WINDOWS", "DTYPES", "DEFAULT_SINK_FRAMES", "DEFAULT_RECENT_FRAMES"]
+__all__ = ["EngineArgs", "ATTENTION_WINDOWS", "DTYPES", "DEFAULT_SINK_FRAMES", "DEFAULT_RECENT_FRAMES", "MAX_CHUNKS"]
 
 ATTENTION_WINDOWS = ("full", "sliding")
 DTYPES = ("bf16", "fp16", "fp32")
@@ -12,6 +15,9 @@ DTYPES = ("bf16", "fp16", "fp32")
 DEFAULT_SINK_FRAMES = 3
 DEFAULT_RECENT_FRAMES = 6
 _GiB = 1 << 30
+# chunks one session may ask for: a bound checked before anything is allocated (a tiny model makes
+# about 100 chunks/s on one CPU thread, so this is hours; a Wan-1.3B chunk takes a second on a GPU)
+MAX_CHUNKS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,20 @@ class EngineArgs:
 
     def __post_init__(self) -> None:
         def fail(name: str, allowed: str) -> None:
-            raise ValueError(f"EngineArgs.{name}={getattr(self, name)!r}: {allowed}")
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                allowed = f"not a finite number ({allowed})"
+            raise ValueError(f"EngineArgs.{name}={value!r}: {allowed}")
+
+        for f in dataclasses.fields(self):  # numpy integers from the Python API are ints here
+            value = getattr(self, f.name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+                object.__setattr__(self, f.name, int(value))
+        if isinstance(self.kv_connector_config, dict):  # the Python API may pass the config itself
+            try:
+                object.__setattr__(self, "kv_connector_config", json.dumps(self.kv_connector_config))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"EngineArgs.kv_connector_config: the dict is not JSON-serialisable ({exc})") from None
 
         def is_int(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
@@ -88,7 +107,12 @@ class EngineArgs:
         if self.kv_connector is not None and (not isinstance(self.kv_connector, str) or not self.kv_connector):
             fail("kv_connector", "expected a registered connector name or module:Class")
         if self.kv_connector_config is not None and not isinstance(self.kv_connector_config, str):
-            fail("kv_connector_config", "expected a JSON string")
+            fail("kv_connector_config", "expected a JSON string or a dict")
+        if self.kv_connector is None and (self.kv_connector_config or "").strip():
+            raise ValueError(
+                f"--kv-connector-config {self.kv_connector_config!r} was given without --kv-connector: "
+                "name the connector it configures (e.g. --kv-connector worldkv), or leave the config out"
+            )
         if not isinstance(self.eval_attention_recall, bool):
             fail("eval_attention_recall", "expected True or False")
 

@@ -35,9 +35,10 @@ class SessionInputs:
         self.config = config
         self._by_session: dict[str, dict] = {}
 
-    def prepare(self, inputs: dict | None, chunk_poses: np.ndarray) -> dict:
+    def prepare(self, inputs: dict | None, chunk_poses) -> dict:
         """Validate a session's inputs (ValueError naming the key) and return them ready for ``put``.
-        chunk_poses: [C, F, 4, 4] the session's camera-to-world poses per chunk and latent frame."""
+        chunk_poses: [C, F, 4, 4] the session's camera-to-world poses per chunk and latent frame (an
+        array, or the session's lazy ``Session.chunk_poses`` view: ``shape`` and ``[c]``)."""
         c = self.config
         num_chunks = int(chunk_poses.shape[0])
         allowed = INPUT_KEYS[c.family]
@@ -64,7 +65,8 @@ class SessionInputs:
             from worldkv_connector.integration.video.camera import relative_camera
 
             # relative to the first frame, frame to frame, normalised over the whole session (upstream)
-            out["c2w"] = torch.from_numpy(relative_camera(np.asarray(chunk_poses).reshape(-1, 4, 4))).float()
+            frames = np.concatenate([chunk_poses[i] for i in range(num_chunks)])  # [C * F, 4, 4]
+            out["c2w"] = torch.from_numpy(relative_camera(frames)).float()
             if "intrinsics" in inputs:
                 out["intrinsics"] = _tensor("intrinsics", inputs["intrinsics"], (4,))
         return out

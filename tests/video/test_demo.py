@@ -25,6 +25,7 @@ def test_demo_prints_both_tables_and_writes_the_plot_and_json(tmp_path, capsys):
     wkv = data["modes"]["worldkv"]
     assert len(wkv["records"]) == 19 and wkv["records"][14]["retrieved"]
     assert {"yaw_degrees", "bank_bytes", "compression_ratio", "attention_recall"} <= set(wkv["records"][5])
+    assert wkv["records"][-1]["bank_bytes"] >= wkv["records"][-2]["bank_bytes"] > 0  # not the freed bank
     assert wkv["records"][5]["compression_ratio"] == 2.0  # default keep_ratio 0.25 stores half a chunk
     s = {m: data["modes"][m]["summary"] for m in data["modes"]}
     assert s["full"]["attention_recall_mean"] == 1.0

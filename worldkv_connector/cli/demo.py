@@ -103,7 +103,10 @@ def _rollout(mode: str, args: argparse.Namespace, poses: np.ndarray) -> dict:
                     rec = chunk_record(r)
                     rec["yaw_degrees"] = float(yaw_pitch_degrees(np.asarray(r.pose)[None])[0][0])
                     if engine.connector is not None:  # what the bank holds after this chunk
-                        m = engine.connector.metrics()
+                        # the last chunk ends the session, which frees its entries: show the bank
+                        # as it was when that chunk was banked, not the emptied one
+                        m = (engine.metrics()["connector_before_session_end"] if r.finished else None) \
+                            or engine.connector.metrics()
                         rec["bank_bytes"], rec["compression_ratio"] = m["bank_bytes"], m["compression_ratio"]
                     records.append(rec)
                     bar.update(1)
@@ -154,8 +157,8 @@ def _verdict(run: dict, degrees: float) -> dict:
 
 
 def _print_chunks(run: dict, verdict: dict) -> None:
-    print("worldkv run, per chunk (retrieved: chunk ids put back in the window; * = revisit; the last chunk ends "
-          "the session, which frees its bank)")
+    print("worldkv run, per chunk (retrieved: chunk ids put back in the window; * = revisit; banked: the bank "
+          "after the chunk was stored, before the session's end freed it)")
     head = f"{'chunk':>5}  {'yaw deg':>7}  {'banked KiB':>10}  {'compression':>11}  retrieved"
     print(head)
     print("-" * max(len(head), 60))
