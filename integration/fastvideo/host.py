@@ -89,8 +89,8 @@ class WorldKVHost:
             self.end_session()
         sid = session_id or f"fastvideo-{uuid.uuid4().hex[:12]}"
         fpc = self.kv_shape.frames_per_chunk
-        placeholder = np.repeat(np.eye(4)[None, None], fpc, axis=1)  # [1, F, 4, 4], replaced per chunk
-        self.scheduler.add_session(Session(sid, placeholder, seed=0, keep_results=False))
+        placeholder = np.repeat(np.eye(4)[None], fpc, axis=0)  # [F, 4, 4]: one chunk, replaced per chunk
+        self.scheduler.add_session(Session(sid, placeholder, 1, fpc, seed=0, keep_results=False))
         self.session_id = sid
         self.retrieved_log = []
         return sid
@@ -131,7 +131,8 @@ class WorldKVHost:
             raise ValueError(f"frame_poses: expected finite [{fpc}, 4, 4], got {poses.shape}")
         c = s.next_chunk
         # the session stays 'running': one placeholder chunk past the one being generated
-        s.chunk_poses = np.concatenate([s.chunk_poses[:c], poses[None], poses[None]])
+        s.frame_poses = np.concatenate([s.frame_poses[: c * fpc], poses, poses])
+        s.total_chunks = c + 2
         self._step += 1
         batch = self.scheduler.schedule(self._step)
         if batch is None or len(batch.sessions) != 1:

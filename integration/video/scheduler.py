@@ -319,13 +319,13 @@ class Scheduler:
 
     def end_session(self, session_id: str) -> None:
         """End a running session now, after the chunks it generated (a streaming host learns the
-        length only at the end): its planned poses are cut to ``next_chunk`` and its pages are freed
+        length only at the end): its length is cut to ``next_chunk`` and its pages are freed
         or parked for the connector like those of a session that reached its last chunk. A session
         that already finished is left as it is."""
         s = self.sessions.get(session_id)
         if s is None:
             raise ValueError(f"end_session: unknown session {session_id!r}")
-        s.chunk_poses = s.chunk_poses[: s.next_chunk]
+        s.total_chunks = s.next_chunk
         if self.bm.has_session(session_id):
             self._end_session(s)
         self.poll()
