@@ -10,6 +10,7 @@ import torch
 
 from worldkv_connector.faults import FaultyTransferEngine
 from worldkv_connector.integration.video import VideoEngine
+from worldkv_connector.poses import trajectory_poses
 
 PS = 20
 N = 30  # chunks per session
@@ -51,7 +52,8 @@ def rollout(fault_seed=None, **faults):
     metas, build = [], conn.build_connector_meta
     conn.build_connector_meta = lambda out: metas.append(build(out)) or metas[-1]
     for sid, traj, seed in SESSIONS:
-        engine.add_session(sid, trajectory=traj, num_chunks=N, seed=seed)
+        # the 1:1 latent-frame grammar: the fault seeds below were chosen for its 30-chunk revisit pattern
+        engine.add_session(sid, poses=trajectory_poses(traj, frames="latent", hold_frames=12), num_chunks=N, seed=seed)
     steps = []  # per step: {session: ChunkResult}, load-error pages
     while engine.has_unfinished_sessions():
         results = engine.step()  # never raises: faults are reported, not thrown

@@ -47,6 +47,9 @@ class LoadPath:
         self._rotated: set[int] = set()
         self.resident_indices: dict[ChunkKey, torch.Tensor] = {}  # kept ids of chunks in the hot set
         self._pools: PagePools | None = None
+        # merging compressions: per layer [num_pages, page_size] fp32 logit bias of every page slot
+        self.logit_bias: dict[str, torch.Tensor] | None = None
+        self.require_counts = False  # merged entries must bring their counts (else wrong attention mass)
 
     # --- per step -------------------------------------------------------------------------------
     def begin_step(self, loads: list[LoadSpec], ropes: list[RopeDelta], layer_names: list[str],
@@ -58,8 +61,11 @@ class LoadPath:
         bad: list[LoadSpec] = []
         for spec in loads:
             entry = self.bank.get(spec.key)
-            if entry is None or not entry.ready or entry.num_tokens != spec.num_tokens:
-                bad.append(spec)  # evicted or rewritten since it was planned: never load stale rows
+            if entry is None or not entry.ready or entry.num_tokens != spec.num_tokens or (
+                    self.require_counts and entry.counts is None):
+                # evicted or rewritten since it was planned: never load stale rows; a merged entry without
+                # its counts (e.g. from a bank saved without them) would attend with the wrong mass
+                bad.append(spec)
                 self.metrics.load_errors += 1
                 continue
             self.bank.touch(spec.key)  # a retrieval: young end of LRU
@@ -80,6 +86,8 @@ class LoadPath:
                 continue
             live.append(spec)
             k_only.append(True)
+        if live and self.logit_bias is not None:
+            self._write_bias(live, layer_names)
         if live:
             self._submit(live, bad, layer_names, kv_caches, transfer, k_only)
         for spec in bad:
@@ -130,6 +138,21 @@ class LoadPath:
             self._layer_jobs[layer] = job
             if job.error is not None:
                 bad.extend(s for s in live if s not in bad)
+
+    def _write_bias(self, live: list[LoadSpec], layer_names: list[str]) -> None:
+        """log(count) of each loaded token into its page slots (0 for unmerged chunks: pages are reused)."""
+        ps = self.page_size
+        for spec in live:
+            counts = self.bank.get(spec.key).counts  # [L, T'] fp32 or None
+            for layer, name in enumerate(layer_names):
+                bias = self.logit_bias[name]
+                row = None if counts is None else counts[layer].log().to(bias.device)
+                for i, page in enumerate(spec.page_ids):
+                    n = min(ps, spec.num_tokens - i * ps)
+                    if row is None:
+                        bias[page, :n] = 0.0
+                    else:
+                        bias[page, :n] = row[i * ps : i * ps + n]
 
     def _page_pools(self, layer_names: list[str], kv_caches: dict[str, torch.Tensor]) -> PagePools:
         """The registered pools, checked once and reused while the same tensors are registered."""

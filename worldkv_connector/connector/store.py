@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from worldkv_connector.bank import Bank, BankEntry
-from worldkv_connector.compression import compress_chunk
+from worldkv_connector.compression import compress_chunk, get_compression
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.connector.meta import ChunkKey, StoreResult, StoreSpec
 from worldkv_connector.metrics import ConnectorMetrics
@@ -71,6 +71,9 @@ class StorePath:
         # page-locked ids so their device-to-host copy joins the job's DMA batch (pageable memory
         # would force a copy that blocks the host until the compute stream caught up)
         self._pin = device.type == "cuda"
+        # compress(k, v) -> (k, v, ids) replacing the one-rank compression (head-sharded ranks:
+        # worldkv_connector.ranks.engine, whose scores need every rank's heads)
+        self.compress_fn = None
 
     # --- per step -------------------------------------------------------------------------------
     def begin_step(self, stores: list[StoreSpec]) -> None:
@@ -97,6 +100,9 @@ class StorePath:
                 meta = {"first_frame": spec.first_frame} if spec.first_frame >= 0 else None
                 try:
                     entry = self.bank.reserve(spec.key, self.kept, indices=idx, pose=spec.frame_poses, meta=meta)
+                    if entry is not None and self.config.compression != "novelty":
+                        # merge counts travel with the entry like the kept ids (tempcache's logit bias)
+                        entry.counts = torch.ones(self.num_layers, self.kept, pin_memory=self._pin)
                     if entry is None:
                         self._fail_early(spec, "the bank has no free slot (every entry is pinned or being written)")
                 except ValueError as exc:  # e.g. the key is already banked: never fail the step
@@ -135,7 +141,13 @@ class StorePath:
             flat_rows = rows.reshape(-1)
             k = flat[0].index_select(0, flat_rows).view(b, t, h, d)  # [B, T, H, D] gathered chunk K
             v = flat[1].index_select(0, flat_rows).view(b, t, h, d)
-            ck, cv, idx = self._compress(k, v)  # [B, T', H, D] x2, [B, T'] int64
+            ck, cv, idx, cnt = self._compress(k, v)  # [B, T', H, D] x2, [B, T'] int64, [B, T'] fp32 or None
+            if cnt is not None:
+                # queued on the compute stream before submit_layer records the event the store job
+                # waits on, so a finished store job implies its counts landed too
+                for b, st in enumerate(live):
+                    if st.entry.counts is not None:
+                        st.entry.counts[layer].copy_(cnt[b], non_blocking=True)
         except Exception as exc:  # noqa: BLE001 - a failed store leaves the chunk unbanked, never fails the step
             self._store_failed(layer, live, exc)
             return
@@ -229,21 +241,28 @@ class StorePath:
                             pairs=3 * b)
 
     def _compress(self, k: torch.Tensor, v: torch.Tensor):
-        """k, v: [B, T, H, D] -> (k [B, T', H, D], v [B, T', H, D], ids [B, T'] int64), on k's device."""
+        """k, v: [B, T, H, D] -> (k [B, T', H, D], v [B, T', H, D], ids [B, T'] int64, counts [B, T'] fp32
+        or None for pruning), on k's device."""
+        if self.compress_fn is not None:  # head-sharded ranks: pruning scored over every rank's heads
+            return (*self.compress_fn(k, v), None)
         b, t = k.shape[:2]
         if self.kept == t:  # keep_ratio 1: nothing to rank
             ids = torch.arange(t, device=k.device).expand(b, t).contiguous()
-            return k, v, ids
+            return k, v, ids, None
+        if self.config.compression != "novelty":  # a registered merging compression (torch, any device)
+            out = get_compression(self.config.compression)(
+                k, v, frame_tokens=self.frame_tokens, keep_ratio=self.config.keep_ratio, pooled=self.config.pooled)
+            return out.k, out.v, out.indices, out.counts
         if k.device.type == "cuda":
             from worldkv_connector.kernels.compress import compress_chunk_kernel
 
             staging, ids = compress_chunk_kernel(
                 k, v, frame_tokens=self.frame_tokens, keep_ratio=self.config.keep_ratio, pooled=self.config.pooled
             )  # staging: [B, 2, T', H, D] contiguous
-            return staging[:, 0], staging[:, 1], ids
+            return staging[:, 0], staging[:, 1], ids, None
         out = compress_chunk(k, v, frame_tokens=self.frame_tokens, keep_ratio=self.config.keep_ratio,
                              pooled=self.config.pooled)
-        return out.k, out.v, out.indices
+        return out.k, out.v, out.indices, None
 
     def end_step(self) -> None:
         """End of the clean pass: a chunk that did not get every layer is not banked."""
