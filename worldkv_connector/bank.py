@@ -39,14 +39,33 @@ from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.disk_tier import DISK, DiskSpillMixin, DiskTier, NotResidentError
 from worldkv_connector.eviction import EvictionPolicy, get_eviction
 from worldkv_connector.remote.tier import RemoteTier
+from worldkv_connector.machine import host_memory
 from worldkv_connector.shapes import KVShape
 
-__all__ = ["Bank", "BankEntry", "BankKey", "NotResidentError"]
+__all__ = ["Bank", "BankEntry", "BankKey", "NotResidentError", "check_bank_memory"]
 
 logger = logging.getLogger(__name__)
 
 BankKey = Hashable
 _TIERS = ("cpu", "gpu")
+_GiB = 1 << 30
+
+
+def check_bank_memory(tier: str, device: torch.device | str, nbytes: int) -> None:
+    """A bank larger than the machine could ever hold is a configuration error (before allocating)."""
+    if tier == "gpu":
+        free, total = torch.cuda.mem_get_info(device)
+        if nbytes > free:
+            raise ValueError(f"bank_bytes: a gpu bank of {nbytes} bytes ({nbytes / _GiB:.3g} GiB) is more than the "
+                             f"{free / _GiB:.3g} GiB free on {device} (of {total / _GiB:.3g} GiB); lower bank_bytes")
+        return
+    total, available = host_memory()
+    if total is not None and nbytes > total:
+        raise ValueError(f"bank_bytes: a cpu bank of {nbytes} bytes ({nbytes / _GiB:.3g} GiB) is more than this "
+                         f"machine's {total / _GiB:.3g} GiB of memory and swap; lower bank_bytes")
+    if available is not None and nbytes > available:
+        logger.warning("bank of %.3g GiB is more than the %.3g GiB of host memory available now: it is allocated "
+                       "lazily, and filling it may swap or fail", nbytes / _GiB, available / _GiB)
 
 
 @dataclass
@@ -62,6 +81,7 @@ class BankEntry:
     pins: int = 0  # in-flight transfers reading or writing it; pinned entries are never freed
     last_used: int = 0  # logical clock of the last reserve/touch
     indices: torch.Tensor | None = None  # kept token ids [L, num_tokens], CPU int64
+    counts: torch.Tensor | None = None  # tokens merged into each kept one [L, num_tokens] fp32 (tempcache); None: 1
     pose: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
 
@@ -153,7 +173,14 @@ class Bank(DiskSpillMixin):
         self.eviction = eviction
 
         shape = (self.num_slots, num_layers, 2, slot_tokens, num_kv_heads, head_dim)
-        self._slab = torch.empty(shape, dtype=dtype, device=self.device)
+        slab_bytes = self.num_slots * self.slot_bytes
+        check_bank_memory(tier, self.device, slab_bytes)
+        try:
+            self._slab = torch.empty(shape, dtype=dtype, device=self.device)
+        except (RuntimeError, MemoryError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            raise ValueError(f"bank_bytes={capacity_bytes} ({capacity_bytes / _GiB:.3g} GiB): the {tier} tier cannot "
+                             f"allocate {slab_bytes} bytes on this machine ({str(exc).splitlines()[0][:120]}); "
+                             "lower bank_bytes") from None
         want_pin = torch.cuda.is_available() if pin is None else bool(pin)
         if want_pin and tier == "cpu" and not torch.cuda.is_available():
             raise ValueError("Bank pin=True needs CUDA: torch.cuda.is_available() is False")
