@@ -11,9 +11,11 @@ bytes) is written and read back
   the destination buffer, as any user of the data must).
 
 ``sha256 alone`` is the checksum rate over the same bytes, measured in the same rounds: the tier
-can hide it behind the transfer only where a core is free. Runs are interleaved (tier put, raw put,
-tier get, raw get, sha256) on fresh keys, removed after each round
-(untimed). Figures are medians over ``--repeats`` with min-max spreads; ``tier / raw`` is the median
+can hide it behind the transfer only where a core is free. Runs are interleaved on fresh keys
+(put, get, sha256; tier and raw take turns going first), removed after each round (untimed), after
+``--warmup`` untimed rounds. Beside the rates: CPU seconds per GB of each op (this process plus the
+servers the bench started) and how many cores were busy meanwhile, which shows when the machine had
+no core free for the hash. Figures are medians over ``--repeats`` with min-max spreads; ``tier / raw`` is the median
 of the per-round ratios. Without ``--address`` the bench starts its own servers on 127.0.0.1 (store
 segment sized for the run) and stops them.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import statistics
 import tempfile
 import time
@@ -49,8 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="object (shard) sizes in MiB (default: 4 16); one chunk of one rank, e.g. LingBot-World "
                    "at SP4 is ~960 MiB per rank, Matrix-Game-2 compressed to half ~240 MiB")
     p.add_argument("--objects", type=int, default=8, help="objects per batch (default 8)")
-    p.add_argument("--repeats", type=int, default=7, help="timed rounds per size (median; default 7)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    p.add_argument("--repeats", type=int, default=9, help="timed rounds per size (median; default 9)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
 
 
 def _check(args) -> None:
@@ -99,7 +102,33 @@ class _Raw:
                 t.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
 
 
-def _size_row(tier: RemoteTier, raw: _Raw, nbytes: int, args) -> dict:
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` so far; 0.0 when unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            f = fh.read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class _Clock:
+    """Wall time and CPU seconds of one timed op: this process (all threads) plus the servers the
+    bench started (their CPU is part of a loopback transfer's cost; unknown with ``--address``)."""
+
+    def __init__(self, server_pids: list[int]) -> None:
+        self.pids = server_pids
+
+    def cpu(self) -> float:
+        return time.process_time() + sum(_proc_cpu(p) for p in self.pids)
+
+    def time(self, fn, *a):
+        c0, t0 = self.cpu(), time.perf_counter()
+        out = fn(*a)
+        return out, time.perf_counter() - t0, self.cpu() - c0
+
+
+def _size_row(tier: RemoteTier, raw: _Raw, nbytes: int, args, clock: _Clock) -> dict:
     n = args.objects
     elems = nbytes // 4
     # [objects, L=1, 2, T, H=1, D=1] fp32 shards; one registered slab per path and direction
@@ -109,45 +138,51 @@ def _size_row(tier: RemoteTier, raw: _Raw, nbytes: int, args) -> dict:
         tier.backend.register(t)
     src_b = [src[i].view(-1).view(torch.uint8) for i in range(n)]
     dst_b = [dst_r[i].view(-1).view(torch.uint8) for i in range(n)]
-    samples = {k: [] for k in ("tier_put", "raw_put", "tier_get", "raw_get", "sha256")}
+    ops = ("tier_put", "raw_put", "tier_get", "raw_get", "sha256")
+    samples = {k: [] for k in ops}
+    cpu = {k: [] for k in ops}
     for rnd in range(args.warmup + args.repeats):
         sess = f"bench-{uuid.uuid4().hex[:8]}"
         raw_keys = [f"{tier.session_prefix(sess)}raw{i}" for i in range(n)]
-        t = {}
-        t0 = time.perf_counter()
-        digests = tier.put_shards([(sess, i, src[i]) for i in range(n)])
-        t["tier_put"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        raw.put(raw_keys, src_b)
-        t["raw_put"] = time.perf_counter() - t0
+        t, c = {}, {}
+        # tier and raw alternate which goes first, so neither always meets a cold or a warm store
+        order = ("tier", "raw") if rnd % 2 == 0 else ("raw", "tier")
+        for side in order:
+            if side == "tier":
+                digests, t["tier_put"], c["tier_put"] = clock.time(tier.put_shards, [(sess, i, src[i]) for i in range(n)])
+            else:
+                _, t["raw_put"], c["raw_put"] = clock.time(raw.put, raw_keys, src_b)
         if any(d is None for d in digests):
             raise RuntimeError("tier put failed: is the store large enough for two batches?")
         recs = [tier.make_record(sess, i, src[i], [d]) for i, d in enumerate(digests)]
-        t0 = time.perf_counter()
-        ok = tier.get_shards(recs, [dst_t[i] for i in range(n)])
-        t["tier_get"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        raw.get(raw_keys, dst_b)
-        t["raw_get"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for i in range(n):  # what the tier adds: one sha256 per shard (on its helper thread)
-            hashlib.sha256(memoryview(src_b[i].numpy())).digest()
-        t["sha256"] = time.perf_counter() - t0
+        for side in order:
+            if side == "tier":
+                ok, t["tier_get"], c["tier_get"] = clock.time(tier.get_shards, recs, [dst_t[i] for i in range(n)])
+            else:
+                _, t["raw_get"], c["raw_get"] = clock.time(raw.get, raw_keys, dst_b)
+        # what the tier adds: one sha256 per shard (on its hash threads)
+        _, t["sha256"], c["sha256"] = clock.time(lambda: [hashlib.sha256(memoryview(b.numpy())).digest() for b in src_b])
         if not all(ok) or not torch.equal(dst_t, src) or not torch.equal(dst_r, src):
             raise RuntimeError("read back differs from what was written")
         tier.backend.remove_prefix(tier.session_prefix(sess))  # untimed
         if rnd >= args.warmup:
-            for k, v in t.items():
-                samples[k].append(v)
+            for k in ops:
+                samples[k].append(t[k])
+                cpu[k].append(c[k])
     moved = n * nbytes
     rates = {k: [gbps(moved, s) for s in v] for k, v in samples.items()}
     med = {k: statistics.median(v) for k, v in rates.items()}
     ratio = {op: statistics.median(a / b for a, b in zip(rates[f"tier_{op}"], rates[f"raw_{op}"])) for op in ("put", "get")}
+    ratios = {op: [a / b for a, b in zip(rates[f"tier_{op}"], rates[f"raw_{op}"])] for op in ("put", "get")}
     return {"object_bytes": nbytes, "objects": n,
             "tier_gbps": {"put": med["tier_put"], "get": med["tier_get"]},
             "raw_gbps": {"put": med["raw_put"], "get": med["raw_get"]},
-            "tier_over_raw": ratio, "sha256_gbps": med["sha256"],
-            "spread_gbps": {k: [min(v), max(v)] for k, v in rates.items()}}
+            "tier_over_raw": ratio, "tier_over_raw_spread": {op: [min(v), max(v)] for op, v in ratios.items()},
+            "sha256_gbps": med["sha256"],
+            "spread_gbps": {k: [min(v), max(v)] for k, v in rates.items()},
+            # CPU seconds per GB moved (client + local servers) and the cores that kept busy meanwhile
+            "cpu_s_per_gb": {k: statistics.median(v) / (moved / 1e9) for k, v in cpu.items()},
+            "cores_busy": {k: statistics.median(c / w for c, w in zip(cpu[k], samples[k])) for k in ops}}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -170,11 +205,13 @@ def run(args: argparse.Namespace) -> dict:
                 servers = local.start_redis(tmp.name, maxmemory=f"{need_mb}mb")
                 cfg = RemoteConfig.from_value(servers.remote_config("bench"))
             print(f"started local {args.backend} servers on {cfg.address}")
+        pids = [] if servers is None else [p.proc.pid for p in _server_procs(servers)]
+        load = [os.getloadavg()[0]]
         tier = RemoteTier(cfg, fingerprint="bench")
         try:
             rows = []
             for nbytes in sizes:
-                rows.append(_size_row(tier, _Raw(tier.backend), nbytes, args))
+                rows.append(_size_row(tier, _Raw(tier.backend), nbytes, args, _Clock(pids)))
                 print(f"  {nbytes / _MiB:g} MiB x {args.objects}: done", flush=True)
         finally:
             tier.close()
@@ -201,10 +238,24 @@ def run(args: argparse.Namespace) -> dict:
         for op in ("put", "get"):
             targets.append(target(f"{op} tier/raw @ {r['object_bytes'] / _MiB:g} MiB", r["tier_over_raw"][op], ">=", _GOAL,
                                   applies=big, note="" if big else "objects under 4 MiB: not a target"))
+    load.append(os.getloadavg()[0])
+    print_table("CPU seconds per GB moved (this process + the local servers) and cores busy meanwhile",
+                ("object MiB", "tier put", "raw put", "tier get", "raw get", "sha256 alone"),
+                [(r["object_bytes"] / _MiB, *(f"{r['cpu_s_per_gb'][k]:.2f} s/GB, {r['cores_busy'][k]:.2f} cores"
+                                              for k in ("tier_put", "raw_put", "tier_get", "raw_get", "sha256")))
+                 for r in rows])
+    print(f"machine: {os.cpu_count()} cores, load average {load[0]:.2f} at the start, {load[1]:.2f} at the end")
     print_targets(targets)
-    print("note: the tier checksums every shard (sha256, on a helper thread beside the transfer); where the "
-          "transfer itself is CPU copies (TCP on loopback) the hash competes with it for the same cores.")
+    print("note: the tier checksums every shard (sha256 on hash threads beside the transfer); where the transfer "
+          "itself is CPU copies (TCP on loopback) and no core is free, the hash's CPU time adds to the transfer's.")
     first = rows[0]
     return {"backend": args.backend, "object_bytes": first["object_bytes"], "tier_gbps": first["tier_gbps"],
             "raw_gbps": first["raw_gbps"], "tier_over_raw": first["tier_over_raw"], "objects": args.objects,
-            "repeats": args.repeats, "rows": rows, "targets": targets}
+            "repeats": args.repeats, "warmup": args.warmup, "cores": os.cpu_count(), "load_average": load,
+            "rows": rows, "targets": targets}
+
+
+def _server_procs(servers) -> list:
+    if hasattr(servers, "stores"):
+        return [servers.master, *servers.stores]
+    return [servers.proc]

@@ -21,10 +21,13 @@ Writers: a session has at most one writer. ``acquire_writer`` creates the writer
 absent); a second engine is refused with ``RemoteWriterError`` naming the holder. ``end_session``
 releases it and removes the session's objects unless ``persist``.
 
-Checksums are computed on a helper thread while the transfers run (hashlib and the store clients
-release the GIL): a put hashes while the batch transfers, a read hashes each group while the next
-group transfers, so a batch costs about max(transfer, hash) instead of their sum where the machine
-has a core free for it.
+Checksums are computed on hash threads while the transfers run (hashlib and the store clients
+release the GIL; measured for Mooncake's batch calls): a put hashes every shard while the batch
+transfers and returns the digests once both are done (the commit record is written after that), a
+read fetches group g+1 while group g is verified and reports a shard only once verified, so a batch
+costs about max(transfer, hash) plus one group's hash, instead of their sum, where the machine has a
+core free for it. Where it has none (the transfer is CPU copies on a busy machine) the hash's CPU
+time adds to the transfer's.
 """
 from __future__ import annotations
 
@@ -95,6 +98,20 @@ class ChunkRecord:
 
 def _sha(t: torch.Tensor) -> str:
     return hashlib.sha256(memoryview(t.view(torch.uint8).reshape(-1).numpy())).hexdigest()
+
+
+_GROUP_BYTES = 8 << 20  # a read group: large enough that a batched call's round trips do not dominate
+_MAX_GROUPS = 16
+
+
+def _groups(idx: list[int], outs: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Split ``idx`` into consecutive read groups of about ``_GROUP_BYTES`` (at most ``_MAX_GROUPS``)."""
+    if not idx:
+        return []
+    total = sum(t.numel() * t.element_size() for t in outs)
+    n = max(1, min(len(idx), _MAX_GROUPS, total // _GROUP_BYTES))
+    size = -(-len(idx) // n)
+    return [idx[g : g + size] for g in range(0, len(idx), size)]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -316,12 +333,11 @@ class RemoteTier:
                            f"rank reads {list(out.shape)} {_dtype_name(out.dtype)} x{self.num_ranks}")
             else:
                 todo.append(i)
+        # pipelined: the checksums of one group run on the hash threads while the main thread
+        # fetches the next group (the store clients release the GIL), so only the last group's hash
+        # is not hidden; a shard counts as read only once its sha256 matched the commit record
         checks = {}
-        # about four batched reads; the checksums of one run on the helper thread while the next
-        # transfers, so only the last group's hashing is not hidden
-        group = max(1, -(-len(todo) // 4))
-        for g in range(0, len(todo), group):
-            idx = todo[g : g + group]
+        for idx in _groups(todo, [outs[i] for i in todo]):
             keys = [self.shard_key(records[i].session, records[i].chunk) for i in idx]
             codes = self.backend.get_tensors(keys, [outs[i] for i in idx])
             self.counters["gets"] += len(idx)
