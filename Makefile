@@ -7,7 +7,14 @@ VLLM_STAMP := $(VENV)/.vllm-installed
 # pip quiet, and no warnings about missing local index folders
 PIP    := $(BIN)/pip --disable-pip-version-check -q
 
-.PHONY: demo test test-fast soak setup setup-vllm clean
+.PHONY: demo test test-fast soak setup setup-vllm sglang-setup test-sglang clean
+
+# SGLang Diffusion (the worldkv plugin's host) pins torch 2.14.1 and CUDA packages, so it gets its own
+# venv: torch 2.13.0 CPU, this package with its test extra, then sglang and the exact list of what it
+# imports, all --no-deps (requirements/sglang.txt).
+SGL_VENV  ?= .venv-sglang
+SGL_STAMP := $(SGL_VENV)/.installed
+SGL_PIP   := $(SGL_VENV)/bin/pip --disable-pip-version-check -q
 
 $(STAMP): pyproject.toml setup.py
 	@echo "[setup] creating $(VENV) and installing worldkv-connector (first run only)"
@@ -24,20 +31,34 @@ $(VLLM_STAMP): $(STAMP)
 	-$(PIP) uninstall -y torchvision torchaudio torchcodec
 	@touch $(VLLM_STAMP)
 
+$(SGL_STAMP): pyproject.toml setup.py requirements/sglang.txt
+	@echo "[setup] creating $(SGL_VENV) with sglang 0.5.23 for the SGLang plugin tests (first run only)"
+	$(PYTHON) -m venv $(SGL_VENV)
+	$(SGL_PIP) install torch==2.13.0
+	$(SGL_PIP) install -e '.[test]'
+	$(SGL_PIP) install --no-deps -r requirements/sglang.txt
+	@touch $(SGL_STAMP)
+
 setup: $(STAMP)
 setup-vllm: $(VLLM_STAMP)
+sglang-setup: $(SGL_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/worldkv demo
 
-test: $(VLLM_STAMP)
-	$(BIN)/python -m pytest
+test: $(VLLM_STAMP) $(SGL_STAMP)
+	$(BIN)/python -m pytest -m "not sglang"
+	$(MAKE) test-sglang
+
+# the sglang-marked tests, in their own venv (the main run deselects them)
+test-sglang: $(SGL_STAMP)
+	OMP_NUM_THREADS=1 $(SGL_VENV)/bin/python -m pytest -m sglang tests/sglang
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not vllm"
+	$(BIN)/python -m pytest -m "not slow and not vllm and not sglang"
 
 soak: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(SGL_VENV) build *.egg-info
