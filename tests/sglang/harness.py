@@ -72,12 +72,12 @@ class Run:
                                         device=torch.device("cpu"))
         self.kv_cache, self.crossattn_cache = stage.causal_kv_cache, stage.crossattn_cache
 
-    def chunk(self, index: int) -> list[torch.Tensor]:
+    def chunk(self, index: int, pos_cond: dict | None = None) -> list[torch.Tensor]:
         x = torch.randn(1, IN_CH, FPC, LAT_H, LAT_W, generator=self.gen)
         start = index * FPC * FRAME_TOKENS
         outs = []
         kw = dict(prompt_embeds=[self.context], kv_cache=self.kv_cache, crossattn_cache=self.crossattn_cache,
-                  current_start_tokens=start, start_frame=index * FPC, image_kwargs={}, pos_cond_kwargs={},
+                  current_start_tokens=start, start_frame=index * FPC, image_kwargs={}, pos_cond_kwargs=dict(pos_cond or {}),
                   target_dtype=torch.float32, autocast_enabled=False)
         with torch.no_grad():
             for p in range(self.num_passes):
