@@ -1,6 +1,5 @@
 """The worldkv plugin in SGLang's CausalWan stage (tiny random model, CPU, fp32): the entry point,
 parity with SGLang's own cache, bounded memory over a long session, session isolation, failed loads."""
-import json
 import types
 from importlib.metadata import entry_points
 
@@ -13,35 +12,6 @@ from worldkv_connector.integration.sglang import plugin
 pytestmark = pytest.mark.sglang
 
 CHUNKS = 6
-
-
-@pytest.fixture(scope="module")
-def hooks():
-    """Load the plugin the way SGLang does (SGLANG_PLUGINS=worldkv) and apply its hooks."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SGLANG_PLUGINS", "worldkv")
-    from sglang.multimodal_gen.runtime.platforms.plugins import HookRegistry, apply_plugin_hooks, load_plugins
-    from sglang.multimodal_gen.runtime.pipelines_core.stages.causal_denoising import CausalDMDDenoisingStage
-
-    original = CausalDMDDenoisingStage._allocate_causal_kv_cache
-    load_plugins()
-    apply_plugin_hooks()
-    assert CausalDMDDenoisingStage._allocate_causal_kv_cache is not original
-    yield original
-    mp.undo()
-
-
-@pytest.fixture
-def worldkv(monkeypatch):
-    """Set the plugin's environment for one test (fresh runtimes)."""
-
-    def configure(poseless="static", **config):
-        plugin.reset_runtimes()
-        monkeypatch.setenv("WORLDKV_CONFIG", json.dumps(config))
-        monkeypatch.setenv("WORLDKV_POSELESS", poseless)
-
-    yield configure
-    plugin.reset_runtimes()
 
 
 def sglang_stage(hooks, model, **kw):

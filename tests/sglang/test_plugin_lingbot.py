@@ -1,6 +1,5 @@
 """The worldkv plugin in SGLang's LingBot-World stage: a realtime session driven by actions that turn
 away and come back; poses from SGLang's own action integration (``_actions_to_c2ws``)."""
-import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -9,8 +8,6 @@ import torch
 
 import harness
 import shims
-from test_plugin_causal_wan import hooks, worldkv  # noqa: F401  (fixtures)
-from worldkv_connector.integration.sglang import plugin
 
 pytestmark = pytest.mark.sglang
 
@@ -50,7 +47,7 @@ def turn_away_and_back(chunks_out=10, chunks_back=10):
     return [["l"]] * (fpc * chunks_out) + [["j"]] * (fpc * chunks_back)
 
 
-def test_realtime_revisit_retrieves_first_visit_chunks(hooks, worldkv):  # noqa: F811
+def test_realtime_revisit_retrieves_first_visit_chunks(hooks, worldkv):
     from sglang.multimodal_gen.configs.pipeline_configs import lingbot_world as lbc
     from sglang.multimodal_gen.runtime.realtime.states import RealtimeCausalDiTState
 
