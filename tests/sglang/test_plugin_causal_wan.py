@@ -74,7 +74,8 @@ def _runtime(r):
 
 
 def test_sixty_chunks_keep_memory_flat(hooks, worldkv):
-    worldkv(keep_ratio=0.5, retrieval_chunks=2, hot_chunks=2, sink_frames=3, recent_frames=3)
+    worldkv(keep_ratio=0.5, retrieval_chunks=2, hot_chunks=2, sink_frames=3, recent_frames=3,
+            page_size=harness.FRAME_TOKENS)
     r = harness.Run(harness.make_stage(harness.tiny_causal_wan(), sink_frames=3, window_frames=9), seed=1)
     r.num_passes = 1
     rt = _runtime(r)
@@ -86,6 +87,8 @@ def test_sixty_chunks_keep_memory_flat(hooks, worldkv):
     per_chunk = -(-rt.chunk_tokens // rt.bm.page_size)
     bound = (1 + 1 + 1 + 2) * per_chunk + per_chunk  # + one evicted chunk waiting for its store
     assert max(used[10:]) <= bound and max(used[10:]) == max(used[10:20])
+    print(f"60 chunks: pages in use after chunk 10..60 max {max(used[10:])} (bound {bound}), at chunk 60 {used[-1]}; "
+          f"SGLang's growing cache would hold {60 * per_chunk} pages")
     assert len(rt.connector.scheduler.banked_chunks(r.kv_cache[0].group.session.session_id)) >= 55
 
 
