@@ -75,3 +75,27 @@ def test_quantised_kv_cache_is_refused(hooks, worldkv):
     stage._kv_quant_args = SimpleNamespace(enabled=True)
     with pytest.raises(ValueError, match="quantisation"):
         caches(stage)
+
+
+@pytest.mark.parametrize("head_dim", [12, 128])
+def test_rope_correction_matches_sglang_rope(head_dim):
+    """The connector's ``rope_correction`` moves banked keys in time with ``rotate_temporal``; on
+    SGLang's own RoPE (CausalWan: Wan split, interleaved pairs) that equals roping at the new frame."""
+    from sglang.multimodal_gen.runtime.layers.rotary_embedding import _apply_rotary_emb, get_rotary_pos_embed
+
+    from worldkv_connector.rope import rotate_temporal
+
+    harness.shims.init_single_process_parallel()
+    heads, frames, hh, ww = 2, 3, 2, 2
+    hidden = heads * head_dim
+    d = head_dim
+    dims = [d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)]
+    x = torch.randn(1, frames * hh * ww, heads, head_dim, generator=torch.Generator().manual_seed(0))
+
+    def rope(start_frame):
+        cos, sin = get_rotary_pos_embed((frames, hh, ww), hidden, heads, dims, dtype=torch.float64,
+                                        rope_theta=10000, start_frame=start_frame)
+        return _apply_rotary_emb(x, cos.float(), sin.float(), is_neox_style=False)
+
+    for start, delta in [(9, -6), (30, -24), (3, 12)]:
+        torch.testing.assert_close(rotate_temporal(rope(start)[0], delta), rope(start + delta)[0], rtol=0, atol=1e-4)
