@@ -159,15 +159,14 @@ class WorldKVSession:
                     logger.warning("worldkv: load of chunk %d of %s failed; it is left out of the window",
                                    cid, self.session_id)
         pool = rt.kv_caches[name]
-        cur = st["current"]
-        flat = pool[:, list(cur.page_ids)].flatten(1, 2)  # a copy: [2, pages * page_size, H, D]
+        slots = st["attn"].slot_mapping[0]  # [chunk_tokens] flat slot of each current token
+        flat = pool.view(2, -1, *pool.shape[3:])  # [2, num_pages * page_size, H, D], shares memory
         if heads is None:
-            flat[0, : self.chunk_tokens] = key[0]
-            flat[1, : self.chunk_tokens] = value[0]
+            flat[0, slots] = key[0]
+            flat[1, slots] = value[0]
         else:
-            flat[0, : self.chunk_tokens, heads] = key[0]
-            flat[1, : self.chunk_tokens, heads] = value[0]
-        pool[:, list(cur.page_ids)] = flat.unflatten(1, (len(cur.page_ids), rt.bm.page_size))
+            flat[0, slots, heads] = key[0]
+            flat[1, slots, heads] = value[0]
         ks, vs = [], []
         for kind, cid, b in st["segments"]:
             if kind == "external" and cid in st["dropped"]:
