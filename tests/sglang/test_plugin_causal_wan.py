@@ -147,3 +147,32 @@ def test_failed_load_leaves_the_chunk_out(hooks, worldkv):
     faults.fail = False
     r.chunk(5)
     assert 2 in group.retrieved[-1]  # loaded again from the bank (the bank copy was never corrupted)
+
+
+def test_evicted_chunk_pages_wait_for_their_store(hooks, worldkv):
+    """Stores that report late (3 polls): a chunk leaving the window keeps its pages until its
+    store ended (its memory is not reused before it is banked), and becomes retrievable only then."""
+    from worldkv_connector.faults import FaultyTransferEngine
+
+    cfg = dict(keep_ratio=0.5, retrieval_chunks=2, hot_chunks=2, sink_frames=3, recent_frames=3,
+               page_size=harness.FRAME_TOKENS)
+    model = harness.tiny_causal_wan()
+    held, picks = {}, {}
+    for delay in (0, 3):
+        worldkv(**cfg)
+        r = harness.Run(harness.make_stage(model, sink_frames=3, window_frames=9), seed=5)
+        r.num_passes = 1
+        rt = _runtime(r)
+        if delay:
+            rt.connector.wrap_transfer(lambda t: FaultyTransferEngine(t, delay_polls=delay))
+        for c in range(10):
+            r.chunk(c)
+        held[delay] = rt.bm.num_used
+        picks[delay] = list(r.kv_cache[0].group.retrieved)
+        for _ in range(delay + 1):
+            rt.poll()
+        if delay:  # once the stores reported, the waiting pages go back
+            assert rt.bm.num_used == held[0]
+    assert held[3] > held[0]  # evicted chunks still wait for their stores
+    # chunk 1 left the window after chunk 2; banked at once it is picked for chunk 3, late only for chunk 5
+    assert picks[0][3] == [1] and picks[3][3] == [] and picks[3][5] == [1]
