@@ -60,13 +60,35 @@ def test_keep_ratio_one_equals_sglang_cache(hooks, worldkv, window):
         assert all(not ids for ids in group.retrieved)
 
 
-def test_window_without_memory_differs(hooks, worldkv):
-    """The parity above is not vacuous: without retrieval the same small window gives other outputs."""
+def test_window_without_memory_differs(hooks, worldkv, caplog):
+    """The parity above is not vacuous: without retrieval the same small window gives other outputs.
+    CausalWan has no camera: with WORLDKV_POSELESS=off retrieval is off, and the log says so."""
     model = harness.tiny_causal_wan()
     _, want = run(sglang_stage(hooks, model, sink_frames=3, window_frames=3 * CHUNKS))
     worldkv(poseless="off", keep_ratio=1.0, sink_frames=3, recent_frames=3)
-    _, got = run(harness.make_stage(model, sink_frames=3, window_frames=9))
+    with caplog.at_level("INFO", logger="worldkv_connector.integration.sglang.cache"):
+        r, got = run(harness.make_stage(model, sink_frames=3, window_frames=9))
+    assert "causal_wan has no camera poses; retrieval is off" in caplog.text
+    assert all(not ids for ids in r.kv_cache[0].group.retrieved)
     assert (got[-1][0] - want[-1][0]).abs().max() > 1e-3
+
+
+def test_a_new_request_on_the_same_caches_starts_a_new_session(hooks, worldkv):
+    """SGLang resets a reused cache list for each request: the old WorldKV session ends and its
+    bank entries go; the next request starts again at chunk 0."""
+    worldkv(keep_ratio=1.0, retrieval_chunks=2, hot_chunks=2, sink_frames=3, recent_frames=3)
+    stage = harness.make_stage(harness.tiny_causal_wan(), sink_frames=3, window_frames=9)
+    r = harness.Run(stage, seed=1)
+    for c in range(5):
+        r.chunk(c)
+    group, rt = r.kv_cache[0].group, _runtime(r)
+    old = group.session.session_id
+    assert rt.connector.scheduler.banked_chunks(old) == [0, 1, 2, 3, 4]
+    stage._reset_causal_caches(kv_cache=r.kv_cache, crossattn_cache=r.crossattn_cache)
+    rt.poll()
+    assert rt.connector.scheduler.banked_chunks(old) == []
+    r.chunk(0)
+    assert group.session.session_id != old and group.retrieved == [[]]
 
 
 def _runtime(r):
