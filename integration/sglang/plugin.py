@@ -18,6 +18,7 @@ import contextvars
 import logging
 
 import numpy as np
+import torch
 
 from worldkv_connector.integration.sglang.runtime import CacheGeometry, PluginSettings, WorldKVRuntime
 
@@ -78,7 +79,7 @@ def allocate_causal_kv_cache(stage, *, batch_size, kv_cache_size, num_attention_
     model = "lingbot_world" if type(stage).__name__.startswith("LingBot") else "causal_wan"
     geometry = CacheGeometry(model, int(stage.num_transformer_blocks), int(num_attention_heads),
                              int(attention_head_dim), int(stage.num_token_per_frame), int(stage.num_frames_per_block),
-                             int(sink_tokens), int(kv_cache_size), dtype, __import__("torch").device(device))
+                             int(sink_tokens), int(kv_cache_size), dtype, torch.device(device))
     if allow_growth:
         logger.info("worldkv: SGLang asked for a growing cache; the WorldKV window stays bounded instead")
     group = CacheGroup(get_runtime(geometry))

@@ -13,6 +13,7 @@ Settings come from the environment, read when the plugin builds its first cache:
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -181,6 +182,4 @@ class WorldKVRuntime:
 
 
 def _as_json(config: WorldKVConfig) -> dict:
-    import dataclasses
-
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
