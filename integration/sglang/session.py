@@ -203,7 +203,8 @@ class WorldKVSession:
         stores ended (the connector's session-end path)."""
         if self.closed:
             return
-        if self._step is not None:  # a chunk without a clean pass: nothing of it is committed
+        if self._step is not None:  # aborted mid-chunk: its store ends unbanked (not every layer saved)
+            self.rt.connector.wait_for_save()
             self.rt.connector.clear_connector_metadata()
             self._step = None
         self.closed = True

@@ -198,3 +198,28 @@ def test_evicted_chunk_pages_wait_for_their_store(hooks, worldkv):
     assert held[3] > held[0]  # evicted chunks still wait for their stores
     # chunk 1 left the window after chunk 2; banked at once it is picked for chunk 3, late only for chunk 5
     assert picks[0][3] == [1] and picks[3][3] == [] and picks[3][5] == [1]
+
+
+def test_a_request_aborted_mid_chunk_leaves_nothing_behind(hooks, worldkv):
+    """A forward that fails inside a chunk (before its clean pass): the next request's reset ends
+    the session; the half-made chunk is not banked and nothing stays pending or held."""
+    worldkv(keep_ratio=1.0, retrieval_chunks=2, hot_chunks=2, sink_frames=3, recent_frames=3)
+    stage = harness.make_stage(harness.tiny_causal_wan(), sink_frames=3, window_frames=9)
+    r = harness.Run(stage, seed=1)
+    for c in range(3):
+        r.chunk(c)
+    group, rt = r.kv_cache[0].group, _runtime(r)
+    sid = group.session.session_id
+    x = torch.randn(1, harness.IN_CH, harness.FPC, harness.LAT_H, harness.LAT_W)
+    with torch.no_grad():  # one denoising pass of chunk 3, then the request dies (no clean pass)
+        stage._forward_causal_transformer(
+            r.batch, latent_model_input=x, prompt_embeds=[r.context], timestep=torch.full((1, 1), 900.0),
+            kv_cache=r.kv_cache, crossattn_cache=r.crossattn_cache, current_start_tokens=3 * rt.chunk_tokens,
+            start_frame=3 * harness.FPC, image_kwargs={}, pos_cond_kwargs={}, current_timestep=0,
+            attn_metadata=None, target_dtype=torch.float32, autocast_enabled=False)
+    assert group.session.in_step
+    stage._reset_causal_caches(kv_cache=r.kv_cache, crossattn_cache=r.crossattn_cache)
+    for _ in range(3):
+        rt.poll()
+    assert rt.connector.scheduler.pending_stores(sid) == 0
+    assert rt.connector.scheduler.banked_chunks(sid) == [] and rt.bm.num_used == 0
