@@ -22,5 +22,9 @@ def _packages() -> list[str]:
 setup(
     packages=_packages(),
     package_dir=PACKAGE_DIRS,
-    package_data={"worldkv_connector.csrc": ["*.cu", "*.cuh"]},
+    package_data={
+        "worldkv_connector.csrc": ["*.cu", "*.cuh"],
+        # the trained world model (worldkv train world) and its manifest
+        "worldkv_connector.world.weights": ["*.safetensors", "*.json"],
+    },
 )

@@ -4,7 +4,6 @@ Launchers run on CUDA tensors (or on CPU tensors under ``TRITON_INTERPRET=1``); 
 references run everywhere and are the CPU path.
 """
 from worldkv_connector.kernels.compress import compress_chunk_kernel, gather_rows_triton, novelty_scores_triton
-from worldkv_connector.kernels.page_copy import gather_pages, gather_pages_torch, scatter_pages, scatter_pages_torch
 from worldkv_connector.kernels.paged_attention import paged_attention as paged_attention_triton
 from worldkv_connector.kernels.paged_attention import paged_attention_torch
 from worldkv_connector.kernels.rope_delta import rope_delta_, rope_delta_torch
@@ -17,8 +16,4 @@ __all__ = [
     "gather_rows_triton",
     "rope_delta_",
     "rope_delta_torch",
-    "gather_pages",
-    "scatter_pages",
-    "gather_pages_torch",
-    "scatter_pages_torch",
 ]

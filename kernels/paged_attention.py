@@ -154,6 +154,7 @@ def paged_attention(
     scale: float | None = None,
     *,
     validate: bool = True,
+    logit_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Paged attention (Triton); same semantics as :func:`paged_attention_torch`.
 
@@ -166,6 +167,9 @@ def paged_attention(
     """
     if triton is None:
         raise RuntimeError("paged_attention needs triton; use paged_attention_torch instead")
+    if logit_bias is not None:
+        raise ValueError("paged_attention (Triton): logit_bias is not supported by the kernel yet; "
+                         "use attention_backend torch with a merging compression (tempcache)")
     _check_layout(q, k_pool, v_pool, block_table, page_lens)
     if validate:
         check_paged_attention_args(q, k_pool, v_pool, block_table, page_lens)
@@ -240,15 +244,21 @@ def paged_attention_torch(
     block_table: torch.Tensor,
     page_lens: torch.Tensor,
     scale: float | None = None,
+    logit_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference paged attention.
 
     q: [B, Tq, Hq, D]; k_pool, v_pool: [num_pages, page_size, Hkv, D] (same dtype as q, same device);
     block_table: [B, max_pages] int (page ids; entries whose ``page_lens`` is 0 are ignored);
     page_lens: [B, max_pages] int, valid tokens of each page, in [0, page_size].
+    logit_bias: optional [num_pages, page_size] fp32 added to every query's logit of that slot (a merged
+    key's ``log(count)``, compression.tempcache_chunk), same device.
     Returns [B, Tq, Hq, D] in q's dtype, computed in fp32. A row with no valid token returns zeros.
     """
     check_paged_attention_args(q, k_pool, v_pool, block_table, page_lens)
+    if logit_bias is not None and tuple(logit_bias.shape) != tuple(k_pool.shape[:2]):
+        raise ValueError(f"logit_bias: expected [num_pages, page_size] = {tuple(k_pool.shape[:2])}, "
+                         f"got {tuple(logit_bias.shape)}")
     b, tq, hq, d = q.shape
     page_size, hkv = k_pool.shape[1], k_pool.shape[2]
     scale = d**-0.5 if scale is None else scale
@@ -267,6 +277,8 @@ def paged_attention_torch(
             k = k.repeat_interleave(hq // hkv, dim=1)
             v = v.repeat_interleave(hq // hkv, dim=1)
         s = torch.einsum("thd,nhd->htn", q[row].float(), k) * scale  # s: [Hq, Tq, N]
+        if logit_bias is not None:
+            s = s + logit_bias[pages][mask].float()  # [N], broadcast over heads and queries
         p = torch.softmax(s, dim=-1)
         out[row] = torch.einsum("htn,nhd->thd", p, v)
     return out.to(q.dtype)

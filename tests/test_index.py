@@ -390,3 +390,25 @@ def test_bench_random_chunk_poses_are_valid_camera_chunks():
     index.add_many("s", range(20), poses)  # validates every frame
     t = poses[:, :, :3, 3]
     assert t.min() > -1.0 and t.max() < 6.0
+
+
+def test_fov_separation_prefilter_keeps_the_exact_top_k():
+    """The fov shortlist skips candidates whose frustum a face plane separates from the query's:
+    on dense random banks its top-k (ties by id) equals ranking the full ``score`` pass, and
+    every skipped candidate scores exactly 1."""
+    from worldkv_connector.bench.index import random_chunk_poses
+    from worldkv_connector.poses import chunk_mean_pose
+
+    rng = np.random.default_rng(11)
+    for n, k in ((3000, 6), (400, 6), (50, 40)):
+        index = PoseIndex("fov")
+        index.add_many("s", range(n), random_chunk_poses(n, 3, rng))
+        for q in random_chunk_poses(4, 3, rng, side=n ** (1 / 3)):
+            ids, scores = index.scores("s", q, exclude=[1, 2])
+            order = np.lexsort((ids, scores))
+            assert index.query("s", q, k, exclude=[1, 2]) == ids[order][:k].tolist()
+            s = index._sessions["s"]
+            t, R = s.cand_t(), s.cand_R(True)
+            world, corners = index.policy._world_samples(*chunk_mean_pose(q))
+            sep = index.policy._separated(corners, t, R)
+            assert sep.any() and np.all(scores[sep & (ids != 1) & (ids != 2)] == 1.0)

@@ -10,6 +10,7 @@ from worldkv_connector.bank import Bank
 from worldkv_connector.cli import main
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.persist import (
+    LOCK,
     MANIFEST, decode_key, encode_key, load_bank, read_manifest, save_bank, verify_bank,
 )
 from worldkv_connector.shapes import KVShape, get_preset
@@ -57,7 +58,7 @@ def test_round_trip(tmp_path):
     fill(src, keys)
     src.reserve(("s0", 9), KEPT)  # a store still in flight: not saved
     manifest = save_bank(src, tmp_path / "bank", config=CONFIG, kv_shape=SHAPE, extra={"note": "t"})
-    assert sorted(os.listdir(tmp_path / "bank")) == sorted([MANIFEST, manifest["data_file"]])
+    assert sorted(os.listdir(tmp_path / "bank")) == sorted([LOCK, MANIFEST, manifest["data_file"]])
     m = read_manifest(tmp_path / "bank")
     assert m == manifest and m["fingerprint"] == CONFIG.fingerprint() and m["extra"] == {"note": "t"}
     assert m["kv_shape"] == {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "dtype": "fp32", "frame_tokens": 16}
@@ -92,7 +93,7 @@ def test_saving_again_replaces_atomically(tmp_path, monkeypatch):
     fill(bank, [("s", 2)], seed=1)
     second = save_bank(bank, tmp_path, config=CONFIG, kv_shape=SHAPE)
     assert second["data_file"] != first["data_file"]
-    assert sorted(os.listdir(tmp_path)) == sorted([MANIFEST, second["data_file"]])  # old data gone, no temp files
+    assert sorted(os.listdir(tmp_path)) == sorted([LOCK, MANIFEST, second["data_file"]])  # old data gone, no temp files
 
     import safetensors.torch
 
@@ -104,7 +105,7 @@ def test_saving_again_replaces_atomically(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_bank(bank, tmp_path, config=CONFIG, kv_shape=SHAPE)
     # the crash left the previous bank whole, and no stray files
-    assert sorted(os.listdir(tmp_path)) == sorted([MANIFEST, second["data_file"]])
+    assert sorted(os.listdir(tmp_path)) == sorted([LOCK, MANIFEST, second["data_file"]])
     assert verify_bank(tmp_path) == [] and len(read_manifest(tmp_path)["entries"]) == 3
 
 

@@ -59,19 +59,19 @@ def test_r90_is_45_frames_of_2_degrees_ending_90_degrees_right():
 
 def test_r_l_r_l_r_l90_frame_count_and_returns_to_start_yaw():
     poses = parse_trajectory("R_L_R_L_R_L90")
-    assert poses.shape[0] == 1 + 6 * 45 + 5 * 12
+    assert poses.shape[0] == 1 + 6 * 45 + 5 * 18 == 4 * 90 + 1
     yaw, _ = yaw_pitch_degrees(poses)
     assert yaw.max() == pytest.approx(90.0)
     assert yaw.min() == pytest.approx(0.0, abs=1e-9)
     np.testing.assert_allclose(poses[-1], np.eye(4), atol=1e-9)
-    # the hold after the first R keeps the pose for 12 frames
-    np.testing.assert_allclose(poses[45:58], np.broadcast_to(poses[45], (13, 4, 4)))
+    # the hold after the first R keeps the pose for 18 frames (the default hold_frames)
+    np.testing.assert_allclose(poses[45:64], np.broadcast_to(poses[45], (19, 4, 4)))
 
 
 def test_l_r_w_s_l_r90_moves_forward_one_unit_and_back():
     poses = parse_trajectory("L_R_W_S_L_R90")
-    assert poses.shape[0] == 1 + 4 * 45 + 2 * 24 + 5 * 12
-    w_start = 1 + 45 + 12 + 45 + 12  # after L _ R _
+    assert poses.shape[0] == 1 + 4 * 45 + 2 * 24 + 5 * 18
+    w_start = 1 + 45 + 18 + 45 + 18  # after L _ R _
     np.testing.assert_allclose(poses[w_start - 1, :3, 3], 0.0, atol=1e-12)
     np.testing.assert_allclose(poses[w_start + 23, :3, 3], [0, 0, 1.0], atol=1e-9)  # forward is +z
     np.testing.assert_allclose(np.diff(poses[w_start - 1 : w_start + 24, 2, 3]), 1.0 / 24, atol=1e-12)
@@ -138,7 +138,7 @@ def test_any_spec_gives_valid_poses_with_the_documented_frame_count(ops, amount)
     poses = parse_trajectory(f"{ops}{amount}")
     rot = ops.count("R") + ops.count("L")
     moves = sum(ops.count(c) for c in "WSAD")
-    assert poses.shape[0] == 1 + rot * math.ceil(amount / 2) + moves * 24 + ops.count("_") * 12
+    assert poses.shape[0] == 1 + rot * math.ceil(amount / 2) + moves * 24 + ops.count("_") * 18
     validate_poses(poses)
     yaw, _ = yaw_pitch_degrees(poses[-1:])
     net = (ops.count("R") - ops.count("L")) * amount

@@ -5,7 +5,6 @@ import torch
 from worldkv_connector.bank import Bank
 from worldkv_connector import cuda_copy
 from worldkv_connector.config import WorldKVConfig
-from worldkv_connector.kernels.page_copy import gather_pages_torch
 from worldkv_connector.transfer import (
     PathOptions, TransferEngine, choose_path, page_fragments, plan_fragments,
 )
@@ -14,6 +13,13 @@ from worldkv_connector.transfer.runs import plan_runs
 
 PAGE, H, D = 4, 2, 8  # page_size, kv heads, head dim
 PAGE_BYTES = PAGE * H * D * 4  # fp32
+
+
+def gather_pages_torch(pool, page_ids, page_lens):
+    """[*lead, N, H, D]: the first page_lens[i] tokens of page page_ids[i] of pool
+    [*lead, num_pages, page_size, H, D], page after page (the reference of a paged gather)."""
+    parts = [pool[..., int(p), :int(n), :, :] for p, n in zip(page_ids.tolist(), page_lens.tolist())]
+    return torch.cat(parts, dim=-3)
 
 
 def _host_pool(num_pages, pinned=True):

@@ -17,6 +17,10 @@ it back into a slot. A spilled entry keeps its key, pose, meta and indices in th
 "disk"``, ``slot == -1``); only its payload moves. Evict listeners are told only when an entry
 leaves the bank entirely (dropped from the host tier without a disk tier, or from the disk tier).
 
+Optional remote tier (``remote=RemoteTier(...)``, or ``remote`` in the config): every entry that
+becomes ready is written through to a shared store (Mooncake Store, Redis/Valkey); the host tier
+is a cache in front of it (see ``worldkv_connector.remote``).
+
 Accounting: ``bytes_used`` is the host/GPU tier's payload bytes (its meaning from before the disk
 tier existed: memory held in the slab); ``disk_bytes_used`` the disk tier's; ``total_bytes_used``
 both. ``len(bank)``, ``keys()`` and ``in`` cover every tier: a spilled key is still in the bank.
@@ -34,14 +38,34 @@ import torch
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.disk_tier import DISK, DiskSpillMixin, DiskTier, NotResidentError
 from worldkv_connector.eviction import EvictionPolicy, get_eviction
+from worldkv_connector.remote.tier import RemoteTier
+from worldkv_connector.machine import host_memory
 from worldkv_connector.shapes import KVShape
 
-__all__ = ["Bank", "BankEntry", "BankKey", "NotResidentError"]
+__all__ = ["Bank", "BankEntry", "BankKey", "NotResidentError", "check_bank_memory"]
 
 logger = logging.getLogger(__name__)
 
 BankKey = Hashable
 _TIERS = ("cpu", "gpu")
+_GiB = 1 << 30
+
+
+def check_bank_memory(tier: str, device: torch.device | str, nbytes: int) -> None:
+    """A bank larger than the machine could ever hold is a configuration error (before allocating)."""
+    if tier == "gpu":
+        free, total = torch.cuda.mem_get_info(device)
+        if nbytes > free:
+            raise ValueError(f"bank_bytes: a gpu bank of {nbytes} bytes ({nbytes / _GiB:.3g} GiB) is more than the "
+                             f"{free / _GiB:.3g} GiB free on {device} (of {total / _GiB:.3g} GiB); lower bank_bytes")
+        return
+    total, available = host_memory()
+    if total is not None and nbytes > total:
+        raise ValueError(f"bank_bytes: a cpu bank of {nbytes} bytes ({nbytes / _GiB:.3g} GiB) is more than this "
+                         f"machine's {total / _GiB:.3g} GiB of memory and swap; lower bank_bytes")
+    if available is not None and nbytes > available:
+        logger.warning("bank of %.3g GiB is more than the %.3g GiB of host memory available now: it is allocated "
+                       "lazily, and filling it may swap or fail", nbytes / _GiB, available / _GiB)
 
 
 @dataclass
@@ -57,6 +81,7 @@ class BankEntry:
     pins: int = 0  # in-flight transfers reading or writing it; pinned entries are never freed
     last_used: int = 0  # logical clock of the last reserve/touch
     indices: torch.Tensor | None = None  # kept token ids [L, num_tokens], CPU int64
+    counts: torch.Tensor | None = None  # tokens merged into each kept one [L, num_tokens] fp32 (tempcache); None: 1
     pose: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
 
@@ -115,6 +140,7 @@ class Bank(DiskSpillMixin):
         device: str | torch.device | None = None,
         pin: bool | None = None,
         disk: DiskTier | None = None,
+        remote: RemoteTier | None = None,
     ) -> None:
         for name, value in (
             ("num_layers", num_layers),
@@ -147,7 +173,14 @@ class Bank(DiskSpillMixin):
         self.eviction = eviction
 
         shape = (self.num_slots, num_layers, 2, slot_tokens, num_kv_heads, head_dim)
-        self._slab = torch.empty(shape, dtype=dtype, device=self.device)
+        slab_bytes = self.num_slots * self.slot_bytes
+        check_bank_memory(tier, self.device, slab_bytes)
+        try:
+            self._slab = torch.empty(shape, dtype=dtype, device=self.device)
+        except (RuntimeError, MemoryError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            raise ValueError(f"bank_bytes={capacity_bytes} ({capacity_bytes / _GiB:.3g} GiB): the {tier} tier cannot "
+                             f"allocate {slab_bytes} bytes on this machine ({str(exc).splitlines()[0][:120]}); "
+                             "lower bank_bytes") from None
         want_pin = torch.cuda.is_available() if pin is None else bool(pin)
         if want_pin and tier == "cpu" and not torch.cuda.is_available():
             raise ValueError("Bank pin=True needs CUDA: torch.cuda.is_available() is False")
@@ -167,6 +200,11 @@ class Bank(DiskSpillMixin):
         self.disk_errors = 0  # spilled entries dropped because their file was missing or damaged
         self._protected: BankKey | None = None  # the key ensure_resident is bringing back
         self._closed = False
+        # remote tier (worldkv_connector.remote): ready entries are written through to it; the
+        # host slab is registered with it so those writes are zero-copy where the store allows
+        self.remote = remote
+        if remote is not None and tier == "cpu":
+            remote.backend.register(self._slab)
 
     @staticmethod
     def _resolve_device(tier: str, device: str | torch.device | None) -> torch.device:
@@ -205,6 +243,7 @@ class Bank(DiskSpillMixin):
             eviction=config.eviction,
             device=device,
             disk=DiskTier.from_config(config),
+            remote=RemoteTier.from_config(config, shape),
         )
 
     # --- sizes ---------------------------------------------------------------------------------
@@ -351,8 +390,12 @@ class Bank(DiskSpillMixin):
             raise KeyError(f"bank key {key!r} is not in the bank") from None
 
     def mark_ready(self, key: BankKey) -> None:
-        """The entry's store finished: it may now be loaded and evicted."""
-        self._entry(key).ready = True
+        """The entry's store finished: it may now be loaded and evicted (and, with a remote tier,
+        it is written through to it; a failed remote write leaves the entry banked here)."""
+        entry = self._entry(key)
+        entry.ready = True
+        if self.remote is not None:
+            self.remote.write_entry(key, entry, self._slab[entry.slot, :, :, : entry.num_tokens])
 
     def touch(self, key: BankKey) -> None:
         """Record a retrieval of ``key`` (moves it to the young end of LRU, of its own tier)."""
@@ -406,6 +449,16 @@ class Bank(DiskSpillMixin):
             raise NotResidentError(f"bank key {key!r} is on the disk tier: call ensure_resident(key) first")
         return self._slab[entry.slot, :, :, : entry.num_tokens]
 
+    def attach_remote(self, remote: RemoteTier) -> None:
+        """Replace the remote tier (closing the previous one), e.g. with a rank's own tier; its
+        backend gets the host slab registered for zero-copy transfers."""
+        self._check_open()
+        if self.remote is not None and self.remote is not remote:
+            self.remote.close()
+        self.remote = remote
+        if self.tier == "cpu":
+            remote.backend.register(self._slab)
+
     # --- reporting and lifetime ----------------------------------------------------------------
     def stats(self) -> dict:
         """Counters. ``bytes_used``/``capacity_bytes`` are the host/GPU tier's; ``entries`` and
@@ -432,6 +485,7 @@ class Bank(DiskSpillMixin):
                 self.tier: {"entries": self.host_entries, "bytes_used": self.bytes_used, "capacity_bytes": self.capacity_bytes},
                 DISK: {"entries": disk_entries, "bytes_used": self.disk_bytes_used, "capacity_bytes": disk_cap},
             },
+            **({"remote": self.remote.stats()} if self.remote is not None else {}),
         }
 
     def _check_open(self) -> None:
@@ -458,6 +512,8 @@ class Bank(DiskSpillMixin):
         self._finalizer()
         if self.disk is not None:
             self.disk.close()
+        if self.remote is not None:
+            self.remote.close()
 
     def __enter__(self) -> "Bank":
         return self

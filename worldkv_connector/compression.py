@@ -18,8 +18,12 @@ from dataclasses import dataclass
 import torch
 
 from worldkv_connector.config import kept_tokens_per_chunk
+from worldkv_connector.registry import Registry
 
-__all__ = ["CompressedChunk", "novelty_scores", "select_kept", "compress_chunk"]
+__all__ = [
+    "CompressedChunk", "novelty_scores", "select_kept", "compress_chunk", "COMPRESSIONS", "get_compression",
+    "correspondence", "tempcache_chunk",
+]
 
 # Guards the cosine against all-zero keys (e.g. padding): the score becomes 0 instead of NaN.
 _EPS = 1e-12
@@ -37,6 +41,8 @@ class CompressedChunk:
     k: torch.Tensor
     v: torch.Tensor
     indices: torch.Tensor
+    # tokens each kept token stands for, [L, T'] (or [T']) fp32; None: 1 each (pruning, no merge)
+    counts: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -159,3 +165,101 @@ def _describe(x: object) -> str:
     if isinstance(x, torch.Tensor):
         return f"shape {tuple(x.shape)}"
     return type(x).__name__
+
+
+# --- TempCache: merge instead of prune ---------------------------------------------------------------
+# After TempCache ("Fast Autoregressive Video Diffusion and World Models with Temporal Cache Compression
+# and Sparse Attention", 2026): consecutive frames of a world model repeat most of their content, so the
+# keys of frame f mostly duplicate keys of frame f - 1 at a moved position. Each non-anchor token is
+# linked to its temporal correspondent: the most similar key (cosine over heads x dims) of the
+# previous frame. The budget is the same as novelty pruning (``kept_tokens_per_chunk``): the anchor
+# frame plus the tokens least similar to their correspondent are kept; every other token is *merged*
+# into the kept token its correspondence chain reaches (its correspondent, or the correspondent's
+# representative, back to the anchor frame).
+#
+# A kept token of a group of ``c`` tokens keeps its own key, takes the mean value of its group, and
+# carries ``log c`` as a logit bias in paged attention. Why: the group's share of any query's
+# attention is ``sum_i exp(q.k_i) v_i``; for near-duplicate keys (k_i ~ k) that is
+# ``exp(q.k + log c) * mean(v_i)``, exactly one key with bias ``log c`` and the mean value, and
+# exactly equal when the keys are identical. Pruning drops the ``c - 1`` duplicates' mass, so the
+# rest of the window gains weight it never had; merging keeps the mass where it was. The key is not
+# averaged because keys carry RoPE at their own positions: averaging rotated keys would blur the
+# position the representative key still encodes exactly.
+
+
+def correspondence(k: torch.Tensor, frame_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temporal correspondent of every non-anchor token.
+
+    k: [L, T, H, D], any float dtype and device, T a multiple of frame_tokens. Returns
+    (similarity [L, T - frame_tokens] fp32, the cosine to the correspondent; target [L, T - frame_tokens]
+    int64, the correspondent's token id in the chunk, always in the previous frame).
+    """
+    num, tokens = k.shape[0], k.shape[1]
+    frames = tokens // frame_tokens
+    flat = k.reshape(num, frames, frame_tokens, -1).float()
+    unit = flat / flat.norm(dim=-1, keepdim=True).clamp_min(_EPS)  # [L, F, ft, H*D]
+    sim = torch.einsum("lfpc,lfqc->lfpq", unit[:, 1:], unit[:, :-1])  # [L, F-1, ft(cur), ft(prev)]
+    best, arg = sim.max(dim=-1)  # ties: the lowest previous-frame index
+    prev_base = torch.arange(frames - 1, device=k.device).view(1, -1, 1) * frame_tokens
+    return best.reshape(num, -1), (arg + prev_base).reshape(num, -1)
+
+
+def tempcache_chunk(
+    k: torch.Tensor, v: torch.Tensor, *, frame_tokens: int, keep_ratio: float, pooled: bool = True
+) -> CompressedChunk:
+    """Merge near-duplicate tokens across frames, keeping their attention mass (see above).
+
+    k, v: [L, T, H, D] or [T, H, D] (same shape, dtype, device). Returns a CompressedChunk with the
+    same kept-token count as ``compress_chunk`` (equal storage), ``indices`` the representatives'
+    ids ascending, ``v`` the group means and ``counts`` [L, T'] fp32 group sizes (sum = T per layer).
+    """
+    _check_keep_ratio(keep_ratio)
+    _check_frame_tokens(frame_tokens)
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.ndim not in (3, 4) or not t.is_floating_point():
+            raise ValueError(f"{name} must be a float [L, T, H, D] or [T, H, D] tensor, got {_describe(t)}")
+    if k.shape != v.shape or k.dtype != v.dtype or k.device != v.device:
+        raise ValueError(f"k and v must share shape, dtype and device, got k {tuple(k.shape)} {k.dtype} {k.device} "
+                         f"and v {tuple(v.shape)} {v.dtype} {v.device}")
+    unbatched = k.ndim == 3
+    kb, vb = (k.unsqueeze(0), v.unsqueeze(0)) if unbatched else (k, v)
+    num, tokens = kb.shape[0], kb.shape[1]
+    if tokens < frame_tokens or tokens % frame_tokens:
+        raise ValueError(f"k has T={tokens} tokens: expected a positive multiple of frame_tokens={frame_tokens}")
+    frames = tokens // frame_tokens
+    dev = kb.device
+    if kept_tokens_per_chunk(frame_tokens, frames, keep_ratio) == tokens or frames == 1:
+        ids = torch.arange(tokens, device=dev).expand(num, tokens).contiguous()
+        ones = torch.ones(num, tokens, device=dev)
+        out = CompressedChunk(kb.clone(), vb.clone(), ids, ones)
+    else:
+        sim, target = correspondence(kb, frame_tokens)
+        idx = select_kept(sim, frame_tokens, frames, keep_ratio, pooled)  # least similar = most novel kept
+        kept = torch.zeros(num, tokens, dtype=torch.bool, device=dev)
+        kept.scatter_(1, idx, True)
+        rep = torch.arange(tokens, device=dev).expand(num, tokens).clone()  # representative of each token
+        for f in range(1, frames):  # frame order: the previous frame's representatives are final
+            lo, hi = f * frame_tokens, (f + 1) * frame_tokens
+            via = rep.gather(1, target[:, lo - frame_tokens:hi - frame_tokens])
+            rep[:, lo:hi] = torch.where(kept[:, lo:hi], rep[:, lo:hi], via)
+        counts = torch.zeros(num, tokens, device=dev).scatter_add_(1, rep, torch.ones(num, tokens, device=dev))
+        vsum = torch.zeros(vb.shape, dtype=torch.float32, device=dev)
+        vsum.scatter_add_(1, rep[:, :, None, None].expand(vb.shape), vb.float())
+        layer_ids = torch.arange(num, device=dev).unsqueeze(1)
+        c = counts[layer_ids, idx]  # [L, T'] >= 1: every representative is kept
+        vm = (vsum[layer_ids, idx] / c[:, :, None, None]).to(vb.dtype)
+        out = CompressedChunk(kb[layer_ids, idx], vm, idx, c)
+    if unbatched:
+        return CompressedChunk(out.k[0], out.v[0], out.indices[0], out.counts[0])
+    return out
+
+
+COMPRESSIONS: Registry = Registry("compression")
+COMPRESSIONS.register("novelty")(compress_chunk)
+COMPRESSIONS.register("tempcache")(tempcache_chunk)
+
+
+def get_compression(name: str):
+    """The compress function registered as ``name``: ``fn(k, v, *, frame_tokens, keep_ratio, pooled)``
+    -> CompressedChunk. Unknown names raise ValueError listing the registered ones."""
+    return COMPRESSIONS.get(name)

@@ -15,9 +15,39 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-__all__ = ["WorldKVConfig", "kept_tokens_per_chunk"]
+from worldkv_connector.machine import available_host_memory
+
+__all__ = ["WorldKVConfig", "kept_tokens_per_chunk", "default_bank_bytes", "AUTO_BANK_SHARE"]
 
 _GiB = 1 << 30
+_MiB = 1 << 20
+# bank_bytes when not given: this share of the host memory available when the first config is made
+# (bank "cpu"), or of the free device memory when the config is made (bank "gpu"; the video engine
+# builds its connector after the model and the KV cache took theirs)
+AUTO_BANK_SHARE = 0.25
+_AUTO_FALLBACK = 8 * _GiB  # where the machine cannot say what it has
+_host_default: int | None = None  # one value per process, so equal configs stay equal
+
+
+def default_bank_bytes(tier: str = "cpu") -> int:
+    """The default ``bank_bytes``: ``AUTO_BANK_SHARE`` of available host memory (``cpu``, measured
+    once per process) or of free device memory (``gpu``), in whole MiB, at least 64 MiB."""
+    global _host_default
+    if tier == "gpu":
+        try:
+            import torch
+
+            free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+        except Exception:  # no usable CUDA: the bank itself reports that when it is built
+            free = None
+    else:
+        if _host_default is not None:
+            return _host_default
+        free = available_host_memory()
+    size = _AUTO_FALLBACK if free is None else max(64 * _MiB, int(free * AUTO_BANK_SHARE) // _MiB * _MiB)
+    if tier != "gpu":
+        _host_default = size
+    return size
 
 
 def kept_tokens_per_chunk(frame_tokens: int, frames_per_chunk: int, keep_ratio: float) -> int:
@@ -48,18 +78,22 @@ class WorldKVConfig:
     # --- compression ---------------------------------------------------------------------
     keep_ratio: float = 0.25  # share of each non-anchor frame's tokens kept (1.0 = no compression)
     pooled: bool = True  # one shared budget over all non-anchor frames (reference "pooled" mode)
+    compression: str = "novelty"  # registered compression: "novelty" (prune) or "tempcache" (merge), same budget
     # --- reinsertion -------------------------------------------------------------------
     rope_correction: bool = False  # rotate temporal RoPE of retrieved keys to sit before recent
     hot_chunks: int = 6  # retrieved chunks kept resident on the GPU between steps (page budget)
     page_size: int = 64  # tokens per KV page
     # --- bank -------------------------------------------------------------------------
     bank: str = "cpu"  # tier of the bank: "cpu" (pinned host memory when CUDA exists) or "gpu"
-    bank_bytes: int = 8 * _GiB  # capacity of that tier in bytes
+    # capacity of that tier in bytes; None (the default): a share of the machine (default_bank_bytes)
+    bank_bytes: int | None = None
     eviction: str = "lru"  # bank eviction policy when full: "lru" (least recently retrieved)
     bank_dir: str | None = None  # optional disk tier directory for entries spilled from a full bank
     disk_bytes: int = 64 * _GiB  # capacity of the disk tier in bytes
     # --- transfers ----------------------------------------------------------------------
     copy_kernel_threshold_bytes: int = 28 * 1024  # fragments under this go through the SM copy kernel
+    # --- remote tier (worldkv_connector.remote.RemoteConfig: backend, address, namespace, ...) -----
+    remote: dict | None = None  # a shared world bank on Mooncake Store or Redis/Valkey; None: this process only
 
     _RANGES = {
         "retrieval_chunks": (0, 4096),
@@ -83,12 +117,14 @@ class WorldKVConfig:
     }
 
     def __post_init__(self) -> None:
+        if self.bank_bytes is None and self.bank in self._CHOICES["bank"]:
+            object.__setattr__(self, "bank_bytes", default_bank_bytes(self.bank))
         for f in fields(self):
             value = getattr(self, f.name)
             _check_type(f.name, value, f.type)
         for name, (lo, hi) in self._RANGES.items():
             value = getattr(self, name)
-            if not (lo <= value <= hi):
+            if value is not None and not (lo <= value <= hi):  # None: bank_bytes of a bad tier, refused below
                 raise ValueError(f"WorldKVConfig.{name}={value!r} is out of range: allowed {lo} <= {name} <= {hi}")
         for name, allowed in self._CHOICES.items():
             value = getattr(self, name)
@@ -100,8 +136,15 @@ class WorldKVConfig:
                 raise ValueError(
                     f"WorldKVConfig.{name}={value} must be a multiple of frames_per_chunk={self.frames_per_chunk}"
                 )
+        from worldkv_connector.compression import COMPRESSIONS  # late: compression imports this module
+
+        COMPRESSIONS.check(self.compression, "WorldKVConfig.compression")
         if self.fov_far <= self.fov_near:
             raise ValueError(f"WorldKVConfig.fov_far={self.fov_far} must be greater than fov_near={self.fov_near}")
+        if self.remote is not None:
+            from worldkv_connector.remote.config import RemoteConfig  # validates, naming remote.<key>
+
+            RemoteConfig.from_value(self.remote)
         if self.hot_chunks < self.retrieval_chunks:
             raise ValueError(
                 f"WorldKVConfig.hot_chunks={self.hot_chunks} must be >= retrieval_chunks={self.retrieval_chunks} "
@@ -159,11 +202,15 @@ class WorldKVConfig:
     def fingerprint(self) -> str:
         """Hash of the knobs that change what a bank entry holds (used to refuse incompatible banks)."""
         keys = ("frames_per_chunk", "keep_ratio", "pooled", "page_size")
+        if self.compression != "novelty":  # novelty banks keep the fingerprint they always had
+            keys += ("compression",)
         blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-_TYPES = {"int": (int,), "float": (float, int), "bool": (bool,), "str": (str,), "str | None": (str, type(None))}
+_TYPES = {"int": (int,), "float": (float, int), "bool": (bool,), "str": (str,), "str | None": (str, type(None)),
+          "dict | None": (dict, type(None)),
+          "int | None": (int, type(None))}
 
 
 def _check_type(name: str, value: Any, annotation: Any) -> None:
@@ -173,6 +220,8 @@ def _check_type(name: str, value: Any, annotation: Any) -> None:
         ok = False
     else:
         ok = isinstance(value, allowed)
-    if not ok or (isinstance(value, float) and not math.isfinite(value)):
-        names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    if ok and isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"WorldKVConfig.{name}={value!r} is not a finite number")
+    if not ok:
+        names = " or ".join({type(None): "null", dict: "a JSON object"}.get(t, t.__name__) for t in allowed)
         raise ValueError(f"WorldKVConfig.{name}={value!r} has the wrong type: expected {names}, got {type(value).__name__}")

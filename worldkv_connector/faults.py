@@ -1,7 +1,7 @@
 """Fault injection for tests: failing and slow transfers, damaged and lost bank entries.
 
-``FaultyTransferEngine`` wraps a ``TransferEngine`` with the same API. A job chosen to fail is
-submitted to the inner engine with no copy pairs, so it gets a real job id and completes through the
+``FaultyTransferEngine`` wraps a ``TransferEngine`` with the same API (``submit`` and the
+connector's ``submit_plan``, drawn from one sequence). A job chosen to fail is submitted to the inner engine with no copy pairs, so it gets a real job id and completes through the
 normal ``poll`` path, but **no data is copied** (the destination keeps whatever it held) and
 ``job.error`` says the fault was injected; ``job.nbytes`` still reports the bytes that were asked
 for. Not copying (rather than copying garbage) is the realistic failure of a DMA that never ran,
@@ -24,6 +24,7 @@ import torch
 
 from worldkv_connector.bank import Bank
 from worldkv_connector.transfer.engine import TransferEngine, TransferJob
+from worldkv_connector.transfer.fragments import FragmentPlan
 
 __all__ = ["FaultyTransferEngine", "corrupt_entry", "drop_entry", "INJECTED"]
 
@@ -81,31 +82,47 @@ class FaultyTransferEngine:
         # only called for attributes this wrapper does not define: the rest of the engine API
         return getattr(self.inner, name)
 
-    def submit(
-        self, kind: str, srcs: Sequence[torch.Tensor], dsts: Sequence[torch.Tensor], *, after: Any = None, tag: Any = None
-    ) -> TransferJob:
-        """As ``TransferEngine.submit``; a failing job copies nothing and carries ``job.error``."""
+    def _draw(self, kind: str) -> bool:
         self._submitted += 1
         # draw for every job so the fault pattern depends only on the seed and the submission order
         draw = self._rng.random()
-        fail = self._submitted in self.fail_jobs or draw < self.fail_rate.get(kind, 0.0)
-        if not fail:
-            job = self.inner.submit(kind, srcs, dsts, after=after, tag=tag)
-        else:
-            from worldkv_connector.transfer.runs import check_pairs
+        return self._submitted in self.fail_jobs or draw < self.fail_rate.get(kind, 0.0)
 
-            check_pairs(srcs, dsts)  # bad input is still a ValueError, as with the real engine
-            job = self.inner.submit(kind, [], [], after=after, tag=tag)
-            job.nbytes = sum(s.numel() * s.element_size() for s in srcs)
-            job.error = f"{INJECTED}: {kind} job {job.job_id} (submission {self._submitted}) was not copied"
-            self.faults["failed_loads" if kind == "load" else "failed_stores"] += 1
-            self.failed_job_ids.add(job.job_id)
+    def _failed(self, kind: str, nbytes: int, after: Any, tag: Any) -> TransferJob:
+        job = self.inner.submit(kind, [], [], after=after, tag=tag)
+        job.nbytes = nbytes
+        job.error = f"{INJECTED}: {kind} job {job.job_id} (submission {self._submitted}) was not copied"
+        self.faults["failed_loads" if kind == "load" else "failed_stores"] += 1
+        self.failed_job_ids.add(job.job_id)
+        return job
+
+    def _held_back(self, job: TransferJob) -> TransferJob:
         if self.delay_polls:
             job.__class__ = _DelayedJob
             job._fault_polls_left = self.delay_polls  # type: ignore[attr-defined]
             self._unreported.add(job.job_id)
             self.faults["delayed_jobs"] += 1
         return job
+
+    def submit(
+        self, kind: str, srcs: Sequence[torch.Tensor], dsts: Sequence[torch.Tensor], *, after: Any = None, tag: Any = None
+    ) -> TransferJob:
+        """As ``TransferEngine.submit``; a failing job copies nothing and carries ``job.error``."""
+        if not self._draw(kind):
+            return self._held_back(self.inner.submit(kind, srcs, dsts, after=after, tag=tag))
+        from worldkv_connector.transfer.runs import check_pairs
+
+        check_pairs(srcs, dsts)  # bad input is still a ValueError, as with the real engine
+        return self._held_back(self._failed(kind, sum(s.numel() * s.element_size() for s in srcs), after, tag))
+
+    def submit_plan(self, kind: str, plan: FragmentPlan, *, after: Any = None, tag: Any = None) -> TransferJob:
+        """As ``TransferEngine.submit_plan`` (the connector's path); a failing job copies nothing and
+        carries ``job.error``. Same draws as :meth:`submit`, in submission order."""
+        if not self._draw(kind):
+            return self._held_back(self.inner.submit_plan(kind, plan, after=after, tag=tag))
+        if not isinstance(plan, FragmentPlan):  # bad input is still a ValueError, as with the real engine
+            raise ValueError(f"plan: expected a FragmentPlan (see transfer.fragments), got {type(plan).__name__}")
+        return self._held_back(self._failed(kind, plan.nbytes, after, tag))
 
     def poll(self) -> list[TransferJob]:
         """Jobs whose hold-back ran out on this poll, by job id. Never waits."""

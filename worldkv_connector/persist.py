@@ -17,7 +17,13 @@ after the new manifest is in place.
 
 ``load_bank`` checks the format, the config fingerprint, the KV shape and every entry's sha256
 before it reserves a single slot, so a mismatched, truncated or corrupted bank raises
-``ValueError`` and leaves the target bank unchanged.
+``ValueError`` and leaves the target bank unchanged. ``read_manifest`` checks the whole manifest
+(fields, unique keys, dtype and shape, finite poses) for ``verify_bank`` and ``load_bank`` alike.
+
+Concurrency: ``save_bank`` holds an advisory lock (``flock`` on ``.lock`` in the directory, which
+records the holder's pid) while it writes; a second saver gets ``BankLockedError`` ("locked by pid
+N") at once instead of racing. Under the lock a save (or a load that can take it) deletes what a
+killed save left behind: ``.*.tmp-*`` files and data files the manifest does not name.
 """
 from __future__ import annotations
 
@@ -35,10 +41,14 @@ import numpy as np
 import torch
 
 from worldkv_connector.bank import Bank
+from worldkv_connector.bank_files import LOCK, BankLockedError, bank_lock
+from worldkv_connector.bank_files import bank_dir as _bank_dir
+from worldkv_connector.bank_files import clean_stale as _clean_stale
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.shapes import KVShape
 
-__all__ = ["save_bank", "load_bank", "read_manifest", "verify_bank", "encode_key", "decode_key", "MANIFEST", "FORMAT_VERSION"]
+__all__ = ["save_bank", "load_bank", "read_manifest", "verify_bank", "encode_key", "decode_key", "MANIFEST",
+           "FORMAT_VERSION", "BankLockedError", "bank_lock", "LOCK"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +56,14 @@ MANIFEST = "manifest.json"
 FORMAT = "worldkv-bank"
 FORMAT_VERSION = 1
 _SHAPE_FIELDS = ("num_layers", "num_kv_heads", "head_dim", "dtype", "frame_tokens")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # KVShape.dtype names
+
+
+def _current_data_file(p: Path) -> set[str]:
+    try:
+        return {read_manifest(p)["data_file"]}
+    except (ValueError, FileNotFoundError):
+        return set()
 
 
 # --- keys ------------------------------------------------------------------------------------------
@@ -135,8 +153,12 @@ def save_bank(
             json.dumps(extra)
         except TypeError as exc:
             raise ValueError(f"extra is not JSON-serialisable: {exc}") from None
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
+    with bank_lock(path) as out:
+        return _save_locked(bank, out, session_id, config, kv_shape, extra)
+
+
+def _save_locked(bank: Bank, out: Path, session_id, config: WorldKVConfig, kv_shape: KVShape, extra) -> dict:
+    _clean_stale(out, _current_data_file(out))
     keys = [k for k in bank.keys()
             if session_id is None or (isinstance(k, tuple) and len(k) > 0 and k[0] == session_id)]
     tensors: dict[str, torch.Tensor] = {}
@@ -169,12 +191,7 @@ def save_bank(
     if skipped:
         logger.info("save_bank skipped %d entries still being written", skipped)
 
-    previous = None
-    if (out / MANIFEST).is_file():
-        try:
-            previous = read_manifest(out).get("data_file")
-        except ValueError:
-            previous = None
+    previous = next(iter(_current_data_file(out)), None)
     data_file = f"kv-{secrets.token_hex(8)}.safetensors"
     from safetensors.torch import save_file
 
@@ -204,7 +221,7 @@ def save_bank(
 def read_manifest(path: str | os.PathLike) -> dict:
     """The manifest of the bank saved in directory ``path``, after checking its format and version.
     FileNotFoundError if there is none; ValueError if it is not a WorldKV bank manifest."""
-    file = Path(path) / MANIFEST
+    file = _bank_dir(path, create=False) / MANIFEST
     if not file.is_file():
         raise FileNotFoundError(f"{path}: no saved bank here ({MANIFEST} not found)")
     try:
@@ -219,8 +236,28 @@ def read_manifest(path: str | os.PathLike) -> dict:
     for name, kind in (("entries", list), ("kv_shape", dict), ("data_file", str), ("fingerprint", str)):
         if not isinstance(manifest.get(name), kind):
             raise ValueError(f"{file}: field {name!r} is missing or not a {kind.__name__}")
+    shape = manifest["kv_shape"]
+    for name in ("num_layers", "num_kv_heads", "head_dim", "frame_tokens"):
+        value = shape.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{file}: kv_shape.{name}={value!r}: expected a positive int")
+    if shape.get("dtype") not in _DTYPES:
+        raise ValueError(f"{file}: kv_shape.dtype={shape.get('dtype')!r}: expected one of {sorted(set(_DTYPES))}")
+    seen: dict = {}
+    names: set = set()
     for i, rec in enumerate(manifest["entries"]):
-        _check_record(file, i, rec)
+        _check_record(file, i, rec, shape)
+        try:
+            key = decode_key(rec["key"])
+            hash(key)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{file}: entry #{i} ({rec.get('name')!r}) key {rec['key']!r} is not a valid key ({exc})") from None
+        if key in seen:
+            raise ValueError(f"{file}: entries #{seen[key]} and #{i} have the same key {key!r}")
+        if rec["name"] in names:
+            raise ValueError(f"{file}: entry #{i}: name {rec['name']!r} is used twice")
+        seen[key] = i
+        names.add(rec["name"])
     if Path(manifest["data_file"]).name != manifest["data_file"]:
         raise ValueError(f"{file}: data_file {manifest['data_file']!r} must be a plain file name")
     return manifest
@@ -229,13 +266,31 @@ def read_manifest(path: str | os.PathLike) -> dict:
 _RECORD = {"name": str, "num_tokens": int, "nbytes": int, "has_indices": bool, "sha256": str, "meta": dict}
 
 
-def _check_record(file: Path, i: int, rec: Any) -> None:
+def _check_record(file: Path, i: int, rec: Any, shape: dict) -> None:
     if not isinstance(rec, dict) or "key" not in rec:
         raise ValueError(f"{file}: entry #{i} is not a record with a key")
     for name, kind in _RECORD.items():
         value = rec.get(name)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ValueError(f"{file}: entry #{i} ({rec.get('name')!r}) field {name!r}={value!r}: expected {kind.__name__}")
+    label = f"{file}: entry #{i} ({rec['name']!r})"
+    if rec["num_tokens"] < 1:
+        raise ValueError(f"{label}: num_tokens={rec['num_tokens']}: expected >= 1")
+    itemsize = torch.empty((), dtype=_DTYPES[shape["dtype"]]).element_size()
+    want = 2 * shape["num_layers"] * rec["num_tokens"] * shape["num_kv_heads"] * shape["head_dim"] * itemsize
+    if rec["nbytes"] != want:
+        raise ValueError(f"{label}: nbytes={rec['nbytes']} does not match num_tokens={rec['num_tokens']} and the "
+                         f"kv_shape ({want} bytes)")
+    pose = rec.get("pose")
+    if pose is not None:
+        try:
+            arr = np.asarray(pose, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{label}: pose is not a numeric array") from None
+        if arr.ndim not in (2, 3) or arr.shape[-2:] != (4, 4):
+            raise ValueError(f"{label}: pose of shape {list(arr.shape)}, expected [4, 4] or [F, 4, 4]")
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{label}: pose holds NaN or inf: not a finite number")
 
 
 def _check_compat(manifest: dict, config: WorldKVConfig, kv_shape: KVShape) -> None:
@@ -247,9 +302,13 @@ def _check_compat(manifest: dict, config: WorldKVConfig, kv_shape: KVShape) -> N
         saved = manifest["kv_shape"].get(name)
         if saved != want[name]:
             extra = manifest.get("extra") if isinstance(manifest.get("extra"), dict) else {}
-            model = f" ({extra['model']!r})" if isinstance(extra.get("model"), str) else ""
-            raise ValueError(f"kv_shape.{name}: saved {saved!r}, expected {want[name]!r}: the bank was saved "
-                             f"for another model{model} than {kv_shape.name!r}, whose KV it cannot hold")
+            saved_model = extra.get("model") if isinstance(extra.get("model"), str) else None
+            if saved_model is not None and saved_model == kv_shape.name:  # same model, other dtype or layout
+                why = f"the bank was saved for {saved_model!r} with another KV {name} (e.g. another --dtype)"
+            else:
+                model = f" ({saved_model!r})" if saved_model is not None else ""
+                why = f"the bank was saved for another model{model} than {kv_shape.name!r}, whose KV it cannot hold"
+            raise ValueError(f"kv_shape.{name}: saved {saved!r}, expected {want[name]!r}: {why}")
 
 
 def _damaged_names(data: Path) -> str:
@@ -307,6 +366,14 @@ def _verified(f, rec: dict, kv_shape: KVShape | None) -> tuple[torch.Tensor, tor
     return kv, indices
 
 
+def _manifest_shape(manifest: dict) -> KVShape:
+    """The KV shape a manifest declares (checked by read_manifest), to verify tensors against."""
+    s = manifest["kv_shape"]
+    name = (manifest.get("extra") or {}).get("kv_shape") if isinstance(manifest.get("extra"), dict) else None
+    return KVShape(name=str(name or "saved"), num_layers=s["num_layers"], num_kv_heads=s["num_kv_heads"],
+                   head_dim=s["head_dim"], dtype=s["dtype"], frame_tokens=s["frame_tokens"])
+
+
 def verify_bank(path: str | os.PathLike) -> list[str]:
     """Check every entry of a saved bank against its checksum without loading it into a bank.
     Returns the problems found (empty when the bank is intact); each names the entry or file."""
@@ -317,10 +384,11 @@ def verify_bank(path: str | os.PathLike) -> list[str]:
     except ValueError as exc:
         return [str(exc)]
     problems = []
+    shape = _manifest_shape(manifest)
     with handle as f:
         for rec in manifest["entries"]:  # keep going after a bad entry: report every damaged one
             try:
-                _verified(f, rec, None)
+                _verified(f, rec, shape)
             except ValueError as exc:
                 problems.append(str(exc))
     return problems
@@ -334,8 +402,13 @@ def load_bank(path: str | os.PathLike, bank: Bank, *, config: WorldKVConfig, kv_
     in ``bank`` and that enough slots are free); any problem raises ``ValueError`` (naming the
     field or entry) with ``bank`` unchanged. Entries are inserted ready, with pose, meta and indices.
     """
-    p = Path(path)
+    p = _bank_dir(path, create=False)
     manifest = read_manifest(p)
+    try:  # a load that can take the lock clears what a killed save left; a save in progress keeps its files
+        with bank_lock(p):  # the manifest read again under the lock: a save may have landed since
+            _clean_stale(p, _current_data_file(p))
+    except (BankLockedError, OSError, ValueError):
+        pass
     _check_compat(manifest, config, kv_shape)
     _check_bank_shape(bank, kv_shape)
     keys = []

@@ -206,35 +206,86 @@ class FovPolicy:
         """[rays * depths, 3] sample points in the query camera frame (read-only copy)."""
         return self._points.copy()
 
-    def score(self, cand_t, cand_R, q_t, q_R, valid=None) -> np.ndarray:
-        n = cand_t.shape[0]
-        valid = _mask_inputs(n, valid)
-        world = self._points @ orthonormalize(q_R).T + np.asarray(q_t, dtype=np.float64)  # [M, 3]
-        out = np.ones(n)
-        # Exact shortcut: every point of a candidate frustum lies within `reach` of its centre, so
-        # a candidate farther than reach + r0 from the samples' centre c0 sees none of them.
+    def _world_samples(self, q_t, q_R) -> tuple[np.ndarray, np.ndarray]:
+        """The query's sample points in world [M, 3] and its frustum's 8 corners in world [8, 3]."""
+        rot = orthonormalize(q_R)
+        q_t = np.asarray(q_t, dtype=np.float64)
+        tan_h, tan_v = self._tan
+        corners = np.array([[sx * z * tan_h, sy * z * tan_v, z] for z in (self.near, self.far)
+                            for sx in (-1.0, 1.0) for sy in (-1.0, 1.0)])
+        return self._points @ rot.T + q_t, corners @ rot.T + q_t
+
+    def _near_rows(self, cand_t, world, valid) -> np.ndarray:
+        """Rows whose frustum can reach a sample (exact shortcut: every point of a candidate frustum
+        lies within ``reach`` of its centre, so a candidate farther than reach + r0 from the
+        samples' centre c0 sees none of them)."""
         c0 = world.mean(axis=0)
         r0 = float(np.sqrt(((world - c0) ** 2).sum(axis=1)).max())
         d2 = sum((cand_t[:, j] - c0[j]) ** 2 for j in range(3))  # [N], column-wise: no [N, 3] temp
         near = d2 <= (self._reach + r0) ** 2 * (1 + 1e-9)
         if valid is not None:
             near &= valid
-        rows = np.flatnonzero(near)
-        if rows.size == n:
-            rows = slice(None)
+        return np.flatnonzero(near)
+
+    def _separated(self, corners, t, R) -> np.ndarray:
+        """[B] bool: the query frustum (convex hull of ``corners`` [8, 3]) lies entirely outside one
+        face plane of the candidate frustum, so no sample can be inside it (exact, with a margin
+        far above the float32 rounding of the inside test). t: [B, 3], R: [B, 3, 3]."""
+        tan_h, tan_v = self._tan
+        # face k of a candidate: inside iff normal_k . p_local <= bound_k, p_local = R^T (p - t);
+        # in world terms w_k . p <= bound_k + w_k . t with w_k = R normal_k
+        normals = np.array([[1.0, 0, -tan_h], [-1.0, 0, -tan_h], [0, 1.0, -tan_v], [0, -1.0, -tan_v],
+                            [0, 0, -1.0], [0, 0, 1.0]])  # [6, 3]
+        bound = np.array([0.0, 0.0, 0.0, 0.0, -self.near, self.far])
+        w = np.einsum("bij,kj->ikb", R, normals)  # [3, 6, B]
+        off = bound[:, None] + np.einsum("ikb,bi->kb", w, t)  # [6, B]
+        vals = (corners @ w.reshape(3, -1)).reshape(8, 6, -1) - off  # [8, 6, B]: > 0 outside
+        tol = 1e-5 * (1.0 + np.abs(off))  # far above float32 rounding of the inside test
+        return (vals > tol).all(axis=0).any(axis=0)
+
+    def _fractions(self, world, t, R) -> np.ndarray:
+        """Inside fractions [B] of the world samples for candidates t [B, 3], R [B, 3, 3]."""
         # world points in homogeneous coordinates; float32 halves the memory traffic of the
         # [M, 3, B] block (a sample within ~1e-6 relative of a frustum face may flip)
         wh = np.concatenate([world, np.ones((world.shape[0], 1))], axis=1).astype(np.float32)  # [M, 4]
-        sub_t, sub_R = cand_t[rows], cand_R[rows]
-        m = sub_t.shape[0]
-        scores = np.empty(m)
+        m = t.shape[0]
+        out = np.empty(m)
         for lo in range(0, m, self.block):
             hi = lo + self.block
-            scores[lo:hi] = 1.0 - self._inside_fraction(wh, sub_t[lo:hi], sub_R[lo:hi])
-        out[rows] = scores
+            out[lo:hi] = self._inside_fraction(wh, t[lo:hi], R[lo:hi])
+        return out
+
+    def score(self, cand_t, cand_R, q_t, q_R, valid=None) -> np.ndarray:
+        n = cand_t.shape[0]
+        valid = _mask_inputs(n, valid)
+        world, _ = self._world_samples(q_t, q_R)
+        out = np.ones(n)
+        rows = self._near_rows(cand_t, world, valid)
+        if rows.size:
+            out[rows] = 1.0 - self._fractions(world, cand_t[rows], cand_R[rows])
         if valid is not None:
             out[~valid] = np.inf
         return out
+
+    def shortlist(self, cand_t, cand_R, q_t, q_R, k: int, valid=None) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, dist)`` holding every row whose score is at most the k-th smallest, with the
+        exact scores of ``score``. Rows out of reach or whose frustum is separated from the
+        query's by one of its face planes see no sample (score exactly 1) and skip the sample
+        test; when the rows that do see samples hold k scores below 1 they are the answer,
+        otherwise every valid row is returned (the ties at 1 break by id)."""
+        n = cand_t.shape[0]
+        valid = _mask_inputs(n, valid)
+        world, corners = self._world_samples(q_t, q_R)
+        rows = self._near_rows(cand_t, world, valid)
+        if rows.size:
+            rows = rows[~self._separated(corners, cand_t[rows], cand_R[rows])]
+        dist = 1.0 - self._fractions(world, cand_t[rows], cand_R[rows]) if rows.size else np.empty(0)
+        if np.count_nonzero(dist < 1.0) >= k > 0:
+            return rows, dist
+        every = np.arange(n) if valid is None else np.flatnonzero(valid)
+        full = np.ones(n)
+        full[rows] = dist
+        return every, full[every]
 
     def _inside_fraction(self, wh: np.ndarray, t: np.ndarray, R: np.ndarray) -> np.ndarray:
         """wh: [M, 4] float32 homogeneous world points; t: [B, 3], R: [B, 3, 3] -> [B] fractions."""

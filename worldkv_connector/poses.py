@@ -24,6 +24,9 @@ __all__ = [
     "chunk_poses",
     "pose_for_frames",
     "parse_trajectory",
+    "trajectory_poses",
+    "resample_video_poses",
+    "interpolate_poses",
     "integrate_actions",
     "yaw_pitch_degrees",
     "yaw_matrix",
@@ -32,6 +35,9 @@ __all__ = [
 ]
 
 TRAJECTORY_OPS = "RLWSAD_"
+FRAME_CONVENTIONS = ("video", "latent")
+DEFAULT_HOLD_FRAMES = 18  # the reference's published runs hold 18 video frames per "_"
+VAE_TEMPORAL_STRIDE = 4  # Wan VAE: 4n+1 video frames <-> n+1 latent frames
 
 
 def _axis_rotation(degrees, i: int, j: int, sign: float) -> np.ndarray:
@@ -201,10 +207,11 @@ def parse_trajectory(
     deg_per_frame: float = 2.0,
     move_frames: int = 24,
     move_distance: float = 1.0,
-    hold_frames: int = 12,
+    hold_frames: int = DEFAULT_HOLD_FRAMES,
     start: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Camera-to-world poses of a revisit trajectory such as ``"R_L_R_L_R_L90"``.
+    """Camera-to-world poses of a revisit trajectory such as ``"R_L_R_L_R_L90"``, one per **video**
+    frame (the WorldKV reference's unit; ``trajectory_poses`` resamples them to latent frames).
 
     Grammar: ops from ``R L W S A D _`` followed by an optional number, the rotation amount in
     degrees used by every ``R``/``L`` (default 90).
@@ -217,7 +224,8 @@ def parse_trajectory(
 
     Frame counting: frame 0 is ``start`` (identity when omitted) and every op appends one pose
     per step, the op's last frame landing exactly on its target; so
-    ``F = 1 + sum(frames of each op)``, e.g. ``"R90"`` gives 46 poses, ``"R_L90"`` gives 103.
+    ``F = 1 + sum(frames of each op)``, e.g. ``"R90"`` gives 46 poses, ``"R_L90"`` gives 109
+    (``hold_frames`` 18) and ``"R_L_R_L_R_L90"`` gives 361 = 4 * 90 + 1.
 
     start: optional [4, 4] camera-to-world pose. Returns [F, 4, 4] float64.
     Raises ``ValueError`` naming the position and character of bad grammar.
@@ -251,6 +259,101 @@ def parse_trajectory(
         else:  # "_"
             out.extend(base.copy() for _ in range(hold_frames))
     return np.stack(out)
+
+
+# --- video frames -> latent frames ---------------------------------------------------------
+
+
+def _rot_log(r: np.ndarray) -> np.ndarray:
+    """Axis-angle vector [3] of a rotation [3, 3] (angle in [0, pi])."""
+    cos = np.clip((np.trace(r) - 1.0) / 2.0, -1.0, 1.0)
+    angle = math.acos(cos)
+    axis = np.array([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1]])
+    if angle < 1e-9:
+        return axis / 2.0
+    if math.pi - angle < 1e-6:  # near pi the antisymmetric part vanishes: axis from R + I
+        m = (r + np.eye(3)) / 2.0
+        a = m[:, int(np.argmax(np.diag(m)))]
+        return angle * a / np.linalg.norm(a)
+    return angle * axis / (2.0 * math.sin(angle))
+
+
+def _rot_exp(w: np.ndarray) -> np.ndarray:
+    angle = float(np.linalg.norm(w))
+    if angle < 1e-12:
+        return np.eye(3)
+    k = w / angle
+    kx = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+    return np.eye(3) + math.sin(angle) * kx + (1.0 - math.cos(angle)) * (kx @ kx)
+
+
+def interpolate_poses(poses, positions) -> np.ndarray:
+    """Poses at fractional frame positions: translation linear, rotation slerp (geodesic).
+
+    poses: [F, 4, 4] valid camera-to-world; positions: [N] floats in [0, F - 1]. Returns [N, 4, 4].
+    """
+    arr = validate_poses(poses)
+    pos = np.asarray(positions, dtype=np.float64)
+    if pos.ndim != 1 or not np.isfinite(pos).all() or (pos < 0).any() or (pos > arr.shape[0] - 1).any():
+        raise ValueError(f"positions must be [N] finite floats in [0, {arr.shape[0] - 1}], got {pos.tolist()[:8]}")
+    out = np.empty((pos.shape[0], 4, 4))
+    for n, x in enumerate(pos):
+        i = min(int(math.floor(x)), arr.shape[0] - 2) if arr.shape[0] > 1 else 0
+        s = x - i
+        if arr.shape[0] == 1 or s <= 1e-12:
+            out[n] = arr[i]
+            continue
+        a, b = arr[i], arr[i + 1]
+        out[n] = np.eye(4)
+        out[n, :3, :3] = a[:3, :3] @ _rot_exp(s * _rot_log(a[:3, :3].T @ b[:3, :3]))
+        out[n, :3, 3] = (1.0 - s) * a[:3, 3] + s * b[:3, 3]
+    return out
+
+
+def resample_video_poses(video_poses, temporal_stride: int = VAE_TEMPORAL_STRIDE) -> np.ndarray:
+    """Video-frame poses -> latent-frame poses as the WorldKV reference resamples them.
+
+    video_poses: [N, 4, 4]. The VAE maps ``4n+1`` video frames to ``n+1`` latent frames, so
+    ``L = (N - 1) // temporal_stride + 1`` latent frames sit evenly over the whole trajectory, at
+    video positions ``j * (N - 1) / (L - 1)`` (exactly ``4j`` when ``N = 4n+1``); between two
+    video frames the translation is interpolated linearly and the rotation by slerp.
+    Returns [L, 4, 4] float64.
+    """
+    _positive("temporal_stride", temporal_stride, integer=True)
+    arr = validate_poses(video_poses, "video_poses")
+    n = arr.shape[0]
+    latent = (n - 1) // temporal_stride + 1
+    if latent == 1:
+        return arr[:1].copy()
+    return interpolate_poses(arr, np.linspace(0.0, n - 1.0, latent))
+
+
+def trajectory_poses(
+    spec: str,
+    *,
+    frames: str = "video",
+    frames_per_chunk: int = 3,
+    temporal_stride: int = VAE_TEMPORAL_STRIDE,
+    **grammar,
+) -> np.ndarray:
+    """Latent-frame camera poses of a trajectory spec, ready for ``chunk_poses``.
+
+    ``frames="video"`` (the reference's convention): the grammar counts video frames (2 deg per
+    frame, W/S/A/D over 24 frames, ``_`` = ``hold_frames``, default 18), resampled to latent frames by
+    ``resample_video_poses`` and cut to whole chunks, so ``"R_L_R_L_R_L90"`` (361 video frames, 91
+    latent frames) gives 90 latent frames = 30 chunks at 8 degrees per latent frame.
+    ``frames="latent"``: the older 1:1 mapping, one grammar frame per latent frame, not cut.
+    ``grammar``: keyword arguments of ``parse_trajectory``. Returns [L, 4, 4] float64.
+    """
+    if frames not in FRAME_CONVENTIONS:
+        raise ValueError(f"trajectory frames={frames!r}: choose one of {list(FRAME_CONVENTIONS)}")
+    _positive("frames_per_chunk", frames_per_chunk, integer=True)
+    poses = parse_trajectory(spec, **grammar)
+    if frames == "latent":
+        return poses
+    latent = resample_video_poses(poses, temporal_stride)
+    whole = max(1, latent.shape[0] // frames_per_chunk) * frames_per_chunk
+    return latent[:whole] if latent.shape[0] >= whole else latent
 
 
 # --- action integration -------------------------------------------------------------------
@@ -338,3 +441,4 @@ def integrate_actions(
         p[:3, :3], p[:3, 3] = rot, pos
         out.append(p)
     return np.stack(out)
+

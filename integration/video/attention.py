@@ -209,4 +209,8 @@ class PagedAttention:
         if self.connector is not None and meta.is_clean_pass:
             # after the write: the store reads the committed chunk's pages of this layer
             self.connector.save_kv_layer(name, kv, meta)
+        bias = getattr(self.connector, "logit_bias", None) if self.connector is not None else None
+        if bias:  # a merging compression: the current chunk's own slots carry no bias (pages are reused)
+            bias[name].view(-1).index_fill_(0, meta.slot_mapping.reshape(-1), 0.0)
+            return self.backend(q, kv[0], kv[1], meta.block_table, meta.page_lens, logit_bias=bias[name])
         return self.backend(q, kv[0], kv[1], meta.block_table, meta.page_lens)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass
 
+import numpy as np
+
 __all__ = ["BlockManager", "ChunkBlocks", "KVCacheOutOfPages"]
 
 
@@ -83,8 +85,12 @@ class BlockManager:
         return [o for o, c in self._holds.items() if c]
 
     # --- holds ------------------------------------------------------------------------------------
-    def allocate(self, num_pages: int, owner: str) -> list[int]:
-        """Take ``num_pages`` free pages, each held once by ``owner``. Raises KVCacheOutOfPages."""
+    def allocate(self, num_pages: int, owner: str, *, contiguous: bool = False) -> list[int]:
+        """Take ``num_pages`` free pages, each held once by ``owner``. Raises KVCacheOutOfPages.
+
+        contiguous: prefer consecutive page ids (the lowest free run long enough), so a loaded
+        chunk's pages are one run per layer and K/V and its copy merges into few descriptors;
+        falls back to any free pages when the free list has no such run."""
         if num_pages < 0:
             raise ValueError(f"num_pages={num_pages}: expected >= 0")
         if num_pages > len(self._free):
@@ -93,13 +99,30 @@ class BlockManager:
                 f"{len(self._free)} of {self.num_pages} free; raise {self._memory_flag} "
                 "(or use fewer sessions / a sliding attention window)"
             )
-        pages = [self._free.pop() for _ in range(num_pages)]
+        pages = self._take_run(num_pages) if contiguous and num_pages > 1 else None
+        if pages is None:
+            pages = [self._free.pop() for _ in range(num_pages)]
         held = self._holds.setdefault(owner, collections.Counter())
         for p in pages:
             self._ref[p] = 1
             held[p] += 1
         self.peak_used = max(self.peak_used, self.num_used)
         return pages
+
+    def _take_run(self, num_pages: int) -> list[int] | None:
+        """Remove and return the lowest run of ``num_pages`` consecutive free ids, or None."""
+        free = np.fromiter(self._free, dtype=np.int64, count=len(self._free))
+        free.sort()
+        breaks = np.flatnonzero(np.diff(free) != 1) + 1
+        starts = np.concatenate(([0], breaks))
+        lengths = np.diff(np.concatenate((starts, [free.size])))
+        fits = np.flatnonzero(lengths >= num_pages)
+        if not fits.size:
+            return None
+        lo = int(free[starts[fits[0]]])
+        hi = lo + num_pages
+        self._free = [p for p in self._free if not lo <= p < hi]
+        return list(range(lo, hi))
 
     def share(self, pages: list[int], owner: str) -> None:
         """Add one hold of ``owner`` on each allocated page (the page is now referenced twice)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import sys
 import time
 from typing import Callable
@@ -23,13 +24,20 @@ from worldkv_connector.integration.video.block_manager import BlockManager
 from worldkv_connector.integration.video.connector_api import (
     EngineView, VideoKVConnector, create_connector, get_connector_class,
 )
-from worldkv_connector.integration.video.engine_args import DEFAULT_RECENT_FRAMES, DEFAULT_SINK_FRAMES, EngineArgs
+from worldkv_connector.integration.video.engine_args import (
+    DEFAULT_RECENT_FRAMES, DEFAULT_SINK_FRAMES, MAX_CHUNKS, EngineArgs,
+)
+from worldkv_connector.integration.video.kv_cache import PagedKVCache
 from worldkv_connector.integration.video.model_config import get_model_config
 from worldkv_connector.integration.video.model_runner import ModelRunner
-from worldkv_connector.integration.video.scheduler import ChunkResult, Scheduler, Session
-from worldkv_connector.poses import chunk_mean_pose, chunk_poses, parse_trajectory, validate_poses
+from worldkv_connector.integration.video.scheduler import (
+    ChunkResult, Scheduler, Session, kv_shortage_message, session_pages,
+)
+from worldkv_connector.integration.video.block_manager import KVCacheOutOfPages
+from worldkv_connector.actions import action_poses
+from worldkv_connector.poses import chunk_mean_pose, trajectory_poses, validate_poses
 
-__all__ = ["VideoEngine", "mean_pose_matrix", "resolve_window"]
+__all__ = ["VideoEngine", "mean_pose_matrix", "resolve_window", "check_kv_capacity"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +97,70 @@ def resolve_window(args: EngineArgs) -> EngineArgs:
     return args.replace(sink_frames=window[0], recent_frames=window[1])
 
 
+def _model_config(args: EngineArgs):
+    config = get_model_config(args.model)
+    if args.dtype is not None and args.dtype != config.dtype:
+        config = config.replace(dtype=args.dtype)
+    return config
+
+
+def _hot_pages(args: EngineArgs, frame_tokens: int) -> int:
+    """Pages the WorldKV connector's hot set may hold per session (0 for other connectors, whose
+    page use the engine cannot know before they run)."""
+    if not args.kv_connector:
+        return 0
+    module = sys.modules.get("worldkv_connector.connector")
+    cls = get_connector_class(args.kv_connector)
+    if module is None or not issubclass(cls, module.WorldKVConnector):
+        return 0
+    from worldkv_connector.config import WorldKVConfig
+
+    config = WorldKVConfig.from_json(args.kv_connector_config).replace(page_size=args.page_size)
+    return config.hot_chunks * config.pages_per_chunk(frame_tokens)
+
+
+def check_kv_capacity(args: EngineArgs, session_chunks: list[int]) -> None:
+    """Before anything is built: raise ``KVCacheOutOfPages`` (a ValueError) with the exact
+    ``--kv-cache-memory`` needed when the sessions (``session_chunks``: chunks of each) cannot all
+    fit the paged KV cache at once (window + current chunk + the connector's hot set, per session).
+    A no-op when the budget is only known once the model is on the device (auto size on CUDA)."""
+    config = _model_config(args)
+    args.check_frames(config.frames_per_chunk)
+    args = resolve_window(args)
+    args.check_frames(config.frames_per_chunk)
+    kv_shape = config.kv_shape()
+    if args.kv_cache_bytes is not None:
+        budget = args.kv_cache_bytes
+    elif args.device == "cpu":
+        budget = PagedKVCache.auto_budget(torch.device("cpu"))
+    else:
+        return
+    page_bytes = PagedKVCache.page_bytes_of(kv_shape, args.page_size)
+    have = int(budget // page_bytes)
+    hot = _hot_pages(args, config.frame_tokens)
+    chunk_pages = -(-config.frame_tokens * config.frames_per_chunk // args.page_size)
+    fpc = config.frames_per_chunk
+    need = sum(session_pages(n, window=args.attention_window, sink_chunks=args.sink_frames // fpc,
+                             recent_chunks=args.recent_frames // fpc, chunk_pages=chunk_pages, hot_pages=hot)
+               for n in session_chunks)
+    if need > have:
+        raise KVCacheOutOfPages(kv_shortage_message(need, have, page_bytes, window=args.attention_window,
+                                                    sessions=len(session_chunks), hot_pages=hot))
+
+
+def _count(name: str, value, lo: int, hi: int) -> int | None:
+    """An integer argument (any integral type, numpy's too) in [lo, hi], or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= int(value) <= hi:
+        raise ValueError(f"{name}={value!r}: expected an int, {lo} <= {name} <= {hi}")
+    return int(value)
+
+
 class VideoEngine:
     def __init__(self, args: EngineArgs | None = None, **kwargs):
         args = EngineArgs(**kwargs) if args is None else (args.replace(**kwargs) if kwargs else args)
-        config = get_model_config(args.model)
-        if args.dtype is not None and args.dtype != config.dtype:
-            config = config.replace(dtype=args.dtype)
+        config = _model_config(args)
         args.check_frames(config.frames_per_chunk)
         args = resolve_window(args)  # from here on sink_frames / recent_frames are ints
         args.check_frames(config.frames_per_chunk)
@@ -118,7 +184,9 @@ class VideoEngine:
             self.block_manager, frames_per_chunk=config.frames_per_chunk, frame_tokens=config.frame_tokens,
             attention_window=args.attention_window, sink_frames=args.sink_frames,
             recent_frames=args.recent_frames, page_bytes=self.runner.page_bytes, connector=self.connector,
+            hot_pages=_hot_pages(args, config.frame_tokens) if self.connector is not None else 0,
         )
+        self._last_connector_metrics: dict | None = None  # before the latest session end freed entries
         self._step = 0
         self._chunks = 0
         self._busy_s = 0.0
@@ -128,40 +196,56 @@ class VideoEngine:
     # --- sessions -----------------------------------------------------------------------------------
     def add_session(self, session_id: str, trajectory: str | None = None, poses: np.ndarray | None = None,
                     num_chunks: int | None = None, seed: int | None = None,
-                    context: torch.Tensor | None = None, keep_results: bool = True) -> None:
-        """Queue a rollout. ``trajectory``: a spec such as ``"R_L_R_L_R_L90"``; or ``poses``: [F, 4, 4]
+                    context: torch.Tensor | None = None, keep_results: bool = True,
+                    inputs: dict | None = None) -> None:
+        """Queue a rollout. ``trajectory``: a spec such as ``"R_L_R_L_R_L90"`` in video frames, resampled to
+        latent frames as the reference does (``poses.trajectory_poses``); or ``poses``: [F, 4, 4]
         camera-to-world, one per latent frame; neither: a static camera. ``num_chunks`` defaults to
         ``ceil(F / frames_per_chunk)``; a trajectory shorter than the rollout holds its last pose.
         ``seed`` (default EngineArgs.seed) fixes the session's noise. ``context``: [Lc, text_dim] prompt
         embedding (default the null prompt). ``keep_results=False``: the session's ChunkResults (and
         latents) are only returned by ``step()``, not kept for ``results()`` - for long rollouts
-        whose memory must not grow with the number of chunks."""
+        whose memory must not grow with the number of chunks. ``inputs``: the model family's conditioning
+        (session_inputs.py; Matrix-Game-2: ``keyboard`` [N, 4] / ``mouse`` [N, 2] per video frame, whose
+        integrated poses are the session's camera when neither trajectory nor poses is given)."""
         self._check_open()
         if not isinstance(session_id, str) or not session_id:
             raise ValueError(f"session_id={session_id!r}: expected a non-empty str")
         if trajectory is not None and poses is not None:
             raise ValueError("give either trajectory or poses, not both")
         if trajectory is not None:
-            frames = parse_trajectory(trajectory)
+            frames = trajectory_poses(trajectory, frames_per_chunk=self.model_config.frames_per_chunk)  # video frames -> latent
         elif poses is not None:
             frames = validate_poses(poses, "poses")
+        elif inputs and "keyboard" in inputs:  # action-conditioned: retrieve by the integrated actions
+            frames = action_poses(inputs["keyboard"], inputs.get("mouse", np.zeros((len(inputs["keyboard"]), 2))),
+                                  frames_per_chunk=self.model_config.frames_per_chunk)
         else:
             if num_chunks is None:
                 raise ValueError("num_chunks is required without a trajectory or poses")
             frames = np.eye(4)[None]
-        if num_chunks is not None and (not isinstance(num_chunks, int) or isinstance(num_chunks, bool) or num_chunks < 1):
-            raise ValueError(f"num_chunks={num_chunks!r}: expected an int >= 1")
-        seed = self.args.seed if seed is None else seed
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed={seed!r}: expected an int >= 0")
+        num_chunks = _count("num_chunks", num_chunks, 1, MAX_CHUNKS)
+        seed = _count("seed", self.args.seed if seed is None else seed, 0, 2**63 - 1)
         c = self.model_config
-        if context is not None and (context.dim() != 2 or context.shape[1] != c.text_dim
-                                    or not 1 <= context.shape[0] <= c.text_len):
-            raise ValueError(f"context: expected [Lc <= {c.text_len}, {c.text_dim}], got {tuple(context.shape)}")
-        per_chunk = chunk_poses(frames, c.frames_per_chunk, num_chunks)
+        if context is not None:
+            if not isinstance(context, torch.Tensor) or context.dim() != 2 or context.shape[1] != c.text_dim \
+                    or not 1 <= context.shape[0] <= c.text_len:
+                got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+                raise ValueError(f"context: expected a tensor [Lc <= {c.text_len}, {c.text_dim}], got {got}")
+            if not bool(torch.isfinite(context).all()):
+                raise ValueError("context: the prompt embedding holds NaN or inf: not a finite number")
         if not isinstance(keep_results, bool):
             raise ValueError(f"keep_results={keep_results!r}: expected a bool")
-        self.scheduler.add_session(Session(session_id, per_chunk, seed, context, keep_results=keep_results))
+        fpc = c.frames_per_chunk
+        if num_chunks is None:
+            num_chunks = -(-frames.shape[0] // fpc)
+            if num_chunks > MAX_CHUNKS:
+                raise ValueError(f"the trajectory makes {num_chunks} chunks: allowed at most {MAX_CHUNKS}")
+        frames = frames[: num_chunks * fpc]  # frames past the rollout are never used
+        session = Session(session_id, frames, num_chunks, fpc, seed, context, keep_results=keep_results)
+        prepared = self.runner.inputs.prepare(inputs, session.chunk_poses)  # validated before the session exists
+        self.scheduler.add_session(session)
+        self.runner.inputs.put(session_id, prepared)
 
     def has_unfinished_sessions(self) -> bool:
         return bool(self.scheduler.running())
@@ -177,6 +261,7 @@ class VideoEngine:
             return []
         resident = self.block_manager.num_used * self.runner.page_bytes
         self._peak_resident = max(self._peak_resident, resident)
+        ending = any(s.next_chunk + 1 >= s.num_chunks for s in batch.sessions)
         if self.connector is not None:
             self.connector.bind_connector_metadata(batch.connector_meta)
         try:
@@ -189,7 +274,14 @@ class VideoEngine:
             # after the timing (the diagnostic is not part of the step) and before finish, which may
             # end sessions and let the connector drop what the window held (kept_indices)
             self.runner.recall.finish_step()
+        if ending and self.connector is not None:
+            # a session ends in this step: the connector may free its entries as it finishes, so
+            # keep what the bank held before (the run summary's "bank before sessions ended")
+            self._last_connector_metrics = self.connector.metrics()
         results = self.scheduler.finish(batch, latents, elapsed, resident, mean_pose_matrix)
+        for r in results:
+            if r.finished:
+                self.runner.end_session(r.session_id)  # its conditioning and action caches
         if self.runner.recall is not None:
             for r in results:
                 r.attention_recall = self.runner.recall.take(r.session_id, r.chunk_index)
@@ -200,16 +292,18 @@ class VideoEngine:
         self._busy_s += elapsed
         return results
 
-    def run(self, on_result: Callable[[ChunkResult], None] | None = None) -> dict[str, list[torch.Tensor]]:
-        """Step until every session finished; ``on_result`` sees each ChunkResult (progress bars).
-        Then waits (bounded) for a connector's outstanding stores. Returns session -> latents."""
-        running = [s.session_id for s in self.scheduler.running()]
-        while self.has_unfinished_sessions():
+    def run(self, on_result: Callable[[ChunkResult], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> dict[str, list[torch.Tensor]]:
+        """Step until every session finished (or ``should_stop()`` is true after a step: Ctrl-C);
+        ``on_result`` sees each ChunkResult (progress bars, streaming). Then waits (bounded) for a
+        connector's outstanding stores. Returns session -> latents of the sessions that keep results."""
+        running = [s.session_id for s in self.scheduler.running() if s.keep_results]
+        while self.has_unfinished_sessions() and not (should_stop is not None and should_stop()):
             for r in self.step():
                 if on_result is not None:
                     on_result(r)
         self.drain()
-        return {sid: self.results(sid) for sid in running}
+        return {sid: self.results(sid) for sid in running if sid in self.scheduler.sessions}
 
     def generate(self, sessions: list[dict] | None = None, **session_kwargs) -> dict[str, list[torch.Tensor]]:
         """Add sessions (each a dict of add_session arguments; or one session from the keyword
@@ -235,7 +329,8 @@ class VideoEngine:
         try:
             session = self.scheduler.sessions[session_id]
         except KeyError:
-            raise ValueError(f"unknown session {session_id!r}") from None
+            raise ValueError(f"unknown session {session_id!r} (a session added with keep_results=False is "
+                             "forgotten when it finishes)") from None
         if not session.keep_results:
             raise ValueError(f"session {session_id!r} was added with keep_results=False: its results "
                              "were only returned by step()")
@@ -245,7 +340,14 @@ class VideoEngine:
         """Latents of each generated chunk of the session: [F, C, Hl, Wl] fp32 on the CPU."""
         return [r.latents for r in self.chunk_results(session_id)]
 
+    def drop_session(self, session_id: str) -> None:
+        """Forget a finished session and its results; its id may then be used again."""
+        self.scheduler.drop_session(session_id)
+
     def metrics(self) -> dict:
+        """Engine gauges and counters; ``connector``: the connector's metrics now, and
+        ``connector_before_session_end``: as they were just before the latest session ended (a
+        connector frees a finished session's bank entries, so "now" may show an empty bank)."""
         bm, page_bytes = self.block_manager, self.runner.page_bytes
         return {
             "model": self.model_config.name,
@@ -263,8 +365,9 @@ class VideoEngine:
             "resident_kv_bytes": bm.num_used * page_bytes,
             "peak_resident_kv_bytes": max(self._peak_resident, bm.peak_used * page_bytes),
             "sessions_running": len(self.scheduler.running()),
-            "sessions_total": len(self.scheduler.sessions),
+            "sessions_total": self.scheduler.sessions_total,
             "connector": self.connector.metrics() if self.connector is not None else None,
+            "connector_before_session_end": self._last_connector_metrics,
         }
 
     # --- lifecycle -------------------------------------------------------------------------------------

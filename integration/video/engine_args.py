@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import numbers
 from dataclasses import dataclass
 
-__all__ = ["EngineArgs", "ATTENTION_WINDOWS", "DTYPES", "DEFAULT_SINK_FRAMES", "DEFAULT_RECENT_FRAMES"]
+__all__ = ["EngineArgs", "ATTENTION_WINDOWS", "DTYPES", "DEFAULT_SINK_FRAMES", "DEFAULT_RECENT_FRAMES", "MAX_CHUNKS"]
 
 ATTENTION_WINDOWS = ("full", "sliding")
 DTYPES = ("bf16", "fp16", "fp32")
@@ -12,6 +15,9 @@ DTYPES = ("bf16", "fp16", "fp32")
 DEFAULT_SINK_FRAMES = 3
 DEFAULT_RECENT_FRAMES = 6
 _GiB = 1 << 30
+# chunks one session may ask for: a bound checked before anything is allocated (a tiny model makes
+# about 100 chunks/s on one CPU thread, so this is hours; a Wan-1.3B chunk takes a second on a GPU)
+MAX_CHUNKS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -26,7 +32,9 @@ class EngineArgs:
     """
 
     model: str = "tiny"  # named model config (integration/video/model_config.py)
-    checkpoint: str | None = None  # safetensors file (or directory of shards) in Wan's key layout
+    checkpoint: str | None = None  # .safetensors file / shard directory, or .pt/.pth state dict (checkpoint.py)
+    checkpoint_key: str | None = None  # entry of a .pt/.pth file holding the weights, e.g. "generator_ema"
+    checkpoint_prefix: str = ""  # stripped from every checkpoint key, e.g. "model."
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
     dtype: str | None = None  # "bf16", "fp16", "fp32"; None: the model config's dtype
     seed: int = 0  # model weights seed (random weights when no checkpoint) and default session seed
@@ -46,13 +54,32 @@ class EngineArgs:
 
     def __post_init__(self) -> None:
         def fail(name: str, allowed: str) -> None:
-            raise ValueError(f"EngineArgs.{name}={getattr(self, name)!r}: {allowed}")
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                allowed = f"not a finite number ({allowed})"
+            raise ValueError(f"EngineArgs.{name}={value!r}: {allowed}")
+
+        for f in dataclasses.fields(self):  # numpy integers from the Python API are ints here
+            value = getattr(self, f.name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+                object.__setattr__(self, f.name, int(value))
+        if isinstance(self.kv_connector_config, dict):  # the Python API may pass the config itself
+            try:
+                object.__setattr__(self, "kv_connector_config", json.dumps(self.kv_connector_config))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"EngineArgs.kv_connector_config: the dict is not JSON-serialisable ({exc})") from None
 
         def is_int(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
 
         if not isinstance(self.model, str) or not self.model:
             fail("model", "expected a model config name")
+        if self.checkpoint_key is not None and (not isinstance(self.checkpoint_key, str) or not self.checkpoint_key):
+            fail("checkpoint_key", "expected a non-empty entry name such as 'generator_ema', or None")
+        if not isinstance(self.checkpoint_prefix, str):
+            fail("checkpoint_prefix", "expected a str such as 'model.' ('' for none)")
+        if (self.checkpoint_key or self.checkpoint_prefix) and not self.checkpoint:
+            fail("checkpoint_key" if self.checkpoint_key else "checkpoint_prefix", "needs a checkpoint (--checkpoint)")
         if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith("cuda")):
             fail("device", "choose cpu, cuda or cuda:N")
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -80,7 +107,12 @@ class EngineArgs:
         if self.kv_connector is not None and (not isinstance(self.kv_connector, str) or not self.kv_connector):
             fail("kv_connector", "expected a registered connector name or module:Class")
         if self.kv_connector_config is not None and not isinstance(self.kv_connector_config, str):
-            fail("kv_connector_config", "expected a JSON string")
+            fail("kv_connector_config", "expected a JSON string or a dict")
+        if self.kv_connector is None and (self.kv_connector_config or "").strip():
+            raise ValueError(
+                f"--kv-connector-config {self.kv_connector_config!r} was given without --kv-connector: "
+                "name the connector it configures (e.g. --kv-connector worldkv), or leave the config out"
+            )
         if not isinstance(self.eval_attention_recall, bool):
             fail("eval_attention_recall", "expected True or False")
 

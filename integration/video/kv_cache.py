@@ -46,12 +46,16 @@ class PagedKVCache:
         ``--kv-cache-memory`` when the budget holds no page."""
         device = torch.device(device)
         if budget_bytes is None:
-            if device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(device)
-                budget_bytes = int(free * AUTO_CUDA_KV_FRACTION)
-            else:
-                budget_bytes = int(AUTO_CPU_KV_GIB * _GiB)
+            budget_bytes = cls.auto_budget(device)
         return cls(kv_shape, page_size, cls.num_pages_for(kv_shape, page_size, budget_bytes), device)
+
+    @staticmethod
+    def auto_budget(device: torch.device) -> int:
+        """The budget without ``--kv-cache-memory``: a share of free GPU memory, or a fixed CPU budget."""
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free * AUTO_CUDA_KV_FRACTION)
+        return int(AUTO_CPU_KV_GIB * _GiB)
 
     @classmethod
     def num_pages_for(cls, kv_shape: KVShape, page_size: int, budget_bytes: int) -> int:

@@ -110,11 +110,11 @@ class DiTBlock(nn.Module):
     """One Wan attention block: modulated self-attention, cross-attention, modulated FFN.
 
     ``modulation`` [1, 6, dim] is added to the time projection: (shift, scale, gate) for self-attention,
-    then (shift, scale, gate) for the FFN. With camera conditioning, ``cam_injector`` maps the
-    patchified Plucker rays of each token to ``dim`` and adds them to the block input.
+    then (shift, scale, gate) for the FFN. ``cross_attn_norm`` (Wan's default) applies the affine
+    LayerNorm ``norm3`` before cross-attention.
     """
 
-    def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float, cam_features: int = 0, **factory):
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float, **factory):
         super().__init__()
         self.eps = eps
         self.self_attn = SelfAttention(dim, num_heads, eps, **factory)
@@ -124,23 +124,31 @@ class DiTBlock(nn.Module):
             nn.Linear(dim, ffn_dim, **factory), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim, **factory)
         )
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim, **factory))
-        self.cam_injector = nn.Linear(cam_features, dim, **factory) if cam_features else None
 
-    def forward(self, x, e0, context, layer_idx, attn_fn, rope, rays=None):
-        """x: [B, T, dim] fp32 residual stream; e0: [B, 6, dim] fp32 time projection;
-        context: [B, Lc, dim]; rope: (cos, sin) tables; rays: [B, T, cam_features] or None.
-        Returns [B, T, dim] fp32."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = (
-            (self.modulation.float() + e0).unsqueeze(2).unbind(1)  # each [B, 1, dim]
-        )
-        if self.cam_injector is not None and rays is not None:
-            x = x + _linear(self.cam_injector, rays).float()
+    def modulations(self, e0: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """e0: [B, 6, dim] fp32 -> (shift1, scale1, gate1, shift2, scale2, gate2), each [B, 1, dim] fp32."""
+        return (self.modulation.float() + e0).unsqueeze(2).unbind(1)
+
+    def attend(self, x, mods, context, layer_idx, attn_fn, rope) -> torch.Tensor:
+        """Self-attention and cross-attention residuals: x [B, T, dim] fp32 -> [B, T, dim] fp32."""
+        shift1, scale1, gate1 = mods[:3]
         h = _layer_norm(x, self.eps) * (1 + scale1) + shift1
         x = x + self.self_attn(h, layer_idx, attn_fn, rope).float() * gate1
-        x = x + self.cross_attn(self.norm3(x.to(self.norm3.weight.dtype)), context).float()
+        return x + self.cross_attn(self.norm3(x.to(self.norm3.weight.dtype)), context).float()
+
+    def feed_forward(self, x, mods) -> torch.Tensor:
+        """Modulated FFN residual: x [B, T, dim] fp32 -> [B, T, dim] fp32."""
+        shift2, scale2, gate2 = mods[3:]
         h = _layer_norm(x, self.eps) * (1 + scale2) + shift2
         ffn = self.ffn[2](self.ffn[1](_linear(self.ffn[0], h)))
         return x + ffn.float() * gate2
+
+    def forward(self, x, e0, context, layer_idx, attn_fn, rope):
+        """x: [B, T, dim] fp32 residual stream; e0: [B, 6, dim] fp32 time projection;
+        context: [B, Lc, dim]; rope: (cos, sin) tables. Returns [B, T, dim] fp32."""
+        mods = self.modulations(e0)
+        return self.feed_forward(self.attend(x, mods, context, layer_idx, attn_fn, rope), mods)
+
 
 
 class Head(nn.Module):

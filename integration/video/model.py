@@ -1,5 +1,5 @@
-"""CausalWanDiT: the Wan2.1 DiT behind Self-Forcing, CausVid, Matrix-Game-2.0 and LingBot-World-Fast,
-run causally chunk by chunk.
+"""CausalWanDiT: the Wan2.1 T2V DiT behind Self-Forcing and CausVid (and the base of Matrix-Game-2.0 and
+LingBot-World-Fast in models/), run causally chunk by chunk.
 
 One forward call denoises one chunk (a few latent frames) of each batch row. Self-attention does not
 attend by itself: each block hands its post-RoPE q, k, v to ``attn_fn(layer_idx, q, k, v)``, which the
@@ -13,7 +13,6 @@ import logging
 import torch
 import torch.nn as nn
 
-from worldkv_connector.integration.video.camera import patchify_rays, plucker_rays
 from worldkv_connector.integration.video.layers import AttnFn, DiTBlock, Head, init_weights_, sinusoidal_embedding
 from worldkv_connector.integration.video.model_config import ModelConfig
 from worldkv_connector.rope import rope_tables
@@ -34,21 +33,22 @@ class CausalWanDiT(nn.Module):
         self.patch_embedding = nn.Conv3d(c.in_channels, c.dim, kernel_size=c.patch_size, stride=c.patch_size, **factory)
         self.text_embedding = nn.Sequential(
             nn.Linear(c.text_dim, c.dim, **factory), nn.GELU(approximate="tanh"), nn.Linear(c.dim, c.dim, **factory)
-        )
+        ) if c.text_dim else None  # Matrix-Game-2 has no text
         self.time_embedding = nn.Sequential(
             nn.Linear(c.freq_dim, c.dim, **factory), nn.SiLU(), nn.Linear(c.dim, c.dim, **factory)
         )
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, 6 * c.dim, **factory))
-        cam_features = 6 * c.patch_elems if c.camera else 0
-        self.blocks = nn.ModuleList(
-            DiTBlock(c.dim, c.ffn_dim, c.num_heads, c.eps, cam_features, **factory) for _ in range(c.num_layers)
-        )
+        self.blocks = nn.ModuleList(self._make_block(i, factory) for i in range(c.num_layers))
         self.head = Head(c.dim, c.patch_elems * c.out_channels, c.eps, **factory)
         # patch row / column of each token of one frame (frame-major order inside a chunk)
         rows = torch.arange(c.grid_height, dtype=torch.int64).repeat_interleave(c.grid_width)
         cols = torch.arange(c.grid_width, dtype=torch.int64).repeat(c.grid_height)
         self.register_buffer("_rows", rows.to(factory["device"]), persistent=False)
         self.register_buffer("_cols", cols.to(factory["device"]), persistent=False)
+
+    def _make_block(self, index: int, factory: dict) -> nn.Module:
+        c = self.config
+        return DiTBlock(c.dim, c.ffn_dim, c.num_heads, c.eps, **factory)
 
     @property
     def device(self) -> torch.device:
@@ -79,7 +79,7 @@ class CausalWanDiT(nn.Module):
     def _lin(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return layer(x.to(layer.weight.dtype))
 
-    def _check_inputs(self, x, t, context, frame_offset, cam) -> None:
+    def _check_inputs(self, x, t, context, frame_offset) -> None:
         c = self.config
         if x.dim() != 5 or tuple(x.shape[2:]) != (c.in_channels, c.latent_height, c.latent_width):
             raise ValueError(
@@ -98,11 +98,6 @@ class CausalWanDiT(nn.Module):
             raise ValueError(
                 f"frame_offset: expected an int tensor of shape ({b},), got {frame_offset.dtype} {tuple(frame_offset.shape)}"
             )
-        if c.camera:
-            if cam is None:
-                raise ValueError(f"cam: model {c.name!r} is camera-conditioned; pass [B, F, 4, 4] poses")
-            if tuple(cam.shape) != (b, f, 4, 4):
-                raise ValueError(f"cam: expected shape {(b, f, 4, 4)}, got {tuple(cam.shape)}")
 
     # --- forward ------------------------------------------------------------------------------
     def forward(
@@ -112,40 +107,41 @@ class CausalWanDiT(nn.Module):
         context: torch.Tensor,
         frame_offset: torch.Tensor,
         attn_fn: AttnFn,
-        cam: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Flow (velocity) prediction for one chunk.
 
         x: [B, F, C, Hl, Wl] noisy latents, any float dtype, model device. t: [B] fp32 sigma in [0, 1]
         (0 = clean). context: [B, Lc, text_dim]. frame_offset: [B] int64, absolute latent frame of the
         chunk's first frame. attn_fn(layer_idx, q, k, v) -> out, all [B, T, H, D] in the model dtype with
-        T = F * frame_tokens, tokens frame-major. cam: [B, F, 4, 4] camera-to-world poses, required for
-        camera-conditioned configs and ignored otherwise. Returns [B, F, out_channels, Hl, Wl] in x's dtype.
+        T = F * frame_tokens, tokens frame-major. Returns [B, F, out_channels, Hl, Wl] in x's dtype.
         """
-        self._check_inputs(x, t, context, frame_offset, cam)
-        c = self.config
-        b, f = x.shape[:2]
-        dev = self.device
+        self._check_inputs(x, t, context, frame_offset)
+        f = x.shape[1]
+        rope = self.rope(frame_offset, f)
+        h = self.embed_patches(x)
+        e, e0 = self.embed_time(t.to(self.device))
+        ctx = self.embed_context(context.to(self.device))
+        for i, block in enumerate(self.blocks):
+            h = block(h, e0, ctx, i, attn_fn, rope)
+        out = self.head(h, e)  # [B, T, patch_elems * out_channels]
+        return self._unpatchify(out, f).to(x.dtype)
+
+    def rope(self, frame_offset: torch.Tensor, f: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables of a chunk of ``f`` frames starting at ``frame_offset`` [B] (built once per forward)."""
+        c, dev = self.config, self.device
         # positions of every token: frame-major, absolute latent frame for the temporal RoPE group
         frame_pos = (frame_offset.to(dev, torch.int64)[:, None] + torch.arange(f, device=dev)).repeat_interleave(
             c.frame_tokens, dim=1
         )  # [B, T]
+        if not c.temporal_rope:
+            frame_pos = torch.zeros_like(frame_pos)  # no time position: the temporal channels stay unrotated
         row_pos, col_pos = self._rows.repeat(f), self._cols.repeat(f)  # [T]
-        rope = rope_tables(frame_pos, row_pos, col_pos, c.head_dim)  # built once, used by every layer
+        return rope_tables(frame_pos, row_pos, col_pos, c.head_dim)
 
-        h = self.patch_embedding(x.to(dev, self.dtype).transpose(1, 2))  # [B, dim, F, gh, gw]
-        h = h.flatten(2).transpose(1, 2).float()  # [B, T, dim] fp32 residual stream
-        e, e0 = self.embed_time(t.to(dev))
-        ctx = self.embed_context(context.to(dev))
-        rays = None
-        if c.camera:
-            rays = patchify_rays(
-                plucker_rays(cam.to(dev), c.latent_height, c.latent_width, c.camera_fov_degrees), c.patch_size
-            )  # [B, T, 6 * patch_elems]
-        for i, block in enumerate(self.blocks):
-            h = block(h, e0, ctx, i, attn_fn, rope, rays)
-        out = self.head(h, e)  # [B, T, patch_elems * out_channels]
-        return self._unpatchify(out, f).to(x.dtype)
+    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, F, C_in, Hl, Wl] -> [B, T, dim] fp32 residual stream (tokens frame-major)."""
+        h = self.patch_embedding(x.to(self.device, self.dtype).transpose(1, 2))  # [B, dim, F, gh, gw]
+        return h.flatten(2).transpose(1, 2).float()
 
     def _unpatchify(self, out: torch.Tensor, f: int) -> torch.Tensor:
         """out: [B, T, pt*ph*pw*C] -> [B, F*pt, C, Hl, Wl]."""
@@ -157,12 +153,14 @@ class CausalWanDiT(nn.Module):
         return u.reshape(b, f * pt, c.out_channels, c.latent_height, c.latent_width)
 
 
-def build_model(config: ModelConfig, seed: int = 0, device: str | torch.device = "cpu") -> CausalWanDiT:
-    """A CausalWanDiT with random weights, deterministic per (seed, device type), in ``config.dtype``,
+def build_model(config: ModelConfig, seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:
+    """The config family's model (CausalWanDiT, MatrixGame2DiT, LingBotWorldDiT) with random weights, deterministic per (seed, device type), in ``config.dtype``,
     in eval mode with gradients off (the backend is inference-only). Parameters are created directly
     on ``device`` in the target dtype, so real-size configs never hold an fp32 copy."""
+    from worldkv_connector.integration.video.models import model_class
+
     dev = torch.device(device)
-    model = CausalWanDiT(config, device=dev)
+    model = model_class(config)(config, device=dev)
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed)
     init_weights_(model, gen)

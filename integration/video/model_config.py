@@ -11,9 +11,56 @@ import torch
 
 from worldkv_connector.shapes import KVShape
 
-__all__ = ["ModelConfig", "MODEL_CONFIGS", "get_model_config"]
+__all__ = ["ModelConfig", "ActionConfig", "MODEL_CONFIGS", "MODEL_FAMILIES", "get_model_config"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# wan: text-conditioned Wan T2V (Self-Forcing, CausVid); matrix-game-2: image + keyboard/mouse action
+# conditioned (models/matrix_game2.py); lingbot: text + Plucker camera conditioned (models/lingbot.py)
+MODEL_FAMILIES = ("wan", "matrix-game-2", "lingbot", "world")
+
+
+@dataclass(frozen=True)
+class ActionConfig:
+    """Matrix-Game-2's action module (upstream ``action_config``): keyboard and mouse cross/temporal
+    attention in the listed blocks. Inputs are per video frame; each latent frame sees a window of
+    ``windows_size * vae_time_compression_ratio`` video frames of actions."""
+
+    blocks: tuple[int, ...] = tuple(range(15))
+    heads_num: int = 16
+    hidden_size: int = 128  # keyboard embedding width
+    keyboard_dim_in: int = 4  # W, S, A, D
+    keyboard_hidden_dim: int = 1024
+    mouse_dim_in: int = 2  # pitch, yaw
+    mouse_hidden_dim: int = 1024
+    mouse_qk_dim_list: tuple[int, int, int] = (8, 28, 28)  # RoPE split of the head dim (time, -, -)
+    rope_theta: float = 256.0
+    vae_time_compression_ratio: int = 4
+    windows_size: int = 3
+    qk_norm: bool = True
+    qkv_bias: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("blocks", "mouse_qk_dim_list"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("heads_num", "hidden_size", "keyboard_dim_in", "keyboard_hidden_dim", "mouse_dim_in",
+                     "mouse_hidden_dim", "vae_time_compression_ratio", "windows_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"ActionConfig.{name}={v!r}: expected an int >= 1")
+        for name, width in (("mouse_hidden_dim", self.mouse_hidden_dim), ("keyboard_hidden_dim", self.keyboard_hidden_dim)):
+            if width % self.heads_num:
+                raise ValueError(f"ActionConfig.{name}={width}: must be divisible by heads_num={self.heads_num}")
+        if sum(self.mouse_qk_dim_list) != self.mouse_hidden_dim // self.heads_num:
+            raise ValueError(f"ActionConfig.mouse_qk_dim_list={list(self.mouse_qk_dim_list)}: must sum to the action "
+                             f"head dim {self.mouse_hidden_dim // self.heads_num}")
+        if any(not isinstance(b, int) or b < 0 for b in self.blocks):
+            raise ValueError(f"ActionConfig.blocks={list(self.blocks)}: expected block indices >= 0")
+
+    @property
+    def pad_frames(self) -> int:
+        """Video frames of actions each latent frame sees."""
+        return self.windows_size * self.vae_time_compression_ratio
 
 
 @dataclass(frozen=True)
@@ -36,11 +83,15 @@ class ModelConfig:
     in_channels: int = 16  # Wan VAE latent channels
     out_channels: int = 16
     patch_size: tuple[int, int, int] = (1, 2, 2)  # (frames, height, width), Conv3d kernel = stride
-    text_dim: int = 4096  # umT5-XXL hidden size
+    text_dim: int = 4096  # umT5-XXL hidden size; 0: no text conditioning (Matrix-Game-2)
     text_len: int = 512
     freq_dim: int = 256  # sinusoidal timestep embedding size
-    camera: bool = False  # per-block Plucker-ray camera conditioning
-    camera_fov_degrees: float = 90.0  # horizontal field of view of the pinhole used for Plucker rays
+    family: str = "wan"  # one of MODEL_FAMILIES
+    image_dim: int = 0  # CLIP image feature width of image-conditioned models (1280); 0: none
+    image_len: int = 257  # CLIP image tokens
+    action: ActionConfig | None = None  # Matrix-Game-2's action module
+    camera_fov_degrees: float = 90.0  # horizontal field of view of the default intrinsics (lingbot, world)
+    temporal_rope: bool = True  # False: every frame sits at temporal position 0 (no time position; the world model)
     frames_per_chunk: int = 3
     eps: float = 1e-6
     timestep_scale: float = 1000.0  # sigma in [0, 1] -> Wan's timestep in [0, 1000]
@@ -53,9 +104,24 @@ class ModelConfig:
             object.__setattr__(self, "patch_size", tuple(self.patch_size))
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"ModelConfig.name={self.name!r}: expected a non-empty str")
+        if isinstance(self.action, dict):
+            object.__setattr__(self, "action", ActionConfig(**self.action))
+        if self.family not in MODEL_FAMILIES:
+            raise ValueError(f"ModelConfig.family={self.family!r}: choose one of {list(MODEL_FAMILIES)}")
+        if (self.family == "matrix-game-2") != (self.action is not None):
+            raise ValueError(f"ModelConfig.action={self.action!r}: matrix-game-2 needs an ActionConfig, other families none")
+        if self.family == "matrix-game-2" and (self.image_dim < 1 or self.text_dim != 0):
+            raise ValueError(f"ModelConfig.image_dim={self.image_dim!r}, text_dim={self.text_dim!r}: matrix-game-2 is "
+                             "image-conditioned (image_dim >= 1) and has no text (text_dim 0)")
+        for field in ("text_dim", "image_dim"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"ModelConfig.{field}={value!r}: expected an int >= 0")
+        if self.family != "matrix-game-2" and self.text_dim < 1:
+            raise ValueError(f"ModelConfig.text_dim={self.text_dim!r}: family {self.family!r} is text-conditioned (>= 1)")
         for field in (
             "num_layers", "num_heads", "num_kv_heads", "head_dim", "dim", "ffn_dim", "latent_height",
-            "latent_width", "in_channels", "out_channels", "text_dim", "text_len", "freq_dim",
+            "latent_width", "in_channels", "out_channels", "text_len", "freq_dim", "image_len",
             "frames_per_chunk",
         ):
             value = getattr(self, field)
@@ -89,6 +155,8 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.latent_width={self.latent_width!r}: must be divisible by patch width {ps[2]}"
             )
+        if not isinstance(self.temporal_rope, bool):
+            raise ValueError(f"ModelConfig.temporal_rope={self.temporal_rope!r}: expected True or False")
         if not 1.0 <= self.camera_fov_degrees <= 179.0:
             raise ValueError(f"ModelConfig.camera_fov_degrees={self.camera_fov_degrees!r}: expected 1..179")
         if not 0.0 < self.eps < 1.0:
@@ -144,10 +212,12 @@ class ModelConfig:
         def linear(i: int, o: int) -> int:
             return i * o + o
 
+        if self.family != "wan":  # the model files count their own extra modules
+            from worldkv_connector.integration.video.models import build_model_on
+
+            return sum(p.numel() for p in build_model_on(self, "meta").parameters())
         attn = 4 * linear(d, d) + 2 * d  # q, k, v, o + RMSNorm weights of q and k
         block = 2 * attn + 2 * d + linear(d, self.ffn_dim) + linear(self.ffn_dim, d) + 6 * d  # + norm3, ffn, modulation
-        if self.camera:
-            block += linear(6 * pe, d)
         total = self.num_layers * block
         total += self.in_channels * pe * d + d  # patch_embedding (Conv3d)
         total += linear(self.text_dim, d) + linear(d, d)  # text_embedding
@@ -159,6 +229,8 @@ class ModelConfig:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["patch_size"] = list(self.patch_size)
+        if self.action is not None:
+            out["action"] = {k: list(v) if isinstance(v, tuple) else v for k, v in out["action"].items()}
         return out
 
     def replace(self, **changes) -> "ModelConfig":
@@ -177,12 +249,30 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         # Self-Forcing / CausVid: Wan2.1-T2V-1.3B at 480x832 (latent 60x104)
         ModelConfig("wan-1.3b", num_layers=30, num_heads=12, head_dim=128, dim=1536, ffn_dim=8960,
                     latent_height=60, latent_width=104),
-        # Matrix-Game-2.0: Wan-1.3B-shaped, 352x640 (latent 44x80), camera/action conditioned
+        # Matrix-Game-2.0 (Skywork): Wan-1.3B I2V-shaped, 352x640 (latent 44x80); input = 16 noise + 4 mask +
+        # 16 first-frame latent channels; CLIP image context, no text; action module in blocks 0-14
         ModelConfig("matrix-game-2", num_layers=30, num_heads=12, head_dim=128, dim=1536, ffn_dim=8960,
-                    latent_height=44, latent_width=80, camera=True),
-        # LingBot-World-Fast: Wan2.2-A14B-shaped (one expert), 480x832, camera conditioned
+                    latent_height=44, latent_width=80, in_channels=36, text_dim=0, family="matrix-game-2",
+                    image_dim=1280, action=ActionConfig()),
+        # tests: a Matrix-Game-2 with the upstream structure at toy widths (action module in blocks 0 and 1)
+        ModelConfig("tiny-mg2", num_layers=2, num_heads=2, head_dim=16, dim=32, ffn_dim=64, latent_height=8,
+                    latent_width=8, in_channels=36, text_dim=0, freq_dim=32, family="matrix-game-2", image_dim=24,
+                    image_len=5, dtype="fp32",
+                    action=ActionConfig(blocks=(0, 1), heads_num=1, hidden_size=8, keyboard_hidden_dim=64,
+                                        mouse_hidden_dim=64, mouse_qk_dim_list=(16, 24, 24))),
+        # LingBot-World-Fast (Robbyant): Wan2.2-I2V-A14B-shaped (one expert), 480x832; input = 16 noise + 4 mask +
+        # 16 first-frame latent channels; umT5 text context and Plucker camera control
         ModelConfig("lingbot-fast", num_layers=40, num_heads=40, head_dim=128, dim=5120, ffn_dim=13824,
-                    latent_height=60, latent_width=104, camera=True),
+                    latent_height=60, latent_width=104, in_channels=36, family="lingbot"),
+        # tests: a LingBot-World with the upstream structure at toy widths
+        ModelConfig("tiny-lingbot", num_layers=2, num_heads=2, head_dim=16, dim=32, ffn_dim=64, latent_height=8,
+                    latent_width=8, in_channels=36, text_dim=32, text_len=8, freq_dim=32, family="lingbot",
+                    dtype="fp32"),
+        # the world model trained on the procedural panorama world (worldkv_connector/world): 12 tokens
+        # per latent frame, camera-conditioned, no time position so any subset of cached chunks is a context
+        ModelConfig("world", num_layers=3, num_heads=4, head_dim=24, dim=96, ffn_dim=256, latent_height=4,
+                    latent_width=12, in_channels=4, out_channels=4, text_dim=8, text_len=1, freq_dim=32,
+                    family="world", camera_fov_degrees=45.0, temporal_rope=False, dtype="fp32"),
     )
 }
 

@@ -20,6 +20,7 @@ from worldkv_connector.integration.video.kv_cache import PagedKVCache
 from worldkv_connector.integration.video.model_config import ModelConfig
 from worldkv_connector.integration.video.recall import RecallProbe, RecallTracker
 from worldkv_connector.integration.video.sampling import FlowMatchSchedule
+from worldkv_connector.integration.video.session_inputs import SessionInputs
 
 __all__ = ["ModelRunner", "RowInput", "resolve_device"]
 
@@ -72,7 +73,7 @@ class ModelRunner:
         if args.checkpoint:
             from worldkv_connector.integration.video.checkpoint import load_checkpoint
 
-            load_checkpoint(self.model, args.checkpoint)
+            load_checkpoint(self.model, args.checkpoint, prefix=args.checkpoint_prefix, key=args.checkpoint_key)
         self.page_size = args.page_size
         self.kv_cache = PagedKVCache.from_budget(self.kv_shape, args.page_size, args.kv_cache_bytes, self.device)
         self.num_pages = self.kv_cache.num_pages
@@ -81,6 +82,12 @@ class ModelRunner:
         self.attention = PagedAttention(self.kv_caches, args.attention_backend)
         self.connector: VideoKVConnector | None = None
         self.recall: RecallTracker | None = None
+        self.inputs = SessionInputs(model_config)  # per-session conditioning beyond poses and prompt
+        self.action_store = None
+        if model_config.family == "matrix-game-2":
+            from worldkv_connector.integration.video.models.action_cache import ActionKVStore
+
+            self.action_store = ActionKVStore()
         if args.eval_attention_recall:
             self.recall = RecallTracker(model_config.num_layers)
         logger.info(
@@ -110,8 +117,13 @@ class ModelRunner:
     def _inputs(self, rows: list[RowInput]):
         c = self.config
         fpc = c.frames_per_chunk
-        lat = (fpc, c.in_channels, c.latent_height, c.latent_width)
+        lat = (fpc, c.out_channels, c.latent_height, c.latent_width)  # the noisy latent (MG2 adds its cond)
         gens = [_chunk_generator(r.seed, r.chunk_index) for r in rows]
+        offsets = torch.tensor([r.first_frame for r in rows], dtype=torch.int64, device=self.device)
+        if c.family == "matrix-game-2":
+            context, extra = self.inputs.matrix_game2(rows, fpc, self.device)
+            extra["action_attn"] = self.action_store
+            return gens, lat, context, extra, offsets
         contexts = []
         for r in rows:
             ctx = r.context if r.context is not None else torch.zeros(1, c.text_dim)
@@ -120,23 +132,24 @@ class ModelRunner:
         context = torch.zeros(len(rows), length, c.text_dim)
         for i, ctx in enumerate(contexts):
             context[i, : ctx.shape[0]] = ctx
-        cam = None
-        if c.camera:
-            cam = torch.from_numpy(np.stack([r.frame_poses for r in rows])).float().to(self.device)  # [B, F, 4, 4]
-        offsets = torch.tensor([r.first_frame for r in rows], dtype=torch.int64, device=self.device)
-        return gens, lat, context.to(self.device), cam, offsets
+        extra = self.inputs.lingbot(rows, self.device) if c.family == "lingbot" else {}
+        if c.family == "world":  # the world model's own camera conditioning: the frames' absolute poses
+            extra["cam"] = torch.from_numpy(np.stack([r.frame_poses for r in rows])).float().to(self.device)
+        return gens, lat, context.to(self.device), extra, offsets
 
     @torch.inference_mode()
     def execute(self, step: int, rows: list[RowInput], plan: WindowPlan, requests: list[ChunkRequest]) -> torch.Tensor:
         """Denoise one chunk per row and commit its K/V. Returns the chunks' latents
         [B, F, C, Hl, Wl] fp32 on the CPU (the last x0 prediction of each row)."""
-        gens, lat, context, cam, offsets = self._inputs(rows)
+        gens, lat, context, extra, offsets = self._inputs(rows)
         b = len(rows)
 
         def noise() -> torch.Tensor:
             return torch.stack([torch.randn(lat, generator=g) for g in gens]).to(self.device)
 
         meta = self.attention.begin_step(plan, self.device)
+        if self.action_store is not None:
+            self.action_store.begin_step(plan)  # the action caches read the same window as self-attention
         # the recall probe wraps the step's attention only when the diagnostic is on (no cost otherwise)
         attn_fn = self.attention if self.recall is None else RecallProbe(self.attention, self.recall)
         try:
@@ -149,19 +162,27 @@ class ModelRunner:
             for i, s in enumerate(sigmas):
                 t = torch.full((b,), s, dtype=torch.float32, device=self.device)
                 self.attention.set_pass(t, clean=False)
-                v = self.model(x, t, context, offsets, attn_fn, cam)
+                v = self.model(x, t, context, offsets, attn_fn, **extra)
                 x0 = self.schedule.predict_x0(x, v, t)
                 if i + 1 < len(sigmas):
                     x = self.schedule.renoise(x0, noise(), torch.full_like(t, sigmas[i + 1]))
             # clean pass at t = 0: its K/V is the one left in the chunk's pages (the commit)
             t0 = torch.zeros(b, dtype=torch.float32, device=self.device)
             self.attention.set_pass(t0, clean=True)
-            self.model(x0, t0, context, offsets, attn_fn, cam)
+            self.model(x0, t0, context, offsets, attn_fn, **extra)
             if self.connector is not None:
                 self.connector.wait_for_save()
             return x0.float().cpu()  # the copy to the CPU also ends the step on CUDA (timings are honest)
         finally:
             self.attention.end_step()
+            if self.action_store is not None:
+                self.action_store.end_step()
+
+    def end_session(self, session_id: str) -> None:
+        """Free a finished session's conditioning and action caches."""
+        self.inputs.end_session(session_id)
+        if self.action_store is not None:
+            self.action_store.end_session(session_id)
 
     def close(self) -> None:
         self.kv_cache.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,7 +26,8 @@ from worldkv_connector.integration.video.connector_api import (
 )
 from worldkv_connector.integration.video.model_runner import RowInput
 
-__all__ = ["Session", "ChunkResult", "StepBatch", "Scheduler", "CONNECTOR_OWNER", "EVICTED_OWNER"]
+__all__ = ["Session", "ChunkResult", "StepBatch", "Scheduler", "CONNECTOR_OWNER", "EVICTED_OWNER", "session_pages",
+           "kv_shortage_message"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,36 @@ EVICTED_OWNER = "__evicted__"  # pages of chunks that left the recent window, un
 
 def _parked(session_id: str) -> str:
     return f"__finished__:{session_id}"  # pages of a finished session the connector asked to keep
+
+
+def session_pages(num_chunks: int, *, window: str, sink_chunks: int, recent_chunks: int, chunk_pages: int,
+                  hot_pages: int = 0) -> int:
+    """Most KV pages one session holds at once: its window (every chunk for ``full``; sink + recent
+    for ``sliding``) plus the chunk being generated, plus ``hot_pages``, the pages a connector's
+    hot set of retrieved chunks may hold for it (a hard bound: released hot pages are freed before
+    a step allocates its loads)."""
+    if window == "full":
+        return num_chunks * chunk_pages
+    return min(num_chunks, sink_chunks + recent_chunks + 1) * chunk_pages + hot_pages
+
+
+def kv_shortage_message(need_pages: int, have_pages: int, page_bytes: int, *, window: str, sessions: int,
+                        hot_pages: int) -> str:
+    """The error for a KV cache smaller than a run needs: the exact budget and the flags that apply."""
+    gib = need_pages * page_bytes / (1 << 30)
+    digits = max(4, 4 - math.floor(math.log10(gib)) if gib > 0 else 4)
+    at_least = math.ceil(gib * 10 ** digits) / 10 ** digits  # rounded up: this value is enough
+    alternatives = []
+    if window == "full":
+        alternatives.append("--attention-window sliding")
+    if sessions > 1:
+        alternatives.append("fewer --sessions")
+    if hot_pages:
+        alternatives.append("a smaller hot_chunks in --kv-connector-config")
+    alt = f" (or {', '.join(alternatives)})" if alternatives else ""
+    return (f"KV cache too small: the run holds up to {need_pages} pages at once ({gib:.4g} GiB with "
+            f"--attention-window {window}{', the connector hot set' if hot_pages else ''}), the cache has "
+            f"{have_pages} pages; raise --kv-cache-memory to at least {at_least:g}{alt}")
 
 
 @dataclass
@@ -60,8 +92,14 @@ class ChunkResult:
 
 @dataclass
 class Session:
+    """One rollout. ``frame_poses``: [P, 4, 4] camera-to-world per latent frame; chunk ``c`` uses
+    frames ``[c*F, (c+1)*F)`` and frames past the end hold the last pose, so a long rollout of a
+    short trajectory costs no memory per chunk."""
+
     session_id: str
-    chunk_poses: np.ndarray  # [num_chunks, F, 4, 4] camera-to-world per latent frame
+    frame_poses: np.ndarray  # [P, 4, 4] float64
+    total_chunks: int
+    frames_per_chunk: int
     seed: int
     context: torch.Tensor | None = None  # [Lc, text_dim]
     next_chunk: int = 0
@@ -72,11 +110,36 @@ class Session:
 
     @property
     def num_chunks(self) -> int:
-        return int(self.chunk_poses.shape[0])
+        return self.total_chunks
+
+    def poses_of(self, chunk: int) -> np.ndarray:
+        """[F, 4, 4] camera-to-world of chunk ``chunk``'s latent frames (a copy)."""
+        if not 0 <= chunk < self.total_chunks:
+            raise IndexError(f"chunk {chunk} of session {self.session_id!r}: it has {self.total_chunks}")
+        frames = np.arange(chunk * self.frames_per_chunk, (chunk + 1) * self.frames_per_chunk)
+        return self.frame_poses[np.minimum(frames, self.frame_poses.shape[0] - 1)].copy()
+
+    @property
+    def chunk_poses(self) -> "_ChunkPoses":
+        """``chunk_poses[c]``: [F, 4, 4] of chunk c, computed on access (``shape`` [C, F, 4, 4])."""
+        return _ChunkPoses(self)
+
 
     @property
     def finished(self) -> bool:
         return self.next_chunk >= self.num_chunks
+
+
+class _ChunkPoses:
+    def __init__(self, session: Session) -> None:
+        self._s = session
+        self.shape = (session.total_chunks, session.frames_per_chunk, 4, 4)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, chunk: int) -> np.ndarray:
+        return self._s.poses_of(int(chunk))
 
 
 @dataclass
@@ -93,7 +156,7 @@ class StepBatch:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, frames_per_chunk: int, frame_tokens: int,
                  attention_window: str, sink_frames: int, recent_frames: int, page_bytes: int,
-                 connector: VideoKVConnector | None = None):
+                 connector: VideoKVConnector | None = None, hot_pages: int = 0):
         self.bm = block_manager
         self.fpc = frames_per_chunk
         self.frame_tokens = frame_tokens
@@ -103,28 +166,47 @@ class Scheduler:
         self.recent_chunks = recent_frames // frames_per_chunk
         self.page_bytes = page_bytes
         self.connector = connector
+        self.hot_pages = hot_pages  # pages a connector's hot set may hold per session
+        # running sessions, and finished ones that keep results until removed (drop_session)
         self.sessions: dict[str, Session] = {}
+        self.sessions_total = 0
         self._parked: set[str] = set()
 
     # --- sessions -------------------------------------------------------------------------------
     def _resident_pages(self, s: Session) -> int:
-        """Most pages a session holds at once without a connector (its window plus the current chunk)."""
-        chunks = s.num_chunks if self.window == "full" else min(s.num_chunks, self.sink_chunks + self.recent_chunks + 1)
-        return chunks * self.bm.pages_for(self.chunk_tokens)
+        """Most pages a session holds at once (window, current chunk and the connector's hot set)."""
+        return session_pages(s.num_chunks, window=self.window, sink_chunks=self.sink_chunks,
+                             recent_chunks=self.recent_chunks, chunk_pages=self.bm.pages_for(self.chunk_tokens),
+                             hot_pages=self.hot_pages if self.connector is not None else 0)
 
     def add_session(self, session: Session) -> None:
-        if session.session_id in self.sessions:
-            raise ValueError(f"session id {session.session_id!r} is already in use")
-        need = self._resident_pages(session) + sum(self._resident_pages(s) for s in self.running())
+        """Queue a session. A finished session's id may be used again once it was dropped (sessions
+        added with keep_results=False are dropped when they finish)."""
+        old = self.sessions.get(session.session_id)
+        if old is not None:
+            state = "is still running" if not old.finished else "finished but keeps its results (drop it first)"
+            raise ValueError(f"session id {session.session_id!r} is already in use: it {state}")
+        if session.session_id in self._parked:
+            raise ValueError(f"session id {session.session_id!r}: its previous run's pages are still held by the "
+                             "connector (stores in flight); poll or drain the engine first")
+        running = self.running()
+        need = self._resident_pages(session) + sum(self._resident_pages(s) for s in running)
         if need > self.bm.num_pages:
-            gib = need * self.page_bytes / (1 << 30)
-            raise KVCacheOutOfPages(
-                f"KV cache too small: the running sessions need {need} pages ({gib:.4g} GiB) with "
-                f"--attention-window {self.window}, the cache has {self.bm.num_pages}; raise --kv-cache-memory "
-                f"to at least {gib:.4g} (or use --attention-window sliding / fewer sessions or chunks)"
-            )
+            raise KVCacheOutOfPages(kv_shortage_message(
+                need, self.bm.num_pages, self.page_bytes, window=self.window, sessions=len(running) + 1,
+                hot_pages=self.hot_pages if self.connector is not None else 0))
         self.bm.add_session(session.session_id)
         self.sessions[session.session_id] = session
+        self.sessions_total += 1
+
+    def drop_session(self, session_id: str) -> None:
+        """Forget a finished session (its results too), so its id can be used again."""
+        s = self.sessions.get(session_id)
+        if s is None:
+            raise ValueError(f"unknown session {session_id!r}")
+        if not s.finished:
+            raise ValueError(f"session {session_id!r} is still running")
+        del self.sessions[session_id]
 
     def running(self) -> list[Session]:
         return [s for s in self.sessions.values() if not s.finished]
@@ -157,7 +239,7 @@ class Scheduler:
             if ext.num_tokens < 1:
                 raise ValueError(f"connector returned external chunk {ext.chunk_id} with {ext.num_tokens} tokens")
             if ext.needs_load:
-                ext.page_ids = self.bm.allocate(ext.num_pages(ps), CONNECTOR_OWNER)
+                ext.page_ids = self.bm.allocate(ext.num_pages(ps), CONNECTOR_OWNER, contiguous=True)
                 block_ids.append(list(ext.page_ids))
             elif len(ext.page_ids) != ext.num_pages(ps) or any(
                 not 0 <= p < self.bm.num_pages or self.bm.ref_count(p) == 0 for p in ext.page_ids
@@ -182,7 +264,7 @@ class Scheduler:
         rows, requests, committed, victims, evicted = [], [], [], [], []
         for s in sessions:
             c = s.next_chunk
-            poses = s.chunk_poses[c]
+            poses = s.poses_of(c)
             req = ChunkRequest(s.session_id, c, c * self.fpc, poses.copy(), self.frame_tokens, self.bm.page_size)
             table = self.bm.table(s.session_id)
             sink = [self._segment("sink", cid, table[cid]) for cid in s.sink]
@@ -202,7 +284,7 @@ class Scheduler:
             if victim is not None:
                 blocks = self.bm.table(s.session_id)[victim]
                 evicted.append(CommittedChunk(s.session_id, victim, list(blocks.page_ids), blocks.num_tokens,
-                                              s.chunk_poses[victim].copy()))
+                                              s.poses_of(victim).copy()))
         batch = StepBatch(step, sessions, rows, requests, plan, victims)
         if self.connector is not None:
             out = SchedulerOutput(step, requests, committed, evicted=evicted)
@@ -222,7 +304,7 @@ class Scheduler:
                 s.recent.remove(victim)
                 self._evict(s, victim)
             result = ChunkResult(
-                s.session_id, c, latents[row], mean_pose(s.chunk_poses[c]), batch.plan.external_ids(row),
+                s.session_id, c, latents[row], mean_pose(s.poses_of(c)), batch.plan.external_ids(row),
                 step_seconds, resident_kv_bytes, s.finished, batch.step,
             )
             if s.keep_results:
@@ -230,8 +312,23 @@ class Scheduler:
             results.append(result)
             if s.finished:
                 self._end_session(s)
+                if not s.keep_results:  # nothing of it is left to read: its id is free again
+                    del self.sessions[s.session_id]
         self.poll()
         return results
+
+    def end_session(self, session_id: str) -> None:
+        """End a running session now, after the chunks it generated (a streaming host learns the
+        length only at the end): its length is cut to ``next_chunk`` and its pages are freed
+        or parked for the connector like those of a session that reached its last chunk. A session
+        that already finished is left as it is."""
+        s = self.sessions.get(session_id)
+        if s is None:
+            raise ValueError(f"end_session: unknown session {session_id!r}")
+        s.total_chunks = s.next_chunk
+        if self.bm.has_session(session_id):
+            self._end_session(s)
+        self.poll()
 
     def _evict(self, s: Session, chunk_id: int) -> None:
         if self.connector is None:

@@ -52,7 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover - type names only
 
 __all__ = ["WorldKVConnector", "VLLMConnectorConfig", "WorldKVConnectorStats"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger: its handler prints these lines
 
 # WorldKVConfig keys that only mean something to the video backend (poses, windows, compression
 # layout); accepted so one JSON can serve both hosts, and ignored here
@@ -192,6 +192,11 @@ class WorldKVConnector(KVConnectorBase_V1):
                 kv_caches, num_blocks=self._kv_cache_config.num_blocks,
                 num_kv_heads=self._spec.num_kv_heads, head_size=self._spec.head_size,
             )
+            bank = self.worker.bank
+            if bank is not None:
+                logger.info("WorldKV: bank (%s%s) holds %d blocks of %d tokens, %.3g MiB each (bank_bytes %.3g GiB)",
+                            bank.tier, ", pinned" if bank.pinned else "", bank.num_slots, bank.slot_tokens,
+                            bank.slot_bytes / (1 << 20), bank.capacity_bytes / (1 << 30))
 
     def _meta(self) -> WorldKVConnectorMetadata:
         meta = self._get_connector_metadata()
@@ -239,6 +244,8 @@ class WorldKVConnector(KVConnectorBase_V1):
         return WorldKVConnectorStats(data=dict(data or {}))
 
     def shutdown(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.log_totals()
         if self.worker is not None:
             self.worker.shutdown()
 

@@ -27,7 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover - type names only
 
 __all__ = ["BlockTransfer", "WorldKVConnectorMetadata", "WorldKVWorkerMetadata", "WorldKVScheduler", "bank_key"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger: its handler prints these lines
+_LOG_EVERY = 100  # finished requests between two INFO lines of bank hits
 
 BankKey = Hashable  # (namespace: str, block_hash: bytes)
 
@@ -234,8 +235,17 @@ class WorldKVScheduler:
             if st.finished and not st.unconfirmed and not waiting:
                 self._reqs.pop(req_id, None)
 
+    def log_totals(self) -> None:
+        """Log the bank hits so far (at INFO: every ``_LOG_EVERY`` finished requests and at shutdown)."""
+        c = self.totals
+        logger.info("WorldKV: %d request(s) finished; %d bank hit(s) loaded %d tokens; %d block(s) banked and ready",
+                    c["finished_requests"], c["hit_requests"], c["hit_tokens"], self.num_ready)
+
     def request_finished(self, request: "Request") -> tuple[bool, dict[str, Any] | None]:
         """Defer the block frees while this request's stores may still be reading its blocks."""
+        self.totals["finished_requests"] += 1
+        if self.totals["finished_requests"] % _LOG_EVERY == 0:
+            self.log_totals()
         st = self._reqs.get(request.request_id)
         if st is None:
             return False, None

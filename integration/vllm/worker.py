@@ -1,10 +1,11 @@
 """Worker half of the vLLM connector: owns the bank, the transfer engine and the copies (STYLE §5).
 
 A bank slot is one vLLM block (``slot_tokens = block_size``) of every layer. Copies go through
-the core's :class:`~worldkv_connector.transfer.TransferEngine`, which wants contiguous fragments,
-so each KV cache layout maps one block of one layer to a few contiguous fragments
-(:class:`BlockLayout`). Stores are issued in ``wait_for_save`` (after the forward wrote the
-step's KV, one job per request); loads in ``start_load_kv`` (one job per request). Nothing here
+the core's :class:`~worldkv_connector.transfer.TransferEngine` as address plans
+(``submit_plan``): each KV cache layout maps one block of one layer to a few contiguous byte
+ranges (:class:`BlockLayout`), and a request's blocks over all layers are planned at once with
+numpy. Stores are issued in ``wait_for_save`` (after the forward wrote the step's KV, one job per
+request); loads in ``start_load_kv`` (one job per request). Nothing here
 knows about poses or compression: prefix KV must come back bit-exact.
 """
 from __future__ import annotations
@@ -14,12 +15,13 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from worldkv_connector.bank import Bank
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.disk_tier import DiskTier
-from worldkv_connector.transfer import TransferEngine, TransferJob
+from worldkv_connector.transfer import FragmentPlan, TransferEngine, TransferJob, plan_fragments
 
 from .scheduler import BankKey, BlockTransfer, WorldKVConnectorMetadata, WorldKVWorkerMetadata
 
@@ -47,11 +49,14 @@ class BlockLayout:
             return [kv[0, block_id], kv[1, block_id]]  # [T, H, D] each
         return [kv[block_id]]  # cpu: [H, T, 2D]; block_kv_nhd: [2, T, H, D]
 
-    def bank_fragments(self, layer_view: torch.Tensor) -> list[torch.Tensor]:
-        """layer_view: ``[2, T, H, D]`` one layer of one bank entry."""
+    def block_parts(self, kv: torch.Tensor) -> tuple[int, list[tuple[int, int]], int]:
+        """How one block of one layer maps to bytes: ``(block stride, [(offset in the cache tensor,
+        offset in the bank's [2, T, H, D] layer view)], bytes per part)``."""
+        item = kv.element_size()
         if self.name == "kv_nhd":
-            return [layer_view[0], layer_view[1]]
-        return [layer_view]
+            part = kv[0, 0].numel() * item  # one [T, H, D] of K (or V)
+            return kv.stride(1) * item, [(0, 0), (kv.stride(0) * item, part)], part
+        return kv.stride(0) * item, [(0, 0)], kv[0].numel() * item
 
 
 def detect_layout(
@@ -156,14 +161,24 @@ class WorldKVWorker:
             self.totals[name] += value
             self._interval[name] += value
 
-    def _pairs(self, key: BankKey, block_id: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(cache fragments, bank fragments) of one block over all layers, in matching order."""
-        entry_view = self.bank.view(key)  # [L, 2, T, H, D]
-        cache, bank = [], []
-        for layer, kv in enumerate(self._layers):
-            cache += self.layout.cache_fragments(kv, block_id)
-            bank += self.layout.bank_fragments(entry_view[layer])
-        return cache, bank
+    def _plan(self, keys: list[BankKey], block_ids: list[int], *, to_bank: bool) -> FragmentPlan:
+        """The copies of ``keys``' blocks over all layers, as address arrays (one job): fragments
+        ordered layer, block, part; ranges checked against the cache tensors and the bank views."""
+        views = [self.bank.view(key) for key in keys]  # [L, 2, T, H, D] each
+        stride, parts, size = self.layout.block_parts(self._layers[0])
+        cache_part = np.asarray([c for c, _ in parts], dtype=np.uint64)
+        bank_part = np.asarray([b for _, b in parts], dtype=np.uint64)
+        item = views[0].element_size()
+        bases = np.asarray([t.data_ptr() for t in self._layers], dtype=np.uint64)[:, None, None]  # [L, 1, 1]
+        blocks = np.asarray(block_ids, dtype=np.uint64)[None, :, None] * np.uint64(stride)  # [1, n, 1]
+        cache = bases + blocks + cache_part[None, None, :]  # [L, n, parts]
+        slots = np.asarray([v.data_ptr() for v in views], dtype=np.uint64)[None, :, None]
+        layer_step = np.asarray([v.stride(0) * item for v in views], dtype=np.uint64)[None, :, None]
+        bank = slots + np.arange(len(self._layers), dtype=np.uint64)[:, None, None] * layer_step + bank_part
+        cache, bank = cache.reshape(-1), bank.reshape(-1)
+        sizes = np.full(cache.size, size, dtype=np.uint64)
+        src, dst = (cache, bank) if to_bank else (bank, cache)
+        return plan_fragments(src, dst, sizes, keep=(*self._layers, *views))
 
     # --- per step ------------------------------------------------------------------------------
     def handle_preemptions(self, meta: WorldKVConnectorMetadata) -> None:
@@ -187,7 +202,7 @@ class WorldKVWorker:
             self._drain()
 
     def _load_request(self, load: BlockTransfer) -> None:
-        srcs, dsts, keys, ids = [], [], [], []
+        keys, ids = [], []
         for key, block_id in zip(load.keys, load.block_ids):
             entry = self.bank.get(key)
             # the scheduler's view can be stale (evicted, dropped or reset here), and a spilled
@@ -196,24 +211,21 @@ class WorldKVWorker:
             ok = entry is not None and entry.ready and self.bank.ensure_resident(key)
             if not ok and keys and key in self.bank:
                 # the host tier is full of this request's own pinned blocks: land those first
-                self._submit_load(load.req_id, srcs, dsts, keys, ids, wait=True)
-                srcs, dsts, keys, ids = [], [], [], []
+                self._submit_load(load.req_id, keys, ids, wait=True)
+                keys, ids = [], []
                 ok = self.bank.ensure_resident(key)
             if not ok:
                 self._fail_blocks(load.req_id, [block_id], [key], f"bank entry {key!r} is not loadable")
                 continue
-            cache, bank = self._pairs(key, block_id)
-            srcs += bank
-            dsts += cache
             self.bank.pin(key)  # no eviction or spill under the copy
             self.bank.touch(key)  # a hit makes the entry young for LRU
             keys.append(key)
             ids.append(block_id)
         if keys:
-            self._submit_load(load.req_id, srcs, dsts, keys, ids, wait=False)
+            self._submit_load(load.req_id, keys, ids, wait=False)
 
-    def _submit_load(self, req_id: str, srcs, dsts, keys: list[BankKey], ids: list[int], *, wait: bool) -> None:
-        job = self.engine.submit("load", srcs, dsts, tag="load")
+    def _submit_load(self, req_id: str, keys: list[BankKey], ids: list[int], *, wait: bool) -> None:
+        job = self.engine.submit_plan("load", self._plan(keys, ids, to_bank=False), tag="load")
         self._loads.setdefault(req_id, []).append(_Job(job, req_id, keys, ids))
         if wait:
             self.engine.wait(job)
@@ -231,7 +243,7 @@ class WorldKVWorker:
                 self._lost.update(store.keys)
                 self._count(store_skipped_blocks=len(store.keys))
                 continue
-            srcs, dsts, keys, ids = [], [], [], []
+            keys, ids = [], []
             for key, block_id in zip(store.keys, store.block_ids):
                 have = self.bank.get(key)
                 if have is not None:
@@ -244,14 +256,11 @@ class WorldKVWorker:
                     self._lost.add(key)
                     self._count(store_skipped_blocks=1)
                     continue
-                cache, bank = self._pairs(key, block_id)
-                srcs += cache
-                dsts += bank
                 self.bank.pin(key)
                 keys.append(key)
                 ids.append(block_id)
             if keys:
-                job = self.engine.submit("store", srcs, dsts, tag="store")
+                job = self.engine.submit_plan("store", self._plan(keys, ids, to_bank=True), tag="store")
                 self._stores.setdefault(store.req_id, []).append(_Job(job, store.req_id, keys, ids))
 
     def _fail_blocks(self, req_id: str, block_ids: list[int], keys: list[BankKey], why: str) -> None:

@@ -9,13 +9,19 @@ import torch
 from worldkv_connector.bench.common import PagedLayout, check_preset, cpu_target_shape, measure_many, target
 from worldkv_connector.cli import main
 from worldkv_connector.config import WorldKVConfig
-from worldkv_connector.kernels.page_copy import gather_pages_torch
 from worldkv_connector.shapes import get_preset
 from worldkv_connector.transfer import TransferEngine
 
 FAST = ["--preset", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--threads", "1"]
 TINY = get_preset("tiny")
 CFG = WorldKVConfig()
+
+
+def gather_pages_torch(pool, page_ids, page_lens):
+    """[*lead, N, H, D]: the first page_lens[i] tokens of page page_ids[i] of pool
+    [*lead, num_pages, page_size, H, D], page after page (the reference of a paged gather)."""
+    parts = [pool[..., int(p), :int(n), :, :] for p, n in zip(page_ids.tolist(), page_lens.tolist())]
+    return torch.cat(parts, dim=-3)
 
 
 def bench(tmp_path, name, *extra):

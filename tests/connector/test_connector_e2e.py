@@ -13,7 +13,7 @@ from worldkv_connector.integration.video import VideoEngine
 from worldkv_connector.integration.video.model_runner import RowInput
 from worldkv_connector.integration.video.scheduler import CONNECTOR_OWNER, EVICTED_OWNER
 from worldkv_connector.kernels.paged_attention import paged_attention_torch
-from worldkv_connector.poses import chunk_poses, parse_trajectory
+from worldkv_connector.poses import chunk_poses, parse_trajectory, trajectory_poses
 from worldkv_connector.rope import rotate_temporal
 from worldkv_connector.transfer import TransferEngine
 
@@ -60,11 +60,11 @@ class GarbageLoads(TransferEngine):
 
     fail = False
 
-    def submit(self, kind, srcs, dsts, **kw):
-        job = super().submit(kind, srcs, dsts, **kw)
+    def submit_plan(self, kind, plan, **kw):
+        job = super().submit_plan(kind, plan, **kw)
         if kind == "load" and self.fail:
-            for d in dsts:
-                d.fill_(1e4)  # wrong data: must never reach attention
+            for d in plan.dst_views():
+                d.fill_(0x7F)  # wrong data (bytes of huge floats): must never reach attention
             job.error = "RuntimeError: injected"
         return job
 
@@ -108,18 +108,18 @@ def dense_replay(engine, sid, rope=False):
             return paged_attention_torch(q, kk[None], vv[None], table, lens)
 
         row = RowInput(sid, c, c * fpc, session.seed, session.chunk_poses[c], session.context)
-        gens, lat, context, cam, offsets = runner._inputs([row])
+        gens, lat, context, extra, offsets = runner._inputs([row])
         noise = lambda: torch.stack([torch.randn(lat, generator=g) for g in gens])  # noqa: E731
         sched = runner.schedule
         x = noise()
         sigmas = sched.sigmas
         for i, s in enumerate(sigmas):
             t = torch.full((1,), s)
-            x0 = sched.predict_x0(x, runner.model(x, t, context, offsets, attn, cam), t)
+            x0 = sched.predict_x0(x, runner.model(x, t, context, offsets, attn, **extra), t)
             if i + 1 < len(sigmas):
                 x = sched.renoise(x0, noise(), torch.full_like(t, sigmas[i + 1]))
         state["clean"] = True
-        runner.model(x0, torch.zeros(1), context, offsets, attn, cam)
+        runner.model(x0, torch.zeros(1), context, offsets, attn, **extra)
         outs.append(x0[0])
     return outs, own
 
@@ -155,10 +155,11 @@ def test_reinsertion_equals_dense_attention_over_banked_chunks(keep_ratio, rope)
     engine.close()
 
 
-@pytest.mark.parametrize("spec", ["R_L_R_L_R_L90", "L_R_W_S_L_R90", "WSRLRL90"])
-def test_retrieval_on_revisit_trajectory_matches_pose_oracle(spec):
+# revisits counted in latent chunks of the reference's video-frame convention (30, 26 and 19 chunks)
+@pytest.mark.parametrize("spec, min_revisits", [("R_L_R_L_R_L90", 6), ("L_R_W_S_L_R90", 4), ("WSRLRL90", 1)])
+def test_retrieval_on_revisit_trajectory_matches_pose_oracle(spec, min_revisits):
     engine = make_engine(keep_ratio=0.25, retrieval_chunks=4, hot_chunks=4)
-    poses = chunk_poses(parse_trajectory(spec), 3)  # the whole trajectory: every spec goes and comes back
+    poses = chunk_poses(trajectory_poses(spec), 3)  # the whole trajectory: every spec goes and comes back
     engine.add_session("a", trajectory=spec, num_chunks=len(poses), seed=0)
     engine.run()
     hits = total = revisits = 0
@@ -178,11 +179,11 @@ def test_retrieval_on_revisit_trajectory_matches_pose_oracle(spec):
         hits += len(oracle.intersection(r.retrieved))
         total += k
         best = int(np.argmin(dist))
-        if trans[best] < 0.05**2 and rot[best] < np.radians(3):  # a revisit of a first-visit view
+        if trans[best] < 0.05**2 and rot[best] < np.radians(8):  # a revisit: within one latent frame's turn
             revisits += 1
             assert cand[best] in r.retrieved or dist[[cand.index(g) for g in r.retrieved]].min() <= dist[best] + 1e-12
-    assert revisits >= 6
-    assert total > 120 and hits / total >= 0.9
+    assert revisits >= min_revisits
+    assert total >= 40 and hits / total >= 0.9
     m = engine.metrics()["connector"]
     assert m["retrieval_hits"] > 0 and m["retrieval_misses"] > 0
     engine.close()
@@ -252,8 +253,8 @@ def test_pages_never_freed_or_reused_before_their_store_completed():
     def busy():
         return set().union(*pending.values()) if pending else set()
 
-    def allocate_spy(n, owner):
-        pages = allocate(n, owner)
+    def allocate_spy(n, owner, **kw):
+        pages = allocate(n, owner, **kw)
         assert not busy().intersection(pages), "a page was reused before its store completed"
         return pages
 

@@ -217,26 +217,31 @@ def test_session_end_waits_for_stores_and_returns_hot_pages():
     assert meta.finished_sessions == ["s"] and {key[1] for key in meta.released} >= set(hot_chunks)
 
 
-def test_rope_positions_are_contiguous_before_recent_and_rotate_by_difference():
+def test_rope_positions_are_contiguous_before_recent_and_rotate_from_the_original():
     poses = chunk_poses(parse_trajectory("R_L_R90"), 3)
     sched = make(rope_correction=True, retrieval_chunks=3, hot_chunks=3)
     eng = FakeEngine(sched, poses)
     position = {}  # chunk -> where its keys sit now (original position when loaded)
+    reloads = 0
     for c in range(len(poses)):
         req, meta = eng.run_step(c)
         for spec in meta.loads:
             position[spec.key[1]] = spec.key[1] * 3
         for d in meta.rope_deltas:
-            position[d.key[1]] += d.delta
+            origin = d.key[1] * 3
+            # the delta is from the original keys; pages holding rotated keys are restored first
+            assert d.reload == (position[d.key[1]] != origin)
+            assert origin + d.delta != position[d.key[1]]  # only when its target moved
+            reloads += d.reload
+            position[d.key[1]] = origin + d.delta
             n = len(d.page_ids)
             assert d.page_lens == tuple([PS] * (n - 1) + [CHUNK - PS * (n - 1)])
         m = len(req.external)
         recent_start = max(1, c - 2) * 3
         for j, e in enumerate(req.external):
             assert position[e.chunk_id] == recent_start - (m - j) * 3
-        # a kept chunk is rotated by the difference only, and only when its target moved
-        assert all(d.delta != 0 for d in meta.rope_deltas)
         assert len({d.key for d in meta.rope_deltas}) == len(meta.rope_deltas)
+    assert reloads  # kept chunks did move again: each time from the bank's original keys
 
 
 def test_load_failure_drops_chunk_from_hot_set_and_reloads():

@@ -44,10 +44,10 @@ class FailingTransfer(TransferEngine):
         super().__init__("cpu")
         self.kind, self.raise_ = kind, raise_
 
-    def submit(self, kind, srcs, dsts, **kw):
+    def submit_plan(self, kind, plan, **kw):
         if kind == self.kind and self.raise_:
             raise RuntimeError("injected submit failure")
-        job = super().submit(kind, srcs, dsts, **kw)
+        job = super().submit_plan(kind, plan, **kw)
         if kind == self.kind:
             job.error = "RuntimeError: injected copy failure"
         return job
@@ -292,3 +292,71 @@ def test_cuda_store_and_load_match_cpu_reference():
         assert torch.equal(pool[0, 50].cpu(), view[i, 0, :20].cpu())
         assert torch.equal(pool[1, 51, :4].cpu(), view[i, 1, 20:24].cpu())
     worker.close()
+
+
+def _exact_rotation(k, delta):
+    """fp64 rotation of the temporal channel pairs of k [..., H, D] by ``delta`` frames."""
+    from worldkv_connector.rope import ROPE_THETA, rope_split
+
+    dt = rope_split(k.shape[-1])[0]
+    inv = ROPE_THETA ** (-2.0 * torch.arange(dt // 2, dtype=torch.float64) / dt)
+    cos, sin = torch.cos(delta * inv), torch.sin(delta * inv)
+    x = k.double().clone()
+    x0, x1 = x[..., 0:dt:2].clone(), x[..., 1:dt:2].clone()
+    x[..., 0:dt:2], x[..., 1:dt:2] = x0 * cos - x1 * sin, x0 * sin + x1 * cos
+    return x
+
+
+def test_rope_correction_over_100_steps_stays_at_the_one_shot_error():
+    """A hot chunk re-targeted every step for 100 steps: each step's keys are rotated from the
+    bank's original keys (reload), so the error against an exact fp64 rotation stays at the level
+    of one bf16 rotation; accumulating the same deltas in place on bf16 pages drifts."""
+    from worldkv_connector.kernels.rope_delta import rope_delta_torch
+    from worldkv_connector.shapes import KVShape
+
+    shape = KVShape("bf16", num_layers=2, num_kv_heads=2, head_dim=128, frame_tokens=16, dtype="bf16")
+    config = WorldKVConfig(page_size=PS, bank_bytes=1 << 22, keep_ratio=1.0, rope_correction=True)
+    worker = WorldKVWorker(config, shape, page_size=PS, device="cpu")
+    g = torch.Generator().manual_seed(3)
+    caches = {f"blocks.{i}": torch.zeros(2, NUM_PAGES, PS, 2, 128, dtype=torch.bfloat16) for i in range(2)}
+    worker.register_kv_caches(caches)
+    key, pages, lens = ("s", 0), (11, 12, 13), (20, 20, 8)
+    worker.bank.reserve(key, T)
+    worker.bank.view(key).copy_(torch.randn(2, 2, T, 2, 128, generator=g))
+    worker.bank.mark_ready(key)
+    original = worker.bank.view(key)[:, 0].clone()  # [L, T, H, D] K as banked
+
+    def rel_error(k_pages, delta):  # k_pages: [L, 3 pages, PS, H, D] -> chunk rows vs exact
+        got = torch.cat([k_pages[:, i, :n] for i, n in enumerate(lens)], dim=1).double()
+        want = _exact_rotation(original, delta)
+        return float((got - want).norm() / want.norm())
+
+    targets = [-3 * (1 + (s * 7) % 23) for s in range(101)]  # positions relative to the original
+    run_load(worker, [LoadSpec(key, pages, T)], ropes=[RopeDelta(key, pages, lens, targets[0])], step=0)
+    one_shot = rel_error(torch.stack([c[0, list(pages)] for c in caches.values()]), targets[0])
+    errors = []
+    for s in range(1, 101):
+        run_load(worker, [], ropes=[RopeDelta(key, pages, lens, targets[s], reload=True)], step=s)
+        worker.poll()
+        errors.append(rel_error(torch.stack([c[0, list(pages)] for c in caches.values()]), targets[s]))
+    assert 0 < one_shot < 5e-3  # one bf16 rounding of the rotated keys
+    assert max(errors) < 1.5 * one_shot, (one_shot, max(errors))
+    assert worker.metrics.load_errors == 0
+    # the failure mode this prevents: the same positions reached by in-place deltas on bf16 pages
+    drift = torch.stack([c[0].clone() for c in caches.values()])  # [L, pages, PS, H, D]
+    for i, p in enumerate(pages):
+        drift[:, p, :lens[i]] = torch.stack([original[layer, 20 * i:20 * i + lens[i]] for layer in range(2)])
+    ids, n = torch.tensor(pages), torch.tensor(lens)
+    prev = 0
+    for t in targets:
+        rope_delta_torch(drift, ids, torch.full((3,), t - prev), n)
+        prev = t
+    assert rel_error(drift[:, list(pages)], targets[-1]) > 3 * one_shot
+    worker.close()
+
+
+def test_rope_reload_of_an_evicted_chunk_is_a_load_error_not_drift():
+    worker, _ = make_worker(keep_ratio=1.0, rope_correction=True)
+    run_load(worker, [], ropes=[RopeDelta(("s", 4), (6, 7, 8), (20, 20, 8), -3, reload=True)])
+    assert worker.load_error_pages() == {6, 7, 8}
+    assert worker.poll().loads_failed == [("s", 4)]

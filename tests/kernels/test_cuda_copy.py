@@ -1,5 +1,6 @@
-"""The SM copy engine: descriptor planning and merging run on the CPU (executed here with memmove,
-against torch references); the CuPy/NVRTC kernel runs against the same references on a GPU."""
+"""The SM copy engine: descriptor merging runs on the CPU (executed here with memmove, against torch
+references); the CuPy/NVRTC kernel runs the transfer planner's tables against the same references
+on a GPU."""
 import ctypes
 
 import numpy as np
@@ -9,15 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worldkv_connector import cuda_copy
-from worldkv_connector.cuda_copy import (
-    CopyKernelConfig,
-    copy_fragments,
-    gather_to_host,
-    host_shape,
-    merge_fragments,
-    plan_page_fragments,
-    scatter_from_host,
-)
+from worldkv_connector.cuda_copy import CopyKernelConfig, copy_fragments, merge_fragments
+from worldkv_connector.transfer import plan_layer_copies
 
 HAS_CUPY = cuda_copy._cupy() is not None
 
@@ -67,56 +61,12 @@ def test_merged_table_moves_the_same_bytes(pieces):
     assert torch.equal(out_a, out_b)
 
 
-@pytest.mark.parametrize("as_list", [False, True])
-def test_whole_page_plan_gathers_and_scatters_every_layer(as_list):
-    p = pools()
-    source = list(p.unbind(0)) if as_list else p
-    ids = [4, 5, 0, 2]
-    host = torch.zeros(host_shape(source, len(ids)))
-    assert host.shape == (3, 2, 4, 4, 2, 8)
-    run_on_cpu(*plan_page_fragments(source, ids, host.data_ptr()))
-    assert torch.equal(host, p[:, :, ids])
-    back = torch.zeros_like(p)
-    target = list(back.unbind(0)) if as_list else back
-    run_on_cpu(*plan_page_fragments(target, ids, host.data_ptr(), to_host=False))
-    assert torch.equal(back[:, :, ids], p[:, :, ids]) and not back[:, :, [1, 3]].any()
-
-
-def test_packed_plan_moves_only_valid_tokens():
-    p = pools(dtype=torch.bfloat16)
-    ids, lens = [3, 1, 5, 0], [4, 1, 0, 3]
-    host = torch.zeros(host_shape(p, page_lens=lens), dtype=torch.bfloat16)
-    run_on_cpu(*plan_page_fragments(p, ids, host.data_ptr(), lens))
-    assert torch.equal(host, packed_reference(p, ids, lens))
-    back = torch.zeros_like(p)
-    run_on_cpu(*plan_page_fragments(back, ids, host.data_ptr(), lens, to_host=False))
-    assert torch.equal(back[:, :, 3], p[:, :, 3]) and torch.equal(back[:, :, 1, :1], p[:, :, 1, :1])
-    assert not back[:, :, 1, 1:].any() and not back[:, :, 5].any()
-
-
-def test_consecutive_pages_become_one_fragment_per_plane():
-    p = pools(layers=2)
-    host = torch.zeros(host_shape(p, 3))
-    src, _, sizes = plan_page_fragments(p, [1, 2, 3], host.data_ptr())
-    page_bytes = 4 * 2 * 8 * 4
-    # pages 1..3 are adjacent in each (layer, K/V) plane and in the host layout: 4 planes, 1 run each
-    assert len(src) == 4 and sizes.tolist() == [3 * page_bytes] * 4
-
-
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda p, h: plan_page_fragments(p, [6], h), "page_ids"),
-        (lambda p, h: plan_page_fragments(p, [-1], h), "non-negative"),
-        (lambda p, h: plan_page_fragments(p, [0], h, [5]), "page_size"),
-        (lambda p, h: plan_page_fragments(p, [0, 1], h, [1]), "page_lens"),
-        (lambda p, h: plan_page_fragments(p[:, 0], [0], h), "L, 2"),
-        (lambda p, h: plan_page_fragments([p[0], p[1, :, :3]], [0], h), "pools\\[1\\]"),
-        (lambda p, h: plan_page_fragments(p.transpose(-1, -2), [0], h), "contiguous pages"),
-        (lambda p, h: plan_page_fragments([], [0], h), "non-empty"),
         (lambda p, h: merge_fragments([1, 2], [3], [4, 5]), "equal lengths"),
         (lambda p, h: merge_fragments([1.5], [3], [4]), "integers"),
-        (lambda p, h: host_shape(p), "num_pages"),
+        (lambda p, h: merge_fragments([-1], [3], [4]), "non-negative"),
     ],
 )
 def test_bad_plans_raise_value_error(call, match):
@@ -139,8 +89,6 @@ def test_available_is_a_bool_and_copies_refuse_without_cuda():
         pytest.skip("CUDA and CuPy are present: the refusal path does not apply")
     with pytest.raises(RuntimeError, match="CuPy"):
         copy_fragments([0], [0], [16])
-    with pytest.raises(RuntimeError, match="CuPy"):
-        gather_to_host(pools(), [0], torch.zeros(10))
 
 
 def test_the_shipped_source_defines_the_kernel():
@@ -158,37 +106,44 @@ needs_cupy = pytest.mark.skipif(
 )
 
 
+def _kernel_run(plans, stream=None, max_blocks=None):
+    """Every layer's plan through the kernel (host memory is pinned: identity under UVA)."""
+    for layer in range(plans.num_layers):
+        plan = plans.layer(layer)
+        copy_fragments(plan.src, plan.dst, plan.sizes, stream=stream, max_blocks=max_blocks)
+
+
 @pytest.mark.cuda
 @needs_cupy
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cuda_gather_to_pinned_host_and_back(dtype):
+def test_cuda_kernel_gathers_planned_pages_to_pinned_host_and_back(dtype):
     p = pools(layers=4, num_pages=40, page_size=64, heads=12, head_dim=128, dtype=dtype, device="cuda")
     ids = [7, 8, 9, 30, 2]
-    host = torch.zeros(host_shape(p, len(ids)), dtype=dtype).pin_memory()
+    lens = [64] * 5
+    slot = torch.zeros(4, 2, 5 * 64, 12, 128, dtype=dtype).pin_memory()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())  # the pools were written on the current stream
-    moved = gather_to_host(p, ids, host, stream=stream)
+    _kernel_run(plan_layer_copies(p, [slot], [ids], [lens], to_slot=True), stream=stream)
     stream.synchronize()
-    assert moved == host.numel() * host.element_size()
-    assert torch.equal(host, p[:, :, ids].cpu())
+    assert torch.equal(slot, packed_reference(p, ids, lens).cpu())
     back = torch.zeros_like(p)
-    scatter_from_host(host, back, ids, max_blocks=1)
+    _kernel_run(plan_layer_copies(back, [slot], [ids], [lens], to_slot=False), max_blocks=1)
     torch.cuda.synchronize()
     assert torch.equal(back[:, :, ids], p[:, :, ids]) and not back[:, :, [0, 1, 3]].any()
 
 
 @pytest.mark.cuda
 @needs_cupy
-def test_cuda_packed_partial_pages_per_layer_list():
+def test_cuda_kernel_moves_only_valid_tokens_of_partial_pages_per_layer_list():
     p = pools(layers=3, num_pages=20, page_size=64, heads=4, head_dim=64, dtype=torch.bfloat16, device="cuda")
     layers = list(p.unbind(0))  # vLLM-style list of per-layer [2, num_pages, page_size, H, D]
     ids, lens = [5, 6, 11, 0], [64, 17, 0, 3]
-    host = torch.zeros(host_shape(layers, page_lens=lens), dtype=torch.bfloat16).pin_memory()
-    gather_to_host(layers, ids, host, lens)
+    slot = torch.zeros(3, 2, sum(lens), 4, 64, dtype=torch.bfloat16).pin_memory()
+    _kernel_run(plan_layer_copies(layers, [slot], [ids], [lens], to_slot=True))
     torch.cuda.synchronize()
-    assert torch.equal(host, packed_reference(p, ids, lens).cpu())
+    assert torch.equal(slot, packed_reference(p, ids, lens).cpu())
     back = torch.zeros_like(p)
-    scatter_from_host(host, list(back.unbind(0)), ids, lens)
+    _kernel_run(plan_layer_copies(list(back.unbind(0)), [slot], [ids], [lens], to_slot=False))
     torch.cuda.synchronize()
     assert torch.equal(back[:, :, 6, :17], p[:, :, 6, :17]) and not back[:, :, 6, 17:].any()
 
@@ -208,11 +163,3 @@ def test_cuda_copy_fragments_handles_unaligned_and_large_fragments():
     for s, d, n in frags:
         expected[d:d + n] = src[s:s + n]
     assert torch.equal(dst, expected)
-
-
-@pytest.mark.cuda
-@needs_cupy
-def test_cuda_rejects_pageable_host_memory():
-    p = pools(device="cuda")
-    with pytest.raises(ValueError, match="pinned"):
-        gather_to_host(p, [0], torch.zeros(host_shape(p, 1)))

@@ -56,7 +56,7 @@ AOT_SCRIPT = textwrap.dedent(
     from triton.compiler import ASTSource
 
     mods = {m: importlib.import_module("worldkv_connector.kernels." + m)
-            for m in ("paged_attention", "compress", "rope_delta", "page_copy")}
+            for m in ("paged_attention", "compress", "rope_delta")}
 
     def build(fn, types, constexprs):
         names = fn.arg_names
@@ -77,10 +77,6 @@ AOT_SCRIPT = textwrap.dedent(
           dict(BLOCK_T=16, BLOCK_C=256))
     build(mods["rope_delta"]._rope_delta_kernel, dict(k_ptr=t, ids_ptr="*i64", lens_ptr="*i64", ang_ptr="*fp32"),
           dict(HALF=22, BLOCK_T=64, BLOCK_C=128))
-    for to_staging in (True, False):
-        build(mods["page_copy"]._page_copy_kernel,
-              dict(pool_ptr=t, buf_ptr=t, ids_ptr="*i64", lens_ptr="*i64", starts_ptr="*i64"),
-              dict(TO_STAGING=to_staging, BLOCK_T=32, BLOCK_C=256))
     """
 )
 
@@ -97,4 +93,4 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     res = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, cwd=tmp_path, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
-    assert res.stdout.count("compiled") == 7
+    assert res.stdout.count("compiled") == 5

@@ -10,6 +10,7 @@ import torch
 
 from worldkv_connector.faults import FaultyTransferEngine
 from worldkv_connector.integration.video import VideoEngine
+from worldkv_connector.poses import trajectory_poses
 
 PS = 20
 N = 30  # chunks per session
@@ -32,8 +33,8 @@ class RecordingFaults(FaultyTransferEngine):
         super().__init__(inner, **kw)
         self.clock, self.log = clock, []
 
-    def submit(self, kind, srcs, dsts, **kw):
-        job = super().submit(kind, srcs, dsts, **kw)
+    def submit_plan(self, kind, plan, **kw):
+        job = super().submit_plan(kind, plan, **kw)
         self.log.append((self.clock[0], kind, job.error is not None))
         return job
 
@@ -51,7 +52,8 @@ def rollout(fault_seed=None, **faults):
     metas, build = [], conn.build_connector_meta
     conn.build_connector_meta = lambda out: metas.append(build(out)) or metas[-1]
     for sid, traj, seed in SESSIONS:
-        engine.add_session(sid, trajectory=traj, num_chunks=N, seed=seed)
+        # the 1:1 latent-frame grammar: the fault seeds below were chosen for its 30-chunk revisit pattern
+        engine.add_session(sid, poses=trajectory_poses(traj, frames="latent", hold_frames=12), num_chunks=N, seed=seed)
     steps = []  # per step: {session: ChunkResult}, load-error pages
     while engine.has_unfinished_sessions():
         results = engine.step()  # never raises: faults are reported, not thrown

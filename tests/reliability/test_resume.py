@@ -24,7 +24,7 @@ COMMON = textwrap.dedent(f"""
     import torch
     from safetensors.torch import save_file
     from worldkv_connector.integration.video import VideoEngine
-    from worldkv_connector.poses import parse_trajectory
+    from worldkv_connector.poses import trajectory_poses
 
     torch.set_num_threads(1)
     out = sys.argv[1]
@@ -57,7 +57,7 @@ READER = COMMON + textwrap.dedent(f"""
     conn = engine.connector
     conn.retain_finished_sessions = True
     keys = conn.load_bank(os.path.join(out, "bank"))
-    frames = parse_trajectory("{TRAJ}")[{SAVE_AT} * 3:]
+    frames = trajectory_poses("{TRAJ}")[{SAVE_AT} * 3:]  # latent frames, as the writer's trajectory
     engine.add_session("a", poses=frames, num_chunks={RESUME}, seed=8)
     engine.add_session("z", poses=frames, num_chunks={RESUME}, seed=8)  # another id: a new world
     base = conn.scheduler.chunk_base("a")

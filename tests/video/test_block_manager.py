@@ -142,3 +142,24 @@ def test_invariants_hold_under_random_sequences(ops, num_pages, page_size):
     bm.release_all("hot")
     bm.check_invariants()
     assert bm.num_free == num_pages and bm.num_used == 0
+
+
+def test_contiguous_allocation_takes_the_lowest_free_run_else_any_pages():
+    bm = BlockManager(num_pages=12, page_size=4)
+    a = bm.allocate(3, "a")
+    b = bm.allocate(2, "b")
+    bm.allocate(7, "c")
+    bm.release(a, "a")  # free: 0 1 2
+    bm.release(b[:1], "b")  # free: 0 1 2 3
+    bm.release_all("c")  # free: 0 1 2 3 5..11 ; page 4 still held by b
+    assert bm.allocate(5, "x", contiguous=True) == [5, 6, 7, 8, 9]
+    assert bm.allocate(4, "y", contiguous=True) == [0, 1, 2, 3]
+    got = bm.allocate(2, "z", contiguous=True)  # 10, 11 left
+    assert sorted(got) == [10, 11]
+    bm.release_all("x")
+    bm.release_all("y")
+    bm.release(b[1:], "b")
+    bm.allocate(1, "hole")  # split the free list so no run of 12 - 3 - 1 exists
+    taken = bm.allocate(bm.num_free, "rest", contiguous=True)  # no run long enough: any pages
+    assert len(taken) == len(set(taken)) and bm.num_free == 0
+    bm.check_invariants()

@@ -38,9 +38,6 @@ def _wan_keys_and_shapes(cfg):
         shapes[p + "ffn.0.weight"], shapes[p + "ffn.0.bias"] = (f, d), (f,)
         shapes[p + "ffn.2.weight"], shapes[p + "ffn.2.bias"] = (d, f), (d,)
         shapes[p + "modulation"] = (1, 6, d)
-        if cfg.camera:
-            shapes[p + "cam_injector.weight"] = (d, 6 * pe)
-            shapes[p + "cam_injector.bias"] = (d,)
     return shapes
 
 
@@ -54,14 +51,12 @@ def _run(model, cfg=TINY):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, cfg.in_channels, cfg.latent_height, cfg.latent_width, generator=g)
     ctx = torch.randn(2, cfg.text_len, cfg.text_dim, generator=g)
-    cam = torch.eye(4).repeat(2, 3, 1, 1) if cfg.camera else None
     with torch.no_grad():
-        return model(x, torch.tensor([0.3, 0.8]), ctx, torch.tensor([0, 3]), _dense_attn, cam)
+        return model(x, torch.tensor([0.3, 0.8]), ctx, torch.tensor([0, 3]), _dense_attn)
 
 
-@pytest.mark.parametrize("camera", [False, True])
-def test_model_keys_are_wan_layout(camera):
-    cfg = TINY.replace(camera=camera)
+def test_model_keys_are_wan_layout():
+    cfg = TINY
     sd = build_model(cfg).state_dict()
     want = _wan_keys_and_shapes(cfg)
     assert {k: tuple(v.shape) for k, v in sd.items()} == want
@@ -131,19 +126,47 @@ def test_every_mismatch_is_listed_in_one_error(tmp_path):
     assert torch.equal(_run(model), before)  # nothing was copied
 
 
-def test_camera_model_needs_injector_keys(tmp_path):
+def test_matrix_game2_and_lingbot_keys_follow_upstream(tmp_path):
+    """The upstream key names of the two world models, written out by hand (Matrix-Game-2: img_emb and
+    blocks.{i}.action_model in the action blocks, no text_embedding; LingBot-World: the camera layers)."""
+    mg = get_model_config("tiny-mg2")
+    sd = {k: tuple(v.shape) for k, v in build_model(mg).state_dict().items()}
+    a, d = mg.action, mg.dim
+    want = {
+        "patch_embedding.weight": (d, 36, 1, 2, 2), "img_emb.proj.0.weight": (mg.image_dim,),
+        "img_emb.proj.1.weight": (mg.image_dim, mg.image_dim), "img_emb.proj.3.weight": (d, mg.image_dim),
+        "img_emb.proj.4.bias": (d,),
+        "blocks.0.action_model.keyboard_embed.0.weight": (a.hidden_size, 4),
+        "blocks.0.action_model.mouse_mlp.0.weight": (a.mouse_hidden_dim, 2 * 12 + d),
+        "blocks.0.action_model.mouse_mlp.3.bias": (a.mouse_hidden_dim,),
+        "blocks.1.action_model.t_qkv.weight": (3 * a.mouse_hidden_dim, a.mouse_hidden_dim),
+        "blocks.1.action_model.img_attn_q_norm.weight": (a.mouse_hidden_dim // a.heads_num,),
+        "blocks.1.action_model.proj_mouse.weight": (d, a.mouse_hidden_dim),
+        "blocks.1.action_model.mouse_attn_q.weight": (a.keyboard_hidden_dim, d),
+        "blocks.1.action_model.keyboard_attn_kv.weight": (2 * a.keyboard_hidden_dim, a.hidden_size * 12),
+        "blocks.1.action_model.proj_keyboard.weight": (d, a.keyboard_hidden_dim),
+        "blocks.1.cross_attn.k.weight": (d, d),
+    }
+    for k, shape in want.items():
+        assert sd.get(k) == shape, k
+    assert not any(k.startswith("text_embedding") for k in sd) and not any("cam_" in k for k in sd)
+    assert "blocks.1.action_model.t_qkv.bias" not in sd  # qkv_bias False upstream
+    lb = get_model_config("tiny-lingbot")
+    sd = {k: tuple(v.shape) for k, v in build_model(lb).state_dict().items()}
+    d = lb.dim
+    for k, shape in {"patch_embedding_wancamctrl.weight": (d, 6 * 64 * 4), "c2ws_hidden_states_layer1.weight": (d, d),
+                     "c2ws_hidden_states_layer2.bias": (d,), "blocks.1.cam_injector_layer1.weight": (d, d),
+                     "blocks.1.cam_injector_layer2.bias": (d,), "blocks.0.cam_scale_layer.weight": (d, d),
+                     "blocks.0.cam_shift_layer.bias": (d,), "text_embedding.0.weight": (d, lb.text_dim),
+                     "patch_embedding.weight": (d, 36, 1, 2, 2)}.items():
+        assert sd.get(k) == shape, k
+    assert not any("cam_injector." in k for k in sd)  # the project's old invented module is gone
+    # a plain Wan checkpoint into Matrix-Game-2: one error naming the missing action keys
     path = tmp_path / "plain.safetensors"
     save_checkpoint(build_model(TINY), path)
-    cam_model = build_model(TINY.replace(camera=True))
-    with pytest.raises(ValueError, match=r"missing: .*blocks\.0\.cam_injector\.weight"):
-        load_checkpoint(cam_model, path)
-    cam_path = tmp_path / "cam.safetensors"
-    save_checkpoint(cam_model, cam_path)
-    with pytest.raises(ValueError, match=r"unexpected: .*cam_injector"):
-        load_checkpoint(build_model(TINY), cam_path)
-    other = build_model(TINY.replace(camera=True), seed=5)
-    load_checkpoint(other, cam_path)
-    assert torch.equal(_run(other, cam_model.config), _run(cam_model, cam_model.config))
+    with pytest.raises(ValueError, match=r"missing: .*action_model") as err:
+        load_checkpoint(build_model(mg), path)
+    assert "unexpected" in str(err.value) and "text_embedding" in str(err.value)
 
 
 def test_missing_files(tmp_path):
@@ -151,3 +174,135 @@ def test_missing_files(tmp_path):
         load_checkpoint(build_model(TINY), tmp_path / "nope.safetensors")
     with pytest.raises(FileNotFoundError, match="no .safetensors"):
         load_checkpoint(build_model(TINY), tmp_path)
+
+
+# --- .pt state dicts, nested entries, prefixes, the diffusers layout, bad files --------------------------
+
+def _self_forcing_pt(path, model):
+    """A Self-Forcing-style training checkpoint: weights under generator / generator_ema, keys prefixed model."""
+    sd = {"model." + k: v.clone() for k, v in model.state_dict().items()}
+    noise = {k: torch.zeros_like(v) for k, v in sd.items()}
+    torch.save({"generator": noise, "generator_ema": sd, "step": torch.tensor(1000)}, str(path))
+
+
+def test_self_forcing_pt_with_generator_ema_and_model_prefix(tmp_path):
+    src = build_model(TINY, seed=11)
+    path = tmp_path / "self_forcing_dmd.pt"
+    _self_forcing_pt(path, src)
+    dst = build_model(TINY, seed=12)
+    load_checkpoint(dst, path, key="generator_ema", prefix="model.")
+    assert torch.equal(_run(src), _run(dst))
+    with pytest.raises(ValueError, match=r"--checkpoint-key.*entries: \['generator', 'generator_ema', 'step'\]"):
+        load_checkpoint(dst, path)  # two state dicts: the user must choose
+    with pytest.raises(ValueError, match=r"no entry 'ema' .*generator_ema"):
+        load_checkpoint(dst, path, key="ema")
+    with pytest.raises(ValueError, match=r"try --checkpoint-prefix model\."):
+        load_checkpoint(dst, path, key="generator_ema")
+    plain = tmp_path / "plain.pth"
+    torch.save({"state_dict": {k: v.clone() for k, v in src.state_dict().items()}}, str(plain))
+    other = build_model(TINY, seed=13)
+    load_checkpoint(other, plain)  # the only state dict in the file is taken
+    assert torch.equal(_run(src), _run(other))
+
+
+def test_diffusers_layout_is_converted_on_load(tmp_path):
+    from worldkv_connector.integration.video.checkpoint_layouts import detect_layout, to_wan_key
+
+    src = build_model(TINY, seed=14)
+    wan_sd = src.state_dict()
+    # the diffusers names, written by hand (diffusers' WanTransformer3DModel; its norm2 is Wan's norm3)
+    names = {"time_embedding.0.weight": "condition_embedder.time_embedder.linear_1.weight",
+             "time_projection.1.bias": "condition_embedder.time_proj.bias",
+             "text_embedding.2.weight": "condition_embedder.text_embedder.linear_2.weight",
+             "blocks.1.self_attn.o.weight": "blocks.1.attn1.to_out.0.weight",
+             "blocks.0.cross_attn.norm_k.weight": "blocks.0.attn2.norm_k.weight",
+             "blocks.0.norm3.bias": "blocks.0.norm2.bias", "blocks.1.ffn.0.weight": "blocks.1.ffn.net.0.proj.weight",
+             "blocks.0.modulation": "blocks.0.scale_shift_table", "head.modulation": "scale_shift_table",
+             "head.head.weight": "proj_out.weight"}
+    for wan, diff in names.items():
+        assert to_wan_key(diff, "diffusers") == wan
+    reverse = {}
+    for k in wan_sd:
+        d = names.get(k) or next((dk for dk in _diffusers_names(k)), None)
+        reverse[d] = wan_sd[k].clone()
+    assert detect_layout(reverse) == "diffusers"
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_file(reverse, str(path))
+    dst = build_model(TINY, seed=15)
+    load_checkpoint(dst, path)
+    assert torch.equal(_run(src), _run(dst))
+
+
+def _diffusers_names(k):
+    """Wan key -> its diffusers name (test helper, the inverse of the converter for the T2V keys)."""
+    import re
+
+    rules = [(r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
+             (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
+             (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
+             (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
+             (r"^time_projection\.1\.", "condition_embedder.time_proj."),
+             (r"\.self_attn\.o\.", ".attn1.to_out.0."), (r"\.cross_attn\.o\.", ".attn2.to_out.0."),
+             (r"\.self_attn\.([qkv])\.", r".attn1.to_\1."), (r"\.cross_attn\.([qkv])\.", r".attn2.to_\1."),
+             (r"\.self_attn\.norm_", ".attn1.norm_"), (r"\.cross_attn\.norm_", ".attn2.norm_"),
+             (r"\.norm3\.", ".norm2."), (r"\.ffn\.0\.", ".ffn.net.0.proj."), (r"\.ffn\.2\.", ".ffn.net.2."),
+             (r"^(blocks\.\d+)\.modulation$", r"\1.scale_shift_table"), (r"^head\.modulation$", "scale_shift_table"),
+             (r"^head\.head\.", "proj_out.")]
+    for p, r in rules:
+        k2, n = re.subn(p, r, k)
+        if n:
+            yield k2
+            return
+    yield k
+
+
+@pytest.mark.parametrize("content, suffix, needle", [
+    (b"not a checkpoint at all", ".pt", "not a torch checkpoint readable with weights_only=True"),
+    (b"\x00\x01garbage", ".safetensors", "not a readable safetensors file"),
+    (b"{}", ".bin", "expected a .safetensors, .pt, .pth file"),
+])
+def test_bad_files_are_one_line_errors(tmp_path, capsys, content, suffix, needle):
+    from worldkv_connector.cli import main
+
+    path = tmp_path / f"bad{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=needle):
+        load_checkpoint(build_model(TINY), path)
+    rc = main(["generate", "--model", "tiny", "--checkpoint", str(path), "--num-chunks", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_loads_a_self_forcing_pt(tmp_path, capsys):
+    from worldkv_connector.cli import main
+
+    path = tmp_path / "sf.pt"
+    _self_forcing_pt(path, build_model(TINY, seed=16))
+    argv = ["generate", "--model", "tiny", "--checkpoint", str(path), "--num-chunks", "1", "--no-progress",
+            "--num-denoising-steps", "1"]
+    assert main(argv + ["--checkpoint-key", "generator_ema", "--checkpoint-prefix", "model."]) == 0
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "--checkpoint-key" in capsys.readouterr().err
+    assert main(["generate", "--model", "tiny", "--checkpoint-prefix", "model.", "--num-chunks", "1"]) == 2
+    assert "needs a checkpoint" in capsys.readouterr().err
+
+
+def test_worldkv_convert_writes_a_wan_layout_file_that_generate_loads(tmp_path, capsys):
+    from worldkv_connector.cli import main
+
+    src = build_model(TINY, seed=17)
+    pt = tmp_path / "sf.pt"
+    _self_forcing_pt(pt, src)
+    out = tmp_path / "sf.safetensors"
+    assert main(["convert", str(pt), str(out), "--checkpoint-key", "generator_ema", "--checkpoint-prefix", "model.",
+                 "--model", "tiny"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    dst = build_model(TINY, seed=18)
+    load_checkpoint(dst, out)
+    assert torch.equal(_run(src), _run(dst))
+    # a mismatch against --model is one error and writes nothing
+    bad = tmp_path / "bad.safetensors"
+    assert main(["convert", str(out), str(bad), "--model", "small"]) == 2
+    err = capsys.readouterr().err
+    assert "mis-shaped" in err and len(err.strip().splitlines()) == 1 and not bad.exists()

@@ -238,3 +238,37 @@ def test_keep_results_false_returns_chunks_from_step_only():
             engine.results("streamed")
         with pytest.raises(ValueError, match="keep_results"):
             engine.add_session("bad", num_chunks=1, keep_results="no")
+
+
+def test_finished_sessions_are_dropped_and_ids_reused():
+    with VideoEngine(model="tiny", num_denoising_steps=1, kv_connector="worldkv") as engine:
+        for round_ in range(3):  # the same id three times: each run forgets the previous one
+            engine.add_session("s", trajectory="R30", num_chunks=4, keep_results=False)
+            with pytest.raises(ValueError, match="already in use: it is still running"):
+                engine.add_session("s", trajectory="R30", num_chunks=4)
+            engine.run()
+            assert "s" not in engine.scheduler.sessions
+        assert engine.metrics()["sessions_total"] == 3 and engine.metrics()["chunks"] == 12
+        engine.add_session("kept", trajectory="R30", num_chunks=2)
+        engine.run()
+        with pytest.raises(ValueError, match="keeps its results"):
+            engine.add_session("kept", trajectory="R30", num_chunks=2)
+        engine.drop_session("kept")  # results read, id free again
+        engine.add_session("kept", trajectory="R30", num_chunks=2)
+
+
+def test_python_api_takes_numpy_counts_and_a_dict_config_and_refuses_nan_prompts():
+    cfg = {"retrieval_chunks": 2, "hot_chunks": 2}
+    with VideoEngine(model="tiny", num_denoising_steps=1, kv_connector="worldkv", kv_connector_config=cfg) as engine:
+        assert engine.connector.config.retrieval_chunks == 2
+        engine.add_session("a", trajectory="R30", num_chunks=np.int64(3), seed=np.int32(1))
+        assert engine.scheduler.sessions["a"].num_chunks == 3
+        c = engine.model_config
+        bad = torch.zeros(2, c.text_dim)
+        bad[0, 0] = float("nan")
+        with pytest.raises(ValueError, match="not a finite number"):
+            engine.add_session("b", trajectory="R30", num_chunks=2, context=bad)
+    with pytest.raises(ValueError, match="without --kv-connector"):
+        EngineArgs(kv_connector_config='{"keep_ration": 0.5}')
+    with pytest.raises(ValueError, match="not a finite number"):
+        EngineArgs(timestep_shift=float("nan"))

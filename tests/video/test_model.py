@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worldkv_connector.integration.video.camera import patchify_rays, plucker_rays
+import numpy as np
+
+from worldkv_connector.integration.video.camera import camera_tokens, default_intrinsics, plucker_rays, relative_camera
 from worldkv_connector.integration.video.model import CausalWanDiT, build_model
 from worldkv_connector.integration.video.model_config import MODEL_CONFIGS, ModelConfig, get_model_config
 from worldkv_connector.rope import rotate_temporal
@@ -60,14 +62,14 @@ def _rollout(model, noises, ctx, sigmas=(1.0, 0.5), cams=None):
     b = noises[0].shape[0]
     for i, x in enumerate(noises):
         offset = torch.full((b,), i * FPC, dtype=torch.int64)
-        cam = None if cams is None else cams[i]
+        cam = {} if cams is None else {"c2w": cams[i]}
         kv.commit = False
         for j, s in enumerate(sigmas):
             nxt = sigmas[j + 1] if j + 1 < len(sigmas) else 0.0
-            vel = model(x, torch.full((b,), s), ctx, offset, kv, cam)
+            vel = model(x, torch.full((b,), s), ctx, offset, kv, **cam)
             x = x + (nxt - s) * vel  # Euler step of dx/dsigma = v
         kv.commit = True  # clean pass at t = 0 writes the chunk's K/V
-        model(x, torch.zeros(b), ctx, offset, kv, cam)
+        model(x, torch.zeros(b), ctx, offset, kv, **cam)
         out.append(x)
     return out
 
@@ -245,40 +247,48 @@ def test_bf16_runs_on_cpu_close_to_fp32():
 
 
 @torch.no_grad()
-def test_camera_conditioning_changes_output():
-    cfg = TINY.replace(name="tiny-cam", camera=True)
+def test_lingbot_camera_conditioning_changes_output():
+    cfg = get_model_config("tiny-lingbot")
     model = build_model(cfg)
-    x, ctx = _inputs(cfg)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, FPC, 16, cfg.latent_height, cfg.latent_width, generator=g)
+    ctx = torch.randn(2, cfg.text_len, cfg.text_dim, generator=g)
     args = (x, torch.full((2,), 0.5), ctx, torch.tensor([0, 0]))
-    a = model(*args, DenseKV(), _yaw_poses(2, FPC, 0.0))
-    assert (model(*args, DenseKV(), _yaw_poses(2, FPC, 90.0)) - a).abs().max() > 1e-3
-    assert (model(*args, DenseKV(), _yaw_poses(2, FPC, 0.0, shift=2.0)) - a).abs().max() > 1e-3
-    torch.testing.assert_close(model(*args, DenseKV(), _yaw_poses(2, FPC, 0.0)), a)
-    with pytest.raises(ValueError, match="camera-conditioned"):
-        model(*args, DenseKV())
-    with pytest.raises(ValueError, match="cam"):
-        model(*args, DenseKV(), torch.eye(4).repeat(2, 1, 1, 1))
-    # a model without camera conditioning ignores poses
-    plain = build_model(TINY)
-    torch.testing.assert_close(plain(*args, DenseKV(), _yaw_poses(2, FPC, 45.0)), plain(*args, DenseKV()))
+    a = model(*args, DenseKV(), c2w=_yaw_poses(2, FPC, 0.0))
+    assert (model(*args, DenseKV(), c2w=_yaw_poses(2, FPC, 90.0)) - a).abs().max() > 1e-3
+    assert (model(*args, DenseKV(), c2w=_yaw_poses(2, FPC, 0.0, shift=2.0)) - a).abs().max() > 1e-3
+    torch.testing.assert_close(model(*args, DenseKV(), c2w=_yaw_poses(2, FPC, 0.0)), a)
+    assert (model(*args, DenseKV()) - a).abs().max() > 1e-3  # no camera: no modulation
+    with pytest.raises(ValueError, match="c2w"):
+        model(*args, DenseKV(), c2w=torch.eye(4).repeat(2, 1, 1, 1))
 
 
 def test_plucker_rays_geometry():
     pose = _yaw_poses(1, 2, 0.0, step_deg=90.0)
     pose[0, 1, :3, 3] = torch.tensor([1.0, 2.0, 3.0])
-    rays = plucker_rays(pose, 4, 6, fov_degrees=90.0)  # [1, 2, 6, 4, 6]
-    d, m = rays[:, :, :3], rays[:, :, 3:]
-    torch.testing.assert_close(d.norm(dim=2), torch.ones(1, 2, 4, 6))
-    torch.testing.assert_close(m[0, 0], torch.zeros(3, 4, 6))  # camera at the origin: zero moment
+    k = default_intrinsics(4, 6, 90.0)[None]
+    rays = plucker_rays(pose, 4, 6, k)  # [1, 2, 4, 6, 6]: (origin, direction) as LingBot-World
+    o, d = rays[..., :3], rays[..., 3:]
+    torch.testing.assert_close(d.norm(dim=-1), torch.ones(1, 2, 4, 6))
+    torch.testing.assert_close(o[0, 0], torch.zeros(4, 6, 3))
+    torch.testing.assert_close(o[0, 1], torch.tensor([1.0, 2.0, 3.0]).expand(4, 6, 3))
     # identity pose looks along +z; the 90-degree yawed frame looks along +x
-    assert d[0, 0, 2].min() > 0.5 and d[0, 1, 0].min() > 0.5
-    o = torch.tensor([1.0, 2.0, 3.0])[:, None, None].expand(3, 4, 6)
-    torch.testing.assert_close(m[0, 1], torch.cross(o, d[0, 1], dim=0))
-    tokens = patchify_rays(rays, (1, 2, 2))
-    assert tokens.shape == (1, 2 * 2 * 3, 24)
-    torch.testing.assert_close(tokens[0, 0].view(6, 2, 2), rays[0, 0, :, :2, :2])
-    with pytest.raises(ValueError, match="cam"):
-        plucker_rays(torch.eye(4).repeat(1, 1, 1), 4, 4)
+    assert d[0, 0, ..., 2].min() > 0.5 and d[0, 1, ..., 0].min() > 0.5
+    tokens = camera_tokens(pose, 2, 2, (1, 2, 2))  # 16x16 pixels, one token per frame
+    assert tokens.shape == (1, 2, 6 * 64 * 4)
+    rel = relative_camera(np.stack([np.eye(4), _np_pose(30.0, (0, 0, 2.0)), _np_pose(60.0, (0, 0, 4.0))]))
+    np.testing.assert_allclose(rel[0], np.eye(4))
+    np.testing.assert_allclose(np.linalg.norm(rel[:, :3, 3], axis=1).max(), 1.0)  # normalised
+    with pytest.raises(ValueError, match="c2w"):
+        plucker_rays(torch.eye(4).repeat(1, 1, 1), 4, 4, k)
+
+
+def _np_pose(yaw, t):
+    from worldkv_connector.poses import yaw_matrix
+
+    p = np.eye(4)
+    p[:3, :3], p[:3, 3] = yaw_matrix(yaw), t
+    return p
 
 
 def test_bad_inputs_raise():
@@ -311,17 +321,18 @@ def test_named_configs_and_derived_sizes():
     assert wan.kv_shape().chunk_bytes() == 862617600
     assert 1.3e9 < wan.num_params() < 1.5e9  # Wan2.1-T2V-1.3B has about 1.42B parameters
     mg = get_model_config("matrix-game-2")
-    assert mg.frame_tokens == 880 and mg.camera and mg.kv_shape().chunk_bytes() == 486604800
+    assert mg.frame_tokens == 880 and mg.family == "matrix-game-2" and mg.kv_shape().chunk_bytes() == 486604800
+    assert 1.5e9 < mg.num_params() < 1.7e9  # Wan-1.3B I2V (1.42B + image embedding) + the action module of 15 blocks
     lb = get_model_config("lingbot-fast")
     assert lb.frame_tokens == 1560 and lb.dim == 5120 and lb.kv_shape().chunk_bytes() == 3833856000
-    assert 13e9 < lb.num_params() < 15.5e9  # one Wan2.2-A14B expert
+    # one Wan2.2-A14B expert (14.3B) + LingBot's camera layers (4 dim x dim Linears per block: 4.2B)
+    assert 18e9 < lb.num_params() < 19e9
 
 
-@pytest.mark.parametrize("camera", [False, True])
-def test_num_params_matches_built_model(camera):
-    for base in (TINY, get_model_config("small")):
-        cfg = base.replace(camera=camera)
-        assert sum(p.numel() for p in build_model(cfg).parameters()) == cfg.num_params()
+@pytest.mark.parametrize("name", ["tiny", "small", "tiny-mg2", "tiny-lingbot"])
+def test_num_params_matches_built_model(name):
+    cfg = get_model_config(name)
+    assert sum(p.numel() for p in build_model(cfg).parameters()) == cfg.num_params()
 
 
 @pytest.mark.parametrize(
@@ -352,13 +363,13 @@ def test_config_roundtrip_dict():
 @pytest.mark.cuda
 @torch.no_grad()
 def test_cuda_matches_cpu_reference():
-    cpu = build_model(TINY.replace(camera=True), seed=6)
+    cpu = build_model(TINY, seed=6)
     gpu = CausalWanDiT(cpu.config, device="cuda")
     gpu.load_state_dict(cpu.state_dict())
     x, ctx = _inputs(cpu.config)
-    t, off, cam = torch.tensor([0.2, 0.9]), torch.tensor([0, 9]), _yaw_poses(2, FPC, 10.0, shift=0.5)
-    want = cpu(x, t, ctx, off, DenseKV(), cam)
-    got = gpu(x.cuda(), t.cuda(), ctx.cuda(), off.cuda(), DenseKV(), cam.cuda())
+    t, off = torch.tensor([0.2, 0.9]), torch.tensor([0, 9])
+    want = cpu(x, t, ctx, off, DenseKV())
+    got = gpu(x.cuda(), t.cuda(), ctx.cuda(), off.cuda(), DenseKV())
     assert got.device.type == "cuda"
     torch.testing.assert_close(got.cpu(), want, atol=1e-3, rtol=1e-3)
     # random init on the GPU is deterministic per seed too

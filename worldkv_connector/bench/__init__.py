@@ -38,7 +38,7 @@ class BenchSpec:
         return self._mod().run
 
 
-_NAMES = ("offload", "reinsert", "overlap", "compress", "index", "e2e")
+_NAMES = ("offload", "reinsert", "overlap", "compress", "index", "e2e", "connector", "remote")
 BENCHES: dict[str, BenchSpec] = {}
 for _n in _NAMES:
     try:

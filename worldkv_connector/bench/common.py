@@ -20,12 +20,13 @@ import torch
 
 from worldkv_connector.bank import Bank
 from worldkv_connector.shapes import KVShape, get_preset
-from worldkv_connector.transfer import FragmentPlan, TransferEngine, page_fragments
+from worldkv_connector.transfer import LayerPlans, PagePools, TransferEngine, TransferJob, page_lens_of, plan_layer_copies
 
 __all__ = [
     "BENCH_PRESETS", "CPU_PRESETS", "add_common_arguments", "resolve_device", "check_preset", "Timing",
     "measure_many", "gbps", "print_table", "save_plot", "target", "PagedLayout", "flat", "cpu_target_shape",
     "parse_sizes", "sync", "cpu_threads", "time_copies", "sweep_page_sizes", "plot_sweep", "print_targets",
+    "submit_layers",
 ]
 
 BENCH_PRESETS = ("tiny", "small", "wan-1.3b", "matrix-game-2", "lingbot-fast-sp4")
@@ -234,6 +235,7 @@ class PagedLayout:
         dims = (shape.num_layers, 2, num_pages, page_size, shape.num_kv_heads, shape.head_dim)
         self.pools = torch.empty(dims, dtype=shape.torch_dtype, device=device)
         self.pools.fill_(0.5)  # touch every page now: no first-use page faults inside the timings
+        self._page_pools = PagePools(list(self.pools.unbind(0)))  # checked once, as a worker does
         perm = torch.randperm(num_pages, generator=gen).tolist()
         self.page_ids = [perm[c * self.pages_per_chunk:(c + 1) * self.pages_per_chunk] for c in range(num_chunks)]
         self.bank = Bank(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
@@ -270,12 +272,13 @@ class PagedLayout:
                         bank_side.append(slot[layer, kv, j * ps:j * ps + n])
         return (pages_side, bank_side) if to_bank else (bank_side, pages_side)
 
-    def plan(self, chunks: Sequence[int], *, to_bank: bool, page_ids: dict[int, list[int]] | None = None) -> FragmentPlan:
-        """The same copies as :meth:`pairs`, planned as address arrays (``page_fragments``)."""
-        full, last = divmod(self.tokens, self.page_size)
-        lens = [self.page_size] * full + ([last] if last else [])
+    def plan(self, chunks: Sequence[int], *, to_bank: bool, page_ids: dict[int, list[int]] | None = None) -> LayerPlans:
+        """The same copies as :meth:`pairs`, planned as the connector plans them
+        (``plan_layer_copies``: address arrays, one plan per layer)."""
+        lens = page_lens_of(self.tokens, self.page_size)
         ids = [self.page_ids[c] if page_ids is None else page_ids[c] for c in chunks]
-        return page_fragments(self.pools, ids, [self.bank.view(c) for c in chunks], lens, to_slot=to_bank)
+        return plan_layer_copies(self._page_pools, [self.bank.view(c) for c in chunks], ids, [lens] * len(ids),
+                                 to_slot=to_bank)
 
     def contiguous_pair(self, nbytes: int, *, to_bank: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """One contiguous pages-memory <-> bank-memory pair of ``nbytes`` (the practical peak)."""
@@ -296,10 +299,24 @@ def nearest_point(points: Sequence[dict], fragment_bytes: int, key: str = "fragm
     return min(points, key=lambda p: abs(math.log(p[key] / fragment_bytes)))
 
 
+def submit_layers(engine: TransferEngine, kind: str, plans: LayerPlans) -> list[TransferJob]:
+    """One ``submit_plan`` per layer, as the connector's load path submits a step; waits for all
+    and raises if a job failed."""
+    jobs = [engine.submit_plan(kind, plans.layer(layer)) for layer in range(plans.num_layers)]
+    for job in jobs:
+        engine.wait(job)
+    engine.poll()  # drop the reports: the figure is the time, not the job list
+    for job in jobs:
+        if job.error:
+            raise RuntimeError(f"transfer job failed: {job.error}")
+    return jobs
+
+
 def time_copies(layout: PagedLayout, chunks: Sequence[int], *, to_bank: bool, engine: TransferEngine,
                 reference: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> dict:
-    """Time one move of ``chunks`` five ways: ours (planned with ``page_fragments`` inside the
-    timing, one ``submit_plan`` job, path chosen per job), pairs (the engine's tensor-pair
+    """Time one move of ``chunks`` five ways: ours (the connector's path: planned with
+    ``plan_layer_copies`` inside the timing, one ``submit_plan`` job per layer, path chosen per
+    job), pairs (the engine's tensor-pair
     ``submit``), one contiguous copy of the same bytes between the same memories, a per-fragment
     copy loop, and the reference implementation's style (``reference``). GB/s and ratios to the
     contiguous copy."""
@@ -315,10 +332,9 @@ def time_copies(layout: PagedLayout, chunks: Sequence[int], *, to_bank: bool, en
         engine.poll()  # drop the report: the figure is the time, not the job list
         if job.error:
             raise RuntimeError(f"transfer job failed: {job.error}")
-        jobs[:] = [job]
 
     def ours() -> None:
-        run_job(engine.submit_plan(kind, layout.plan(chunks, to_bank=to_bank)))
+        jobs[:] = submit_layers(engine, kind, layout.plan(chunks, to_bank=to_bank))
 
     def pairs() -> None:
         run_job(engine.submit(kind, srcs, dsts))
@@ -347,7 +363,7 @@ def time_copies(layout: PagedLayout, chunks: Sequence[int], *, to_bank: bool, en
         "fragment_kib": kib(nbytes / len(srcs)),
         "bytes": nbytes,
         "fragments": len(srcs),
-        "runs": jobs[0].num_fragments if jobs else None,
+        "runs": sum(j.num_fragments for j in jobs) if jobs else None,
         "path": jobs[0].path if jobs else None,
         "time_s": {n: t.median_s for n, t in times.items()},
         "gbps": rates,

@@ -92,11 +92,11 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict:
         out = F.scaled_dot_product_attention(q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2))
         return out.transpose(1, 2)
 
-    x = randn(1, frames, mcfg.in_channels, mcfg.latent_height, mcfg.latent_width)
+    from worldkv_connector.integration.video.models import example_inputs
+
+    x, context, extra = example_inputs(mcfg, frames, randn)  # the model family's conditioning inputs
     t = torch.full((1,), 0.5, device=device)
-    context = randn(1, mcfg.text_len, mcfg.text_dim)
     offset = torch.tensor([window // shape.frame_tokens], device=device)
-    cam = torch.eye(4, device=device).expand(1, frames, 4, 4).contiguous() if mcfg.camera else None
 
     kept = cfg.kept_tokens(shape.frame_tokens)
     layout = PagedLayout(shape, cfg.page_size, kept, args.load_chunks + 1, device, seed=3)
@@ -105,11 +105,11 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict:
     staging = randn(shape.num_layers, 2, kept, shape.num_kv_heads, shape.head_dim)  # the clean pass's output
     store_slot = layout.bank.view(args.load_chunks)
     engine = TransferEngine.for_config(cfg, device)
-    moved = staging.numel() * staging.element_size() + (load_plan.nbytes if load_plan else 0)
+    moved = staging.numel() * staging.element_size() + (load_plan.layer_bytes * shape.num_layers if load_plan else 0)
 
     def forward() -> None:
         with torch.inference_mode():
-            model(x, t, context, offset, attn_fn, cam)
+            model(x, t, context, offset, attn_fn, **extra)
 
     def transfers(then=None) -> None:
         # the store reads what compute wrote, the load fills pages compute reads later: the engine
@@ -117,7 +117,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict:
         jobs = [engine.submit("store", [staging], [store_slot])]
         if load_plan is not None:
             # planned once: the same pages every repeat (STYLE §9, plan once, run per layer)
-            jobs.append(engine.submit_plan("load", load_plan))
+            jobs += [engine.submit_plan("load", load_plan.layer(layer)) for layer in range(load_plan.num_layers)]
         if then is not None:
             then()
         for job in jobs:

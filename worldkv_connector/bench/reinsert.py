@@ -22,7 +22,7 @@ import torch
 
 from worldkv_connector.bench.common import (
     PagedLayout, SWEEP_HEADERS, add_common_arguments, check_preset, copy_targets, cpu_threads, plot_sweep,
-    print_table, resolve_device, sweep_page_sizes, sweep_row, sync, time_copies,
+    print_table, resolve_device, sweep_page_sizes, submit_layers, sweep_row, sync, time_copies,
 )
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.shapes import KVShape
@@ -91,11 +91,7 @@ def _steady_state(shape: KVShape, cfg: WorldKVConfig, tokens: int, args, device,
 
     def load(chunks: list[int], pages: dict[int, list[int]]) -> None:
         if chunks:
-            job = engine.submit_plan("load", layout.plan(chunks, to_bank=False, page_ids=pages))
-            engine.wait(job)
-            engine.poll()
-            if job.error:
-                raise RuntimeError(f"transfer job failed: {job.error}")
+            submit_layers(engine, "load", layout.plan(chunks, to_bank=False, page_ids=pages))
 
     def hot_step(step: int) -> int:
         want = retrieved(step)

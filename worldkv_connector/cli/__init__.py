@@ -2,7 +2,8 @@
 
 A command module exposes ``register(subparsers)``, which adds its parser and sets
 ``func=handler``; the handler takes the parsed namespace and returns an exit code.
-User errors (``ValueError``, ``FileNotFoundError``) print one line and exit 2, no traceback.
+User errors (``ValueError``, ``FileNotFoundError``) and disk errors (``OSError``) print one line
+and exit 2, no traceback; Ctrl-C exits 130.
 """
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ COMMAND_MODULES = (
     "worldkv_connector.cli.generate",
     "worldkv_connector.cli.bench",
     "worldkv_connector.cli.bank",
+    "worldkv_connector.cli.convert",
+    "worldkv_connector.cli.train",
+    "worldkv_connector.cli.eval",
 )
 
 
@@ -57,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"worldkv {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a disk error: one line naming the file, not a traceback
+        where = f": {exc.filename!r}" if getattr(exc, "filename", None) else ""
+        print(f"worldkv {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a run that stops cleanly
+        print(f"worldkv {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -90,10 +90,25 @@ def _kv_shape(model: str):
     return get_model_config(model).kv_shape()
 
 
+def _check_bank_path(path: str, *, saving: bool = False) -> None:
+    """A bank path must name a directory: not empty, not an existing file (and, to save, free of a
+    concurrent saver: checked again under the lock when the save writes)."""
+    if not path or not path.strip():
+        raise ValueError(f"PATH {path!r}: expected a bank directory")
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"PATH {path}: is a file, expected a bank directory")
+    if saving:
+        from worldkv_connector.persist import bank_lock
+
+        with bank_lock(path):  # a second concurrent saver fails here, before its rollout
+            pass
+
+
 # --- info / verify ------------------------------------------------------------------------------
 def _info(args: argparse.Namespace) -> int:
     from worldkv_connector.persist import decode_key, read_manifest
 
+    _check_bank_path(args.path)
     m = read_manifest(args.path)
     data = Path(args.path) / m["data_file"]
     s = m["kv_shape"]
@@ -122,7 +137,13 @@ def _info(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from worldkv_connector.persist import read_manifest, verify_bank
 
-    n = len(read_manifest(args.path)["entries"])  # no bank here: FileNotFoundError, exit 2
+    _check_bank_path(args.path)
+    try:
+        n = len(read_manifest(args.path)["entries"])  # no bank here: FileNotFoundError, exit 2
+    except ValueError as exc:  # the manifest itself is damaged: the same report as a bad entry
+        print(f"DAMAGED: {exc}")
+        print(f"FAILED: {args.path}: the manifest is not valid")
+        return 1
     problems = verify_bank(args.path)
     if not problems:
         print(f"OK: {args.path}: all {n} entries match their sha256")
@@ -136,7 +157,7 @@ def _verify(args: argparse.Namespace) -> int:
 # --- save -----------------------------------------------------------------------------------------
 def _save(args: argparse.Namespace) -> int:
     from worldkv_connector.config import WorldKVConfig
-    from worldkv_connector.poses import parse_trajectory
+    from worldkv_connector.poses import trajectory_poses
 
     if not isinstance(args.num_chunks, int) or args.num_chunks < 1:
         raise ValueError(f"--num-chunks {args.num_chunks}: expected an int >= 1")
@@ -144,12 +165,18 @@ def _save(args: argparse.Namespace) -> int:
         raise ValueError(f"--seed {args.seed}: expected an int >= 0")
     if not args.session_id:
         raise ValueError("--session-id: expected a non-empty string")
+    from worldkv_connector.integration.video.engine_args import MAX_CHUNKS
+
+    if args.num_chunks > MAX_CHUNKS:
+        raise ValueError(f"--num-chunks {args.num_chunks}: allowed at most {MAX_CHUNKS}")
+    _check_bank_path(args.path, saving=True)
     config = WorldKVConfig.from_json(args.kv_connector_config)
     shape = _kv_shape(args.model)  # bad inputs fail before anything runs
     if "bank_bytes" not in json.loads(args.kv_connector_config or "{}"):
-        # room for every chunk of the rollout and no more (the default is sized for long serving)
-        config = config.replace(bank_bytes=args.num_chunks * shape.chunk_bytes(config.kept_tokens(shape.frame_tokens)))
-    frames = parse_trajectory(args.trajectory)
+        # room for every chunk of the rollout (and the retrieval window) and no more
+        slots = max(args.num_chunks, config.retrieval_chunks + 1)
+        config = config.replace(bank_bytes=slots * shape.chunk_bytes(config.kept_tokens(shape.frame_tokens)))
+    frames = trajectory_poses(args.trajectory)  # video frames resampled to latent frames
     source = args.source
     if source == "auto":
         source = "engine" if _connector_available() else "synthetic"
@@ -232,11 +259,15 @@ def _load(args: argparse.Namespace) -> int:
     from worldkv_connector.config import WorldKVConfig
     from worldkv_connector.persist import load_bank, read_manifest
 
+    _check_bank_path(args.path)
     manifest = read_manifest(args.path)
     config = WorldKVConfig.from_json(args.kv_connector_config)
     shape = _kv_shape(args.model)
-    n = max(1, len(manifest["entries"]))
-    sized = config.replace(bank_bytes=n * shape.chunk_bytes(config.kept_tokens(shape.frame_tokens)), bank_dir=None)
+    if "bank_bytes" in json.loads(args.kv_connector_config or "{}"):
+        sized = config.replace(bank_dir=None)  # the capacity asked for: load refuses a bank that does not fit
+    else:
+        n = max(1, len(manifest["entries"]))
+        sized = config.replace(bank_bytes=n * shape.chunk_bytes(config.kept_tokens(shape.frame_tokens)), bank_dir=None)
     with Bank.for_shape(shape, sized) as bank:
         keys = load_bank(args.path, bank, config=config, kv_shape=shape)
         print(f"loaded {len(keys)} entries ({bank.bytes_used / _MiB:.3f} MiB) from {args.path} into a "

@@ -10,7 +10,7 @@ from worldkv_connector.bench import BENCHES, run_bench
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "bench",
-        help="run a benchmark (offload, reinsert, overlap, compress, index, e2e)",
+        help="run a benchmark (offload, reinsert, overlap, compress, index, e2e, connector)",
         description="Benchmarks. Each prints a table with the baseline measured in the same run; "
         "--json writes the figures.",
     )

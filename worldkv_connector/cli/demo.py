@@ -12,7 +12,12 @@ connector at its defaults unless ``--kv-connector-config``), all with attention 
    the revisit chunks, per mode;
 
 and writes a plot of step time and resident KV against chunk index for the three modes (``--plot``)
-and, with ``--json``, everything as JSON. Finishes in a minute or two on a 2-core CPU (tiny model).
+and, with ``--json``, everything as JSON. Finishes in a minute or two on a 2-core CPU.
+
+By default it runs the trained world model (worldkv_connector/world, shipped weights) on a fast
+revisit sweep of its panorama world, where memory is the only way to get a revisit right, and the
+comparison adds the revisit PSNR of each mode (revisit frames vs the first visit of their pose,
+world/revisit.py). ``--model tiny`` (random weights) runs the old smoke demo.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from worldkv_connector.cli.generate import (
     DEFAULT_TRAJECTORY, chunk_record, cpu_threads, engine_recall_summary, summarize,
@@ -31,6 +37,8 @@ __all__ = ["register", "run", "DEMO_MODES"]
 
 DEMO_MODES = ("full", "sliding", "worldkv")
 DEFAULT_PLOT = "out/demo.png"
+WORLD_TRAJECTORY = "RLRLRL150"  # the world model's default: 150 degrees out and back, three times (chunks realign)
+WORLD_DEG_PER_FRAME = 15.0  # a chunk turns 45 degrees, one field of view of the world model
 DEFAULT_REVISIT_DEGREES = 5.0  # a few degrees: the yaw moves 6 degrees per chunk on the default trajectory
 _MiB = 1 << 20
 
@@ -42,9 +50,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(tiny model, CPU), with attention recall on; print what WorldKV retrieved at each chunk and a comparison "
         "table, and plot step time and resident KV per chunk.",
     )
-    p.add_argument("--model", default="tiny", help="named model config (default tiny)")
-    p.add_argument("--trajectory", default=DEFAULT_TRAJECTORY,
-                   help=f"camera trajectory spec (default {DEFAULT_TRAJECTORY})")
+    p.add_argument("--model", default="world", help="named model config (default world: the trained world model; "
+                   "tiny: random weights)")
+    p.add_argument("--checkpoint", metavar="PATH", help="safetensors weights (default for world: the shipped ones)")
+    p.add_argument("--trajectory", help=f"camera trajectory spec (default {WORLD_TRAJECTORY} for world, "
+                   f"{DEFAULT_TRAJECTORY} otherwise)")
+    p.add_argument("--deg-per-frame", type=float, help=f"yaw degrees per latent frame of R/L (default "
+                   f"{WORLD_DEG_PER_FRAME:g} for world, 2 otherwise)")
+    p.add_argument("--timestep-shift", type=float, default=3.0, help="flow-matching sigma shift (default 3.0)")
     p.add_argument("--num-chunks", type=int, help="chunks to generate (default: the whole trajectory)")
     p.add_argument("--kv-connector-config", metavar="JSON",
                    help="WorldKV config JSON for the worldkv run (default: the connector's defaults)")
@@ -68,8 +81,9 @@ def _mode_args(mode: str, args: argparse.Namespace):
     window = {"full": {"attention_window": "full"}, "sliding": {"attention_window": "sliding"},
               "worldkv": {"attention_window": "sliding", "kv_connector": "worldkv",
                           "kv_connector_config": args.kv_connector_config}}[mode]
-    return EngineArgs(model=args.model, seed=args.seed, num_denoising_steps=args.num_denoising_steps,
-                      eval_attention_recall=True, **window)
+    return EngineArgs(model=args.model, checkpoint=args.checkpoint, seed=args.seed,
+                      num_denoising_steps=args.num_denoising_steps, timestep_shift=args.timestep_shift,
+                      page_size=args.page_size, eval_attention_recall=True, **window)
 
 
 def _rollout(mode: str, args: argparse.Namespace, poses: np.ndarray) -> dict:
@@ -81,14 +95,18 @@ def _rollout(mode: str, args: argparse.Namespace, poses: np.ndarray) -> dict:
     with VideoEngine(_mode_args(mode, args)) as engine:
         engine.add_session("demo", poses=poses, num_chunks=args.num_chunks, seed=args.seed)
         total = engine.scheduler.sessions["demo"].num_chunks
-        records = []
+        records, latents = [], []
         with tqdm(total=total, unit="chunk", desc=mode, file=sys.stderr, disable=args.no_progress) as bar:
             while engine.has_unfinished_sessions():
                 for r in engine.step():
+                    latents.append(r.latents)
                     rec = chunk_record(r)
                     rec["yaw_degrees"] = float(yaw_pitch_degrees(np.asarray(r.pose)[None])[0][0])
                     if engine.connector is not None:  # what the bank holds after this chunk
-                        m = engine.connector.metrics()
+                        # the last chunk ends the session, which frees its entries: show the bank
+                        # as it was when that chunk was banked, not the emptied one
+                        m = (engine.metrics()["connector_before_session_end"] if r.finished else None) \
+                            or engine.connector.metrics()
                         rec["bank_bytes"], rec["compression_ratio"] = m["bank_bytes"], m["compression_ratio"]
                     records.append(rec)
                     bar.update(1)
@@ -99,8 +117,23 @@ def _rollout(mode: str, args: argparse.Namespace, poses: np.ndarray) -> dict:
         # the bank of an ended session is freed, so its size after the run is 0: report the peak
         banked = [r["bank_bytes"] for r in records if "bank_bytes" in r]
         summary["bank_peak_bytes"] = max(banked) if banked else None
+        summary["revisit_psnr_db"] = _revisit_psnr(engine, poses, latents, args.num_chunks)
         return {"args": engine.args.to_dict(), "records": records, "summary": summary, "metrics": metrics,
                 "sink_chunks": engine.scheduler.sink_chunks, "recent_chunks": engine.scheduler.recent_chunks}
+
+
+def _revisit_psnr(engine, poses: np.ndarray, latents: list, num_chunks: int | None) -> float | None:
+    """Mean PSNR of revisit frames against the first visit of their pose (world/revisit.py pairs)."""
+    from worldkv_connector.world.image_metrics import psnr
+    from worldkv_connector.world.revisit import revisit_pairs
+
+    fpc = engine.model_config.frames_per_chunk
+    frames = torch.cat(latents)  # [N * F, C, H, W]
+    per_frame = poses[: frames.shape[0]]
+    if per_frame.shape[0] < frames.shape[0]:  # a trajectory shorter than the rollout holds its last pose
+        per_frame = np.concatenate([per_frame, np.repeat(per_frame[-1:], frames.shape[0] - per_frame.shape[0], 0)])
+    pairs = revisit_pairs(per_frame, fpc, engine.scheduler.sink_chunks, engine.scheduler.recent_chunks, 2.0, 0.02)
+    return float(np.mean([psnr(frames[j], frames[i]) for j, i in pairs])) if pairs else None
 
 
 def _verdict(run: dict, degrees: float) -> dict:
@@ -108,7 +141,12 @@ def _verdict(run: dict, degrees: float) -> dict:
     from worldkv_connector.integration.video.recall import REVISIT_DISTANCE, revisit_sources
 
     recs = run["records"]
-    sources = revisit_sources(np.array([r["pose"] for r in recs]), run["sink_chunks"], run["recent_chunks"],
+    poses = np.array([r["pose"] for r in recs])  # [N, 4, 4] chunk means
+    # the mean of a chunk's rotations is not a rotation (a chunk turning 30 degrees shrinks it enough that
+    # two identical chunks sit ~20 degrees apart by the trace distance): judge revisits on its nearest rotation
+    u, _, vt = np.linalg.svd(poses[:, :3, :3])
+    poses[:, :3, :3] = u @ vt
+    sources = revisit_sources(poses, run["sink_chunks"], run["recent_chunks"],
                               max_degrees=degrees, max_distance=REVISIT_DISTANCE)
     hits, misses = [], []
     for r, src in zip(recs, sources):
@@ -119,8 +157,8 @@ def _verdict(run: dict, degrees: float) -> dict:
 
 
 def _print_chunks(run: dict, verdict: dict) -> None:
-    print("worldkv run, per chunk (retrieved: chunk ids put back in the window; * = revisit; the last chunk ends "
-          "the session, which frees its bank)")
+    print("worldkv run, per chunk (retrieved: chunk ids put back in the window; * = revisit; banked: the bank "
+          "after the chunk was stored, before the session's end freed it)")
     head = f"{'chunk':>5}  {'yaw deg':>7}  {'banked KiB':>10}  {'compression':>11}  retrieved"
     print(head)
     print("-" * max(len(head), 60))
@@ -146,7 +184,7 @@ def _print_comparison(runs: dict) -> None:
     print("comparison (same model, trajectory and seeds; recall: share of full-history attention mass the window "
           "holds)")
     head = (f"{'mode':<8}  {'chunks/s':>8}  {'resident KV MiB':>15}  {'peak KV MiB':>11}  {'bank peak MiB':>13}  "
-            f"{'recall':>6}  {'recall@revisit':>14}")
+            f"{'recall':>6}  {'recall@revisit':>14}  {'revisit PSNR dB':>15}")
     print(head)
     print("-" * len(head))
     for mode, run in runs.items():
@@ -154,7 +192,8 @@ def _print_comparison(runs: dict) -> None:
         bank = None if s["bank_peak_bytes"] is None else s["bank_peak_bytes"] / _MiB
         print(f"{mode:<8}  {s['chunks_per_s']:>8.2f}  {s['resident_kv_bytes_last'] / _MiB:>15.3f}  "
               f"{s['peak_resident_kv_bytes'] / _MiB:>11.3f}  {_fmt(bank, '.3f', '-'):>13}  "
-              f"{_fmt(s['attention_recall_mean'], '.3f'):>6}  {_fmt(s['attention_recall_revisit_mean'], '.3f'):>14}")
+              f"{_fmt(s['attention_recall_mean'], '.3f'):>6}  {_fmt(s['attention_recall_revisit_mean'], '.3f'):>14}  "
+              f"{_fmt(s['revisit_psnr_db'], '.2f'):>15}")
 
 
 def _plot(path: str, runs: dict, title: str) -> None:
@@ -180,7 +219,7 @@ def _plot(path: str, runs: dict, title: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from worldkv_connector.integration.video.model_config import get_model_config
-    from worldkv_connector.poses import parse_trajectory
+    from worldkv_connector.poses import trajectory_poses
 
     if args.num_chunks is not None and args.num_chunks < 1:
         raise ValueError(f"--num-chunks {args.num_chunks}: expected >= 1")
@@ -188,8 +227,24 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--plot {args.plot}: expected a .png path")
     if args.revisit_degrees < 0:
         raise ValueError(f"--revisit-degrees {args.revisit_degrees}: expected >= 0")
-    get_model_config(args.model)  # bad inputs fail before any model is built
-    poses = parse_trajectory(args.trajectory)
+    config = get_model_config(args.model)  # bad inputs fail before any model is built
+    world = args.model == "world"
+    if args.checkpoint is None and world:
+        from worldkv_connector.world.weights import shipped_weights
+
+        args.checkpoint = str(shipped_weights())
+    if args.trajectory is None:
+        args.trajectory = WORLD_TRAJECTORY if world else DEFAULT_TRAJECTORY
+    if args.deg_per_frame is None:
+        args.deg_per_frame = WORLD_DEG_PER_FRAME if world else 2.0
+    if not args.deg_per_frame > 0:
+        raise ValueError(f"--deg-per-frame {args.deg_per_frame}: expected > 0")
+    # one frame per page for the world model (12 tokens): compression then shows in resident KV
+    args.page_size = config.frame_tokens if world else 64
+    if world:  # the world model's trajectories count latent frames (a chunk turns one field of view)
+        poses = trajectory_poses(args.trajectory, frames="latent", deg_per_frame=args.deg_per_frame)
+    else:  # video frames resampled to latent frames, as the reference does
+        poses = trajectory_poses(args.trajectory, deg_per_frame=args.deg_per_frame)
     runs = {}
     with cpu_threads(args.threads):
         for mode in DEMO_MODES:

@@ -13,17 +13,25 @@ import argparse
 import contextlib
 import json
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from worldkv_connector.cli.video_outputs import VideoOutputs, add_video_arguments
+from worldkv_connector.cli.outputs import (
+    OutputError, RunOutputs, chunk_record, prepare_path, save_latents, summarize, summary_table,
+)
+
 __all__ = ["register", "add_engine_arguments", "engine_args_from", "summarize", "cpu_threads", "chunk_record",
-           "engine_recall_summary"]
+           "engine_recall_summary", "default_threads", "EXIT_INTERRUPTED"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TRAJECTORY = "R_L_R_L_R_L90"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 def add_engine_arguments(p: argparse.ArgumentParser, *, model_default: str = "tiny") -> None:
@@ -33,9 +41,16 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, model_default: str = "ti
     d = EngineArgs()
     p.add_argument("--model", default=model_default,
                    help=f"named model config: tiny, small, wan-1.3b, matrix-game-2, lingbot-fast (default {model_default})")
-    p.add_argument("--checkpoint", metavar="PATH.safetensors",
-                   help="load weights from a safetensors file (or directory of shards) in Wan's key layout; "
-                   "default: random weights from --seed")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="load weights from a .safetensors file, a directory of .safetensors shards or a .pt/.pth "
+                   "state dict, in the upstream Wan key layout or the diffusers/FastVideo layout (converted on "
+                   "load); default: random weights from --seed")
+    p.add_argument("--checkpoint-key", metavar="ENTRY",
+                   help="entry of a .pt/.pth checkpoint that holds the weights, dots for nested entries "
+                   "(e.g. generator_ema in Self-Forcing / CausVid checkpoints); default: the file's only state dict")
+    p.add_argument("--checkpoint-prefix", metavar="PREFIX", default="",
+                   help="prefix stripped from every checkpoint key (e.g. model. in Self-Forcing checkpoints; "
+                   "default none)")
     p.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="model and KV dtype (default: the model's)")
     p.add_argument("--attention-window", choices=("full", "sliding"), default=d.attention_window,
@@ -68,7 +83,7 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, model_default: str = "ti
 def engine_args_from(args: argparse.Namespace, **overrides):
     from worldkv_connector.integration.video.engine_args import EngineArgs
 
-    fields = ("model", "checkpoint", "device", "dtype", "attention_window", "sink_frames", "recent_frames",
+    fields = ("model", "checkpoint", "checkpoint_key", "checkpoint_prefix", "device", "dtype", "attention_window", "sink_frames", "recent_frames",
               "num_denoising_steps", "timestep_shift", "kv_cache_memory", "page_size", "attention_backend",
               "kv_connector", "kv_connector_config", "seed")
     values = {f: getattr(args, f) for f in fields}
@@ -82,12 +97,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         "generate",
         help="generate a rollout along a camera trajectory with the video backend",
         description="Roll out a causal video DiT chunk by chunk (3 latent frames) along a camera trajectory. "
-        "Trajectory frames map to latent frames 1:1; a trajectory shorter than the rollout holds its last pose.",
+        "Trajectories are in video frames (2 deg per frame, W/S/A/D over 24 frames, _ holds --hold-frames) "
+        "resampled to latent frames (4n+1 video frames -> n+1 latent frames), as the WorldKV reference does; "
+        "a trajectory shorter than the rollout holds its last pose.",
     )
     add_engine_arguments(p)
     p.add_argument("--trajectory", help=f"revisit trajectory spec, e.g. R_L_R_L_R_L90 (default {DEFAULT_TRAJECTORY})")
+    p.add_argument("--hold-frames", type=int, default=18,
+                   help="video frames one '_' of --trajectory holds the pose (default 18, the reference's runs)")
+    p.add_argument("--trajectory-frames", choices=("video", "latent"), default="video",
+                   help="unit of --trajectory: video frames resampled to latent frames (default, the reference's "
+                   "convention) or latent (the older 1:1 mapping, one grammar frame per latent frame)")
     p.add_argument("--poses", metavar="FILE.npy", help="camera-to-world poses [F, 4, 4], one per latent frame "
                    "(instead of --trajectory)")
+    p.add_argument("--actions", metavar="FILE",
+                   help="Matrix-Game-2 keyboard/mouse actions per video frame: .npy [N, 6] (W, S, A, D, mouse_pitch, "
+                   "mouse_yaw) or .json {\"keyboard\": [[W, S, A, D], ...], \"mouse\": [[pitch, yaw], ...]}; they "
+                   "condition the model and, integrated into camera poses, are what the connector retrieves by "
+                   "(instead of --trajectory / --poses)")
     p.add_argument("--num-chunks", type=int, help="chunks per session (default: enough for the trajectory)")
     p.add_argument("--sessions", type=int, default=1, help="sessions generated together, batched per step (default 1)")
     p.add_argument("--json", metavar="PATH", help="write per-chunk records and the summary as JSON")
@@ -102,8 +129,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "sessions with the saved session ids (s0, s1, ...) retrieve the saved chunks, and their new "
                    "chunks are numbered after them; refused if the model shape or config differs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: half the CPU cores this process may "
+                   "use, at most 8; 1 on a 2-core machine, where more threads ran 30x slower when busy)")
+    add_video_arguments(p)  # --vae, --video, --frames, --contact-sheet, --prompt*, --image (video_outputs.py)
     p.set_defaults(func=run)
+
+
+def default_threads() -> int:
+    """Torch CPU threads when ``--threads`` is not given: half the cores this process may use
+    (at most 8). Torch's own default (every core) oversubscribes a shared machine: on a busy 2-core
+    machine the tiny model made 2.4-4 chunks/s with 2 threads against 110 with 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores // 2))
 
 
 @contextlib.contextmanager
@@ -122,28 +162,6 @@ def cpu_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-def _load_poses(path: str) -> np.ndarray:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--poses {path}: no such file")
-    try:
-        return np.load(path, allow_pickle=False)
-    except Exception as exc:  # numpy raises several kinds for a file that is not an .npy array
-        raise ValueError(f"--poses {path}: not a numpy .npy array ({exc})") from None
-
-
-def chunk_record(r) -> dict:
-    """The JSON record of one ChunkResult."""
-    rec = {
-        "session": r.session_id, "index": r.chunk_index, "step": r.step,
-        "step_seconds": r.step_seconds, "resident_kv_bytes": r.resident_kv_bytes,
-        "pose": np.asarray(r.pose).tolist(), "retrieved": [int(c) for c in r.retrieved],
-    }
-    if r.attention_recall is not None:
-        rec["attention_recall"] = list(r.attention_recall)
-        rec["attention_recall_mean"] = r.attention_recall_mean
-    return rec
-
-
 def engine_recall_summary(engine, **revisit) -> dict:
     """Attention recall over every session of a finished engine run (integration/video/recall.py:
     mean past the window and at revisit chunks). ``revisit``: max_degrees / max_distance."""
@@ -157,102 +175,111 @@ def engine_recall_summary(engine, **revisit) -> dict:
     return recall_summary(sessions, engine.scheduler.sink_chunks, engine.scheduler.recent_chunks, **revisit)
 
 
-def summarize(records: list[dict], metrics: dict) -> dict:
-    """Summary of a run: chunks/s over all steps and over the last quarter of the steps, memory."""
-    steps: dict[int, list[dict]] = {}
-    for r in records:
-        steps.setdefault(r["step"], []).append(r)
-    order = sorted(steps)
-    secs = [steps[s][0]["step_seconds"] for s in order]
-    counts = [len(steps[s]) for s in order]
-    q = max(1, len(order) // 4)
-    connector = metrics.get("connector") or {}
-    return {
-        "chunks": len(records),
-        "steps": len(order),
-        "chunks_per_s": sum(counts) / sum(secs) if sum(secs) else 0.0,
-        "chunks_per_s_last_quarter": sum(counts[-q:]) / sum(secs[-q:]) if sum(secs[-q:]) else 0.0,
-        "resident_kv_bytes_last": records[-1]["resident_kv_bytes"] if records else 0,
-        "peak_resident_kv_bytes": metrics["peak_resident_kv_bytes"],
-        "peak_pages": metrics["peak_pages"],
-        "num_pages": metrics["num_pages"],
-        "bank_bytes": connector.get("bank_bytes"),
-        "bank_peak_bytes": connector.get("bank_peak_bytes"),
-    }
+class _StopOnSigint:
+    """Ctrl-C once: stop after the current step (outputs and bank are still written); twice: abort."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+        self._previous = None
+
+    def __enter__(self) -> "_StopOnSigint":
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: Ctrl-C keeps its default meaning
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.stopped:
+            raise KeyboardInterrupt
+        self.stopped = True
+        print("\ninterrupted: stopping after the current step (Ctrl-C again to abort)", file=sys.stderr)
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
-def _table(title: str, summary: dict, connector: dict | None) -> str:
-    mib = 1 << 20
-    lines = [title, "-" * len(title)]
-    rows = [
-        ("chunks generated", f"{summary['chunks']}"),
-        ("chunks/s (all steps)", f"{summary['chunks_per_s']:.2f}"),
-        ("chunks/s (last quarter)", f"{summary['chunks_per_s_last_quarter']:.2f}"),
-        ("resident KV, last step", f"{summary['resident_kv_bytes_last'] / mib:.2f} MiB"),
-        ("resident KV, peak", f"{summary['peak_resident_kv_bytes'] / mib:.2f} MiB"),
-        ("pages, peak / total", f"{summary['peak_pages']} / {summary['num_pages']}"),
-    ]
-    if summary.get("attention_recall_chunks") is not None:
-        for key, label in (("attention_recall_mean", "attention recall, past the window"),
-                           ("attention_recall_revisit_mean", "attention recall, revisit chunks")):
-            value = summary.get(key)
-            count = summary["attention_recall_chunks" if key == "attention_recall_mean" else "revisit_chunks"]
-            rows.append((label, "n/a (no such chunk)" if value is None else f"{value:.3f} over {count} chunks"))
-    if connector is not None:
-        for key, label in (("bank_bytes", "bank at the end"), ("bank_peak_bytes", "bank peak")):
-            bank = summary.get(key)
-            rows.append((label, "n/a" if bank is None else f"{bank / mib:.2f} MiB"))
-        for k, v in sorted(connector.items()):
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("bank_bytes", "bank_peak_bytes"):
-                rows.append((f"connector {k}", f"{v:.4g}" if isinstance(v, float) else str(v)))
-    width = max(len(k) for k, _ in rows)
-    lines += [f"{k:<{width}}  {v}" for k, v in rows]
-    return "\n".join(lines)
+def _check_inputs(args: argparse.Namespace):
+    """Every check that needs no model: flags, bounds, KV cache size, output paths. Returns
+    (the poses source, EngineArgs)."""
+    from worldkv_connector.cli.inputs import check_trajectory, load_poses
+    from worldkv_connector.integration.video.engine import check_kv_capacity
+    from worldkv_connector.integration.video.engine_args import MAX_CHUNKS
+    from worldkv_connector.integration.video.model_config import get_model_config
+    from worldkv_connector.poses import trajectory_poses, validate_poses
+
+    if not 1 <= args.sessions <= 1024:
+        raise ValueError(f"--sessions {args.sessions}: allowed 1 <= sessions <= 1024")
+    if args.num_chunks is not None and not 1 <= args.num_chunks <= MAX_CHUNKS:
+        raise ValueError(f"--num-chunks {args.num_chunks}: allowed 1 <= num-chunks <= {MAX_CHUNKS}")
+    if args.threads is not None and not 1 <= args.threads <= 1024:
+        raise ValueError(f"--threads {args.threads}: allowed 1 <= threads <= 1024")
+    if args.trajectory is not None and args.poses is not None:
+        raise ValueError("give either --trajectory or --poses, not both")
+    if args.output is not None and not args.output.endswith(".safetensors"):
+        raise ValueError(f"--output {args.output}: expected a .safetensors path")
+    model = get_model_config(args.model)  # bad inputs fail before any model or cache is built
+    if args.actions is not None:
+        from worldkv_connector.actions import action_poses, load_actions
+
+        if model.family != "matrix-game-2":
+            raise ValueError(f"--actions: model {args.model!r} is not action-conditioned (use a matrix-game-2 model)")
+        if args.trajectory is not None or args.poses is not None:
+            raise ValueError("--actions gives the camera path: drop --trajectory / --poses")
+        keyboard, mouse = load_actions(args.actions)
+        source = {"inputs": {"keyboard": keyboard, "mouse": mouse}}
+        num_frames = action_poses(keyboard, mouse, frames_per_chunk=model.frames_per_chunk).shape[0]
+    elif args.poses is not None:
+        source = {"poses": validate_poses(load_poses(args.poses), "--poses")}
+        num_frames = source["poses"].shape[0]
+    else:
+        check_trajectory(args.trajectory if args.trajectory is not None else DEFAULT_TRAJECTORY)
+        source = {"poses": trajectory_poses(args.trajectory or DEFAULT_TRAJECTORY, frames=args.trajectory_frames,
+                                            frames_per_chunk=model.frames_per_chunk, hold_frames=args.hold_frames)}
+        num_frames = source["poses"].shape[0]
+    engine_args = engine_args_from(args)
+    chunks = args.num_chunks or -(-num_frames // model.frames_per_chunk)
+    if chunks > MAX_CHUNKS:
+        raise ValueError(f"the trajectory makes {chunks} chunks: allowed at most {MAX_CHUNKS} (give --num-chunks)")
+    check_kv_capacity(engine_args, [chunks] * args.sessions)
+    if engine_args.kv_connector == "worldkv" and engine_args.device == "cpu":  # before the model is built
+        from worldkv_connector.bank import check_bank_memory
+        from worldkv_connector.config import WorldKVConfig
+
+        config = WorldKVConfig.from_json(engine_args.kv_connector_config)
+        if config.bank == "cpu":
+            check_bank_memory("cpu", "cpu", config.bank_bytes)
+    from worldkv_connector.cli.inputs import check_run_size
+
+    latent_bytes = 4 * model.frames_per_chunk * model.out_channels * model.latent_height * model.latent_width
+    check_run_size(chunks * args.sessions, latent_bytes_per_chunk=latent_bytes, keep_latents=bool(args.output),
+                   keep_records=bool(args.json))
+    for flag, path in (("--save-bank", args.save_bank), ("--resume-bank", args.resume_bank)):
+        if path is not None and (not path or Path(path).is_file()):
+            raise ValueError(f"{flag} {path!r}: expected a bank directory" + (", got a file" if path else ""))
+    if args.resume_bank is not None and not Path(args.resume_bank).is_dir():
+        raise FileNotFoundError(f"--resume-bank {args.resume_bank}: no such bank directory")
+    return source, engine_args
 
 
-def _plot(path: str, records: list[dict], title: str) -> None:
-    import matplotlib
+def engine_args_model(args: argparse.Namespace):
+    from worldkv_connector.integration.video.model_config import get_model_config
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    first = [r for r in records if r["session"] == records[0]["session"]]
-    idx = [r["index"] for r in first]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(idx, [r["step_seconds"] * 1e3 for r in first], color="tab:blue", label="step time")
-    ax.set_xlabel("chunk index")
-    ax.set_ylabel("step time (ms)", color="tab:blue")
-    ax2 = ax.twinx()
-    ax2.plot(idx, [r["resident_kv_bytes"] / (1 << 20) for r in first], color="tab:red", label="resident KV")
-    ax2.set_ylabel("resident KV (MiB)", color="tab:red")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return get_model_config(args.model)
 
 
 def run(args: argparse.Namespace) -> int:
     from worldkv_connector.integration.video.engine import VideoEngine
 
-    if args.sessions < 1:
-        raise ValueError(f"--sessions {args.sessions}: expected >= 1")
-    if args.trajectory is not None and args.poses is not None:
-        raise ValueError("give either --trajectory or --poses, not both")
-    for flag, path, suffix in (("--plot", args.plot, ".png"), ("--output", args.output, ".safetensors")):
-        if path is not None and not path.endswith(suffix):
-            raise ValueError(f"{flag} {path}: expected a {suffix} path")
-    from worldkv_connector.integration.video.model_config import get_model_config
-    from worldkv_connector.poses import parse_trajectory, validate_poses
-
-    get_model_config(args.model)  # bad inputs fail before any model or cache is built
-    if args.poses is not None:
-        source = {"poses": validate_poses(_load_poses(args.poses), "--poses")}
-    else:
-        source = {"poses": parse_trajectory(args.trajectory or DEFAULT_TRAJECTORY)}
-    engine_args = engine_args_from(args)
-    if args.resume_bank is not None and not Path(args.resume_bank).is_dir():
-        raise FileNotFoundError(f"--resume-bank {args.resume_bank}: no such bank directory")
-    with cpu_threads(args.threads), VideoEngine(engine_args) as engine:
+    source, engine_args = _check_inputs(args)
+    video = VideoOutputs.from_args(args, engine_args_model(args))  # VAE, prompt, image: checked and loaded
+    output = None if args.output is None else prepare_path("--output", args.output, ".safetensors")
+    outputs = RunOutputs(args.json, args.plot, header={"args": engine_args.to_dict()})
+    threads = args.threads if args.threads is not None else (default_threads() if engine_args.device == "cpu" else None)
+    # latents are kept only when --output saves them (and recall needs the per-chunk results)
+    keep = bool(args.output) or engine_args.eval_attention_recall
+    with cpu_threads(threads), VideoEngine(engine_args) as engine:
         if args.save_bank or args.resume_bank:
             bank_api = _bank_api(engine, "--save-bank" if args.save_bank else "--resume-bank")
             if args.resume_bank:
@@ -261,42 +288,77 @@ def run(args: argparse.Namespace) -> int:
             if args.save_bank:
                 bank_api.retain_finished_sessions = True  # keep the entries past the sessions' end
         for i in range(args.sessions):
-            engine.add_session(f"s{i}", num_chunks=args.num_chunks, seed=args.seed + i, **source)
+            engine.add_session(f"s{i}", num_chunks=args.num_chunks, seed=args.seed + i, **source,
+                               keep_results=keep, **video.session_kwargs(engine.add_session))
         total = sum(s.num_chunks for s in engine.scheduler.sessions.values())
-        records: list[dict] = []
         from tqdm import tqdm
 
-        with tqdm(total=total, unit="chunk", file=sys.stderr, disable=args.no_progress, desc="generate") as bar:
+        stopped = "error"
+        with tqdm(total=total, unit="chunk", file=sys.stderr, disable=args.no_progress, desc="generate") as bar, \
+                _StopOnSigint() as sigint:
             def on_result(r) -> None:
-                records.append(chunk_record(r))
+                outputs.add(r)
+                video.on_chunk(r)
                 bar.update(1)
 
-            engine.run(on_result)
-        metrics = engine.metrics()
-        summary = summarize(records, metrics)
-        if engine_args.eval_attention_recall:
-            summary.update(engine_recall_summary(engine))
-        ea = engine.args  # the window as resolved (a connector's config may define it)
-        window = ea.attention_window if ea.attention_window == "full" else (
-            f"sliding (sink {ea.sink_frames}, recent {ea.recent_frames} frames)")
-        title = (f"worldkv generate: {args.model}, {window}, {args.sessions} session(s), "
-                 f"{args.num_denoising_steps} denoising steps, connector {args.kv_connector or 'none'}")
-        print(_table(title, summary, metrics["connector"]))
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump({"args": engine.args.to_dict(), "summary": summary, "metrics": metrics,
-                           "records": records}, fh, indent=2, default=float)
-            print(f"wrote {args.json}")
-        if args.plot:
-            _plot(args.plot, records, title)
-            print(f"wrote {args.plot}")
-        if args.output:
-            _save(args.output, engine, engine.args)
-            print(f"wrote {args.output}")
-        if args.save_bank:
-            manifest = engine.connector.save_bank(args.save_bank)
-            print(f"wrote bank {args.save_bank} ({len(manifest.get('entries', []))} entries)")
-    return 0
+            try:
+                engine.run(on_result, should_stop=lambda: sigint.stopped)
+                stopped = "interrupted" if sigint.stopped else None
+            finally:  # finished, interrupted or failed: what was produced is written
+                for line in video.close(engine):  # an interrupted run still leaves a playable video
+                    print(line)
+                try:
+                    _finish(args, engine, engine_args, outputs, output, stopped, keep)
+                except Exception as exc:
+                    if stopped != "error":
+                        raise
+                    # the run's own error is on its way out: do not hide it behind this one
+                    print(f"worldkv generate: could not write the outputs after the failure: {exc}", file=sys.stderr)
+    return EXIT_INTERRUPTED if stopped == "interrupted" else 0
+
+
+def _finish(args, engine, engine_args, outputs: RunOutputs, output: Path | None, stopped: str | None,
+            keep: bool) -> None:
+    """Summary table, JSON, plot, latents and bank of a run that ended for reason ``stopped``
+    (None: finished; "interrupted"; "error": an exception is on its way out, so only files are
+    written, and a failure to write one does not hide it)."""
+    metrics = engine.metrics()
+    summary = summarize(outputs.stats, metrics)
+    if engine_args.eval_attention_recall and stopped is None:
+        summary.update(engine_recall_summary(engine))
+    ea = engine.args  # the window as resolved (a connector's config may define it)
+    window = ea.attention_window if ea.attention_window == "full" else (
+        f"sliding (sink {ea.sink_frames}, recent {ea.recent_frames} frames)")
+    title = (f"worldkv generate: {args.model}, {window}, {args.sessions} session(s), "
+             f"{args.num_denoising_steps} denoising steps, connector {args.kv_connector or 'none'}")
+    if stopped is not None:
+        title += f" ({stopped} after {summary['chunks']} chunks)"
+    steps = [
+        ("json", lambda: outputs.write_json(summary, metrics, complete=stopped is None, stopped=stopped)),
+        ("plot", lambda: outputs.write_plot(title)),
+    ]
+    if output is not None and keep:
+        steps.append(("output", lambda: _save(output, engine, engine.args)))
+    if args.save_bank and stopped != "error":
+        steps.append(("bank", lambda: _save_bank(engine, args.save_bank)))
+    if stopped != "error":
+        print(summary_table(title, summary, metrics["connector"]))
+    for name, step in steps:
+        try:
+            step()
+        except Exception as exc:
+            if stopped != "error":
+                raise
+            print(f"worldkv generate: could not write the {name} output after the failure: {exc}", file=sys.stderr)
+            continue
+        path = {"json": outputs.json_path, "plot": outputs.plot_path, "output": output}.get(name)
+        if path is not None and (name != "plot" or outputs.stats.chunks):
+            print(f"wrote {path}" + ("" if stopped is None else f" ({summary['chunks']} chunks, {stopped})"))
+
+
+def _save_bank(engine, path: str) -> None:
+    manifest = engine.connector.save_bank(path)
+    print(f"wrote bank {path} ({len(manifest.get('entries', []))} entries)")
 
 
 def _bank_api(engine, flag: str):
@@ -307,10 +369,10 @@ def _bank_api(engine, flag: str):
     return conn
 
 
-def _save(path: str, engine, engine_args) -> None:
+def _save(path: Path, engine, engine_args) -> None:
     import torch
-    from safetensors.torch import save_file
 
-    tensors = {sid: torch.stack(engine.results(sid)).contiguous() for sid in engine.scheduler.sessions}
-    save_file(tensors, path, metadata={"engine_args": json.dumps(engine_args.to_dict()),
-                                       "layout": "[num_chunks, frames_per_chunk, channels, latent_h, latent_w]"})
+    tensors = {sid: torch.stack(engine.results(sid)).contiguous() for sid, s in engine.scheduler.sessions.items()
+               if s.keep_results and s.results}
+    save_latents("--output", path, tensors, {"engine_args": json.dumps(engine_args.to_dict()),
+                                             "layout": "[num_chunks, frames_per_chunk, channels, latent_h, latent_w]"})

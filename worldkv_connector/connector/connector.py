@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import torch
 
-from worldkv_connector.config import WorldKVConfig
+from worldkv_connector.config import AUTO_BANK_SHARE, WorldKVConfig
 from worldkv_connector.connector.meta import ChunkKey
 from worldkv_connector.connector.resume import load_connector_bank, save_connector_bank
 from worldkv_connector.connector.scheduler import WorldKVScheduler
@@ -40,6 +40,7 @@ from worldkv_connector.integration.video.connector_api import (
     AttentionMetadata, ChunkRequest, EngineView, ForwardContext, SchedulerOutput, VideoKVConnector, register_connector,
 )
 from worldkv_connector.metrics import ConnectorMetrics
+from worldkv_connector.remote.resume import resume_remote
 from worldkv_connector.shapes import KVShape
 from worldkv_connector.transfer import TransferEngine
 
@@ -88,6 +89,20 @@ def resolve_config(connector_config_json: str | None, engine: EngineView, kv_sha
     return config.replace(**changes)
 
 
+def _check_bank_size(config: WorldKVConfig, kv_shape: KVShape, frame_tokens: int, auto: bool) -> None:
+    """A bank that cannot hold ``retrieval_chunks + 1`` chunks retrieves less than asked: refuse it."""
+    slot = kv_shape.chunk_bytes(config.kept_tokens(frame_tokens))
+    slots = config.bank_bytes // slot
+    need = config.retrieval_chunks + 1
+    if slots < need:
+        given = "the default bank_bytes" if auto else "bank_bytes"
+        raise ValueError(
+            f"{given}={config.bank_bytes} holds {slots} chunk(s) of {slot} bytes, but retrieval_chunks="
+            f"{config.retrieval_chunks} needs at least retrieval_chunks + 1 = {need}: raise bank_bytes to at least "
+            f"{need * slot} (or lower retrieval_chunks)"
+        )
+
+
 @register_connector("worldkv")
 class WorldKVConnector(VideoKVConnector):
     """WorldKV world memory: pose-indexed, compressed, write-through bank of committed chunks,
@@ -97,6 +112,8 @@ class WorldKVConnector(VideoKVConnector):
                  *, transfer: TransferEngine | None = None):
         super().__init__(engine_config, kv_shape, connector_config_json, device)
         self.config = resolve_config(connector_config_json, engine_config, kv_shape)
+        auto = "bank_bytes" not in (json.loads(connector_config_json) if (connector_config_json or "").strip() else {})
+        _check_bank_size(self.config, kv_shape, engine_config.frame_tokens, auto)
         self.scheduler = WorldKVScheduler(self.config, frame_tokens=engine_config.frame_tokens,
                                           page_size=engine_config.page_size)
         self.worker = WorldKVWorker(self.config, kv_shape, page_size=engine_config.page_size, device=self.device,
@@ -104,10 +121,13 @@ class WorldKVConnector(VideoKVConnector):
         # False: a finished session's bank and index entries go once its stores ended
         self.retain_finished_sessions = False
         self._closed = False
+        bank = self.worker.bank
         logger.info(
-            "worldkv: retrieval_chunks=%d keep_ratio=%g policy=%s bank=%s (%d slots of %d bytes)",
-            self.config.retrieval_chunks, self.config.keep_ratio, self.config.policy, self.config.bank,
-            self.worker.bank.num_slots, self.worker.bank.slot_bytes,
+            "worldkv: retrieval_chunks=%d keep_ratio=%g policy=%s; bank (%s) holds %d chunks of %.3g MiB "
+            "(bank_bytes %.3g GiB%s)", self.config.retrieval_chunks, self.config.keep_ratio, self.config.policy,
+            self.config.bank, bank.num_slots, bank.slot_bytes / (1 << 20), bank.capacity_bytes / (1 << 30),
+            f", the default: {AUTO_BANK_SHARE:.0%} of {'free device' if self.config.bank == 'gpu' else 'available host'} "
+            "memory" if auto else "",
         )
 
     # --- scheduler side -------------------------------------------------------------------------
@@ -168,12 +188,20 @@ class WorldKVConnector(VideoKVConnector):
                 # after the last store ended: nothing writes its entries any more
                 self.scheduler.forget_session(sid)
                 self.worker.end_session(sid)
+                if self.worker.bank.remote is not None:  # its remote objects go too, unless the world persists
+                    self.worker.bank.remote.end_session(sid)
         return done, report.loads_done
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.load_error_pages()
 
     # --- diagnostics ----------------------------------------------------------------------------
+    @property
+    def logit_bias(self) -> dict[str, torch.Tensor] | None:
+        """Per layer [num_pages, page_size] fp32 attention logit bias of each page slot (``log`` of the
+        tokens a merged key stands for) when the compression merges (tempcache); None otherwise."""
+        return self.worker.logit_bias
+
     def kept_indices(self, session_id: str, chunk_id: int) -> torch.Tensor | None:
         """Kept token ids [L, T'] (CPU int64, ascending, anchor first) of a banked or resident
         chunk: which of its ``frames_per_chunk * frame_tokens`` tokens the window holds. None once
@@ -198,6 +226,13 @@ class WorldKVConnector(VideoKVConnector):
         changed on a bad or mismatched bank (corrupted bytes, other model shape or config)."""
         self._check_open()
         return load_connector_bank(self, path)
+
+    def resume_remote(self, session_id: str, *, source: str | None = None) -> list[ChunkKey]:
+        """Resume ``session_id`` (or, with ``source``, join the shared world of that session) from the
+        config's remote tier: see ``worldkv_connector.remote.resume``. Call it before the session's
+        first step. ``ValueError`` when another engine writes ``session_id``."""
+        self._check_open()
+        return resume_remote(self, session_id, source=source)
 
     def wrap_transfer(self, wrap: Callable[[TransferEngine], Any]) -> Any:
         """Replace the transfer engine by ``wrap(current)``, e.g. ``lambda t: FaultyTransferEngine(t,

@@ -1,8 +1,13 @@
 """Load path of the worker half: copy retrieved chunks from the bank into their new pages, one job
 per layer, and (``rope_correction``) move resident chunks' keys in time.
 
-``begin_step`` pins the step's bank entries, builds every layer's (bank rows -> page) pairs once
-and enqueues one load job per layer, so layer ``i``'s copy overlaps the compute of earlier layers;
+RoPE correction rotates a chunk's keys from their original position to the step's target, every
+time: a chunk whose pages already hold rotated keys (``RopeDelta.reload``) first gets its K rows
+copied back from the bank (in the same per-layer job), so rotations never accumulate in bf16.
+
+``begin_step`` pins the step's bank entries, plans every layer's (bank rows -> page) copies once
+as address arrays (``transfer.plan_layer_copies``: chunk x K/V x page fragments, contiguous runs
+merged) and enqueues one ``submit_plan`` job per layer, so layer ``i``'s copy overlaps the compute of earlier layers;
 ``wait_layer`` orders the compute stream after that layer's job only. A retrieved chunk of T'
 tokens fills its pages in order: page ``i`` gets rows ``[i*page_size, (i+1)*page_size)``, the last
 page partial. A failed load (job error, missing entry, exception) marks the chunk's pages as load
@@ -17,7 +22,7 @@ import torch
 from worldkv_connector.bank import Bank
 from worldkv_connector.connector.meta import ChunkKey, LoadSpec, RopeDelta
 from worldkv_connector.metrics import ConnectorMetrics
-from worldkv_connector.transfer import TransferEngine, TransferJob
+from worldkv_connector.transfer import PagePools, TransferEngine, TransferJob, page_lens_of, plan_layer_copies
 
 __all__ = ["LoadPath"]
 
@@ -41,6 +46,10 @@ class LoadPath:
         self._ropes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._rotated: set[int] = set()
         self.resident_indices: dict[ChunkKey, torch.Tensor] = {}  # kept ids of chunks in the hot set
+        self._pools: PagePools | None = None
+        # merging compressions: per layer [num_pages, page_size] fp32 logit bias of every page slot
+        self.logit_bias: dict[str, torch.Tensor] | None = None
+        self.require_counts = False  # merged entries must bring their counts (else wrong attention mass)
 
     # --- per step -------------------------------------------------------------------------------
     def begin_step(self, loads: list[LoadSpec], ropes: list[RopeDelta], layer_names: list[str],
@@ -52,44 +61,35 @@ class LoadPath:
         bad: list[LoadSpec] = []
         for spec in loads:
             entry = self.bank.get(spec.key)
-            if entry is None or not entry.ready or entry.num_tokens != spec.num_tokens:
-                bad.append(spec)  # evicted or rewritten since it was planned: never load stale rows
+            if entry is None or not entry.ready or entry.num_tokens != spec.num_tokens or (
+                    self.require_counts and entry.counts is None):
+                # evicted or rewritten since it was planned: never load stale rows; a merged entry without
+                # its counts (e.g. from a bank saved without them) would attend with the wrong mass
+                bad.append(spec)
                 self.metrics.load_errors += 1
                 continue
             self.bank.touch(spec.key)  # a retrieval: young end of LRU
             if entry.indices is not None:
                 self.resident_indices[spec.key] = entry.indices
             live.append(spec)
+        k_only = [False] * len(live)
+        for r in ropes:
+            if not r.reload:
+                continue
+            # the pages hold keys already rotated away from their original position: restore K
+            # from the bank copy so the step's rotation starts from the original (no bf16 drift)
+            spec = LoadSpec(r.key, r.page_ids, sum(r.page_lens))
+            entry = self.bank.get(r.key)
+            if entry is None or not entry.ready or entry.num_tokens != spec.num_tokens:
+                bad.append(spec)  # the original is gone: the chunk leaves the window, never drifts
+                self.metrics.load_errors += 1
+                continue
+            live.append(spec)
+            k_only.append(True)
+        if live and self.logit_bias is not None:
+            self._write_bias(live, layer_names)
         if live:
-            ps = self.page_size
-            views = [self.bank.view(spec.key) for spec in live]  # [L, 2, T', H, D] each
-            for layer, name in enumerate(layer_names):
-                pool = kv_caches[name]  # [2, num_pages, page_size, H, D]
-                srcs, dsts = [], []
-                for spec, view in zip(live, views):
-                    for kv in (0, 1):
-                        for i, page in enumerate(spec.page_ids):
-                            n = min(ps, spec.num_tokens - i * ps)
-                            srcs.append(view[layer, kv, i * ps : i * ps + n])
-                            dsts.append(pool[kv, page, :n])
-                try:
-                    # after=None: the copy waits for all work queued on the compute stream, so it
-                    # never overwrites pages an earlier kernel still reads
-                    job = transfer.submit("load", srcs, dsts, tag=("load", layer))
-                except Exception as exc:  # noqa: BLE001 - reported as load errors, never fails the step
-                    self.metrics.load_errors += 1  # no job: record_job will not count it
-                    bad.extend(s for s in live if s not in bad)
-                    logger.debug("load of layer %d could not be submitted: %s: %s", layer, type(exc).__name__, exc)
-                    continue
-                for spec in live:
-                    # one pin per job reading the entry (it must not be evicted or reused under the
-                    # copy); added, not reset: a job of an earlier step may still read it
-                    self.bank.pin(spec.key)
-                    self._outstanding[spec.key] = self._outstanding.get(spec.key, 0) + 1
-                self._jobs[job.job_id] = list(live)
-                self._layer_jobs[layer] = job
-                if job.error is not None:
-                    bad.extend(s for s in live if s not in bad)
+            self._submit(live, bad, layer_names, kv_caches, transfer, k_only)
         for spec in bad:
             self.error_pages.update(spec.page_ids)
             self.failed.append(spec.key)
@@ -103,6 +103,64 @@ class LoadPath:
             lens = [n for r in ropes for n in r.page_lens]
             deltas = [r.delta for r in ropes for _ in r.page_ids]
             self._ropes = tuple(torch.tensor(x, dtype=torch.int64, device=self.device) for x in (pages, deltas, lens))
+
+    def _submit(self, live: list[LoadSpec], bad: list[LoadSpec], layer_names: list[str],
+                kv_caches: dict[str, torch.Tensor], transfer: TransferEngine, k_only: list[bool]) -> None:
+        """Plan the step's copies once (address arrays, all layers) and submit one job per layer.
+        k_only[i]: copy only the K rows of live[i] (a RoPE restore of a resident chunk)."""
+        try:
+            plans = plan_layer_copies(
+                self._page_pools(layer_names, kv_caches), [self.bank.view(spec.key) for spec in live],
+                [spec.page_ids for spec in live], [page_lens_of(spec.num_tokens, self.page_size) for spec in live],
+                to_slot=False, k_only=k_only,
+            )
+        except Exception as exc:  # noqa: BLE001 - e.g. a page id outside the pool: load errors, not a failed step
+            self.metrics.load_errors += 1
+            bad.extend(live)
+            logger.debug("loads could not be planned: %s: %s", type(exc).__name__, exc)
+            return
+        for layer in range(len(layer_names)):
+            try:
+                # after=None: the copy waits for all work queued on the compute stream, so it
+                # never overwrites pages an earlier kernel still reads
+                job = transfer.submit_plan("load", plans.layer(layer), tag=("load", layer))
+            except Exception as exc:  # noqa: BLE001 - reported as load errors, never fails the step
+                self.metrics.load_errors += 1  # no job: record_job will not count it
+                bad.extend(s for s in live if s not in bad)
+                logger.debug("load of layer %d could not be submitted: %s: %s", layer, type(exc).__name__, exc)
+                continue
+            for spec in live:
+                # one pin per job reading the entry (it must not be evicted or reused under the
+                # copy); added, not reset: a job of an earlier step may still read it
+                self.bank.pin(spec.key)
+                self._outstanding[spec.key] = self._outstanding.get(spec.key, 0) + 1
+            self._jobs[job.job_id] = live
+            self._layer_jobs[layer] = job
+            if job.error is not None:
+                bad.extend(s for s in live if s not in bad)
+
+    def _write_bias(self, live: list[LoadSpec], layer_names: list[str]) -> None:
+        """log(count) of each loaded token into its page slots (0 for unmerged chunks: pages are reused)."""
+        ps = self.page_size
+        for spec in live:
+            counts = self.bank.get(spec.key).counts  # [L, T'] fp32 or None
+            for layer, name in enumerate(layer_names):
+                bias = self.logit_bias[name]
+                row = None if counts is None else counts[layer].log().to(bias.device)
+                for i, page in enumerate(spec.page_ids):
+                    n = min(ps, spec.num_tokens - i * ps)
+                    if row is None:
+                        bias[page, :n] = 0.0
+                    else:
+                        bias[page, :n] = row[i * ps : i * ps + n]
+
+    def _page_pools(self, layer_names: list[str], kv_caches: dict[str, torch.Tensor]) -> PagePools:
+        """The registered pools, checked once and reused while the same tensors are registered."""
+        pools = [kv_caches[name] for name in layer_names]
+        if self._pools is None or len(self._pools.layers) != len(pools) \
+                or any(a is not b for a, b in zip(self._pools.layers, pools)):
+            self._pools = PagePools(pools)
+        return self._pools
 
     def wait_layer(self, layer: int, kv_layer: torch.Tensor) -> None:
         """Order the compute stream after layer ``layer``'s load, then apply the step's RoPE deltas

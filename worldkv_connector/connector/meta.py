@@ -46,12 +46,16 @@ class StoreSpec:
 @dataclass(frozen=True)
 class RopeDelta:
     """Rotate the temporal RoPE channels of a resident chunk's K pages by ``delta`` latent frames
-    (``rope_correction``). Applied once per layer per step, after that layer's loads landed."""
+    from the keys' *original* position (``rope_correction``). Applied once per layer per step,
+    after that layer's loads landed. ``reload``: the pages hold keys already rotated by an earlier
+    step, so the worker first copies the original K rows back from the bank (rotations are never
+    accumulated on bf16 pages, which drifts)."""
 
     key: ChunkKey
     page_ids: tuple[int, ...]
     page_lens: tuple[int, ...]  # valid tokens of each page
-    delta: int
+    delta: int  # target position - original position, in latent frames
+    reload: bool = False
 
 
 @dataclass

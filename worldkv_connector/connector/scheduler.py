@@ -12,7 +12,9 @@ the configured policy), picks ``retrieval_chunks`` of them and plans:
   ones). A chunk becomes a retrieval candidate only once its store completed.
 - **frees** of evicted chunks' pages, only after their store ended (``take_pages_to_free``).
 - **RoPE deltas** (``rope_correction``): each resident chunk's current temporal position is
-  tracked, so a hot chunk kept across steps is re-rotated by the difference only.
+  tracked; when its target moves, the worker rotates it from its original position (reloading
+  the original K rows from the bank when the pages hold rotated ones), never by accumulating
+  deltas on bf16 pages.
 
 Window order of the retrieved chunks: ascending original chunk index (so the retrieved part of the
 window reads in the order the world was generated, and a chunk kept across steps keeps its
@@ -200,7 +202,10 @@ class WorldKVScheduler:
                 target = recent_start - (m - j) * self.fpc
                 if target != r.position:
                     key = (request.session_id, ext.chunk_id)
-                    self._ropes.append(RopeDelta(key, r.page_ids, self._page_lens(r.num_tokens), target - r.position))
+                    origin = self._position(s, ext.chunk_id)
+                    # from the original keys every time (reload them if the pages hold rotated ones)
+                    self._ropes.append(RopeDelta(key, r.page_ids, self._page_lens(r.num_tokens), target - origin,
+                                                 reload=r.position != origin))
                     r.position = target
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> WorldKVMetadata:

@@ -2,10 +2,11 @@
 its bank slot (pages -> bank), write-through, during the clean pass.
 
 Per step the committed chunks' page slots are turned into one gather index (planned once, reused by
-every layer). At ``save_kv_layer`` the layer's rows are gathered, compressed (novelty pruning:
+every layer), and the bank side of the copies is planned once as address arrays. At
+``save_kv_layer`` the layer's rows are gathered, compressed (novelty pruning:
 ``compression.compress_chunk`` on the CPU, the Triton ``kernels.compress`` path on CUDA) and one
-store job per layer copies K, V and the kept token ids into the bank on a copy stream, after an
-event on the compute stream. An entry becomes ready (and retrievable) only when all its layers'
+``submit_plan`` job per layer (``submit_layer``) copies K, V and the kept token ids into the bank
+on a copy stream, after an event on the compute stream. An entry becomes ready (and retrievable) only when all its layers'
 jobs completed; a failed copy or a full bank leaves the chunk unbanked.
 """
 from __future__ import annotations
@@ -13,14 +14,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from worldkv_connector.bank import Bank, BankEntry
-from worldkv_connector.compression import compress_chunk
+from worldkv_connector.compression import compress_chunk, get_compression
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.connector.meta import ChunkKey, StoreResult, StoreSpec
 from worldkv_connector.metrics import ConnectorMetrics
-from worldkv_connector.transfer import TransferEngine, TransferJob
+from worldkv_connector.transfer import FragmentPlan, TransferEngine, TransferJob
 
 __all__ = ["StorePath"]
 
@@ -55,6 +57,12 @@ class StorePath:
         self._stores: dict[ChunkKey, _Store] = {}
         self._step: list[_Store] = []  # this step's stores, batch order
         self._rows: torch.Tensor | None = None  # [B, T] int64 flat page slots of the step's chunks
+        # bank side of the step's copies (``_plan_bank_side``): per chunk 3 addresses, steps, storages
+        self._dst0: list = []
+        self._dst_step: list = []
+        self._dst_store: list = []
+        self._bank_keep: tuple = ()
+        self._bank_storages: tuple = ()
         self._jobs: dict[int, list[ChunkKey]] = {}  # job id -> keys it writes
         # one event serves every store job: the copy stream's wait_event captures the record at call
         # time, so re-recording it for the next layer cannot release an earlier wait
@@ -63,6 +71,9 @@ class StorePath:
         # page-locked ids so their device-to-host copy joins the job's DMA batch (pageable memory
         # would force a copy that blocks the host until the compute stream caught up)
         self._pin = device.type == "cuda"
+        # compress(k, v) -> (k, v, ids) replacing the one-rank compression (head-sharded ranks:
+        # worldkv_connector.ranks.engine, whose scores need every rank's heads)
+        self.compress_fn = None
 
     # --- per step -------------------------------------------------------------------------------
     def begin_step(self, stores: list[StoreSpec]) -> None:
@@ -82,12 +93,16 @@ class StorePath:
             elif spec.num_tokens % self.frame_tokens:
                 self._fail_early(spec, f"{spec.num_tokens} tokens is not a whole number of frames")
             else:
-                # indices land per layer with the layer's store job (no device sync on CUDA)
-                idx = torch.zeros(self.num_layers, self.kept, dtype=torch.int64, pin_memory=self._pin)
+                # indices land per layer with the layer's store job (no device sync on CUDA); every
+                # row is written before the entry is ready (a partial store frees it), so no zero-fill
+                idx = torch.empty(self.num_layers, self.kept, dtype=torch.int64, pin_memory=self._pin)
                 # pose and first frame travel with the entry so a saved bank can be re-indexed
                 meta = {"first_frame": spec.first_frame} if spec.first_frame >= 0 else None
                 try:
                     entry = self.bank.reserve(spec.key, self.kept, indices=idx, pose=spec.frame_poses, meta=meta)
+                    if entry is not None and self.config.compression != "novelty":
+                        # merge counts travel with the entry like the kept ids (tempcache's logit bias)
+                        entry.counts = torch.ones(self.num_layers, self.kept, pin_memory=self._pin)
                     if entry is None:
                         self._fail_early(spec, "the bank has no free slot (every entry is pinned or being written)")
                 except ValueError as exc:  # e.g. the key is already banked: never fail the step
@@ -101,6 +116,7 @@ class StorePath:
             pages = torch.tensor([st.spec.page_ids for st in self._step], dtype=torch.int64)  # [B, P]
             rows = (pages[:, :, None] * ps + torch.arange(ps)).reshape(len(self._step), -1)  # [B, P * ps]
             self._rows = rows[:, :chunk_tokens].to(self.device)
+            self._plan_bank_side()
 
     def _fail_early(self, spec: StoreSpec, why: str) -> None:
         self.metrics.store_errors += 1
@@ -125,23 +141,37 @@ class StorePath:
             flat_rows = rows.reshape(-1)
             k = flat[0].index_select(0, flat_rows).view(b, t, h, d)  # [B, T, H, D] gathered chunk K
             v = flat[1].index_select(0, flat_rows).view(b, t, h, d)
-            ck, cv, idx = self._compress(k, v)  # [B, T', H, D] x2, [B, T'] int64
-            srcs, dsts = [], []
-            for b, st in enumerate(live):
-                view = self.bank.view(st.spec.key)  # [L, 2, T', H, D]
-                srcs += [ck[b], cv[b], idx[b]]
-                dsts += [view[layer, 0], view[layer, 1], st.entry.indices[layer]]
+            ck, cv, idx, cnt = self._compress(k, v)  # [B, T', H, D] x2, [B, T'] int64, [B, T'] fp32 or None
+            if cnt is not None:
+                # queued on the compute stream before submit_layer records the event the store job
+                # waits on, so a finished store job implies its counts landed too
+                for b, st in enumerate(live):
+                    if st.entry.counts is not None:
+                        st.entry.counts[layer].copy_(cnt[b], non_blocking=True)
+        except Exception as exc:  # noqa: BLE001 - a failed store leaves the chunk unbanked, never fails the step
+            self._store_failed(layer, live, exc)
+            return
+        self.submit_layer(layer, ck, cv, idx, transfer)
+
+    def submit_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor, ids: torch.Tensor,
+                     transfer: TransferEngine) -> None:
+        """Copy one layer's compressed rows of the step's live chunks into their bank slots: one
+        ``submit_plan`` job. k, v: [B, T', H, D] (each [T', H, D] contiguous), ids: [B, T'] int64,
+        B = the step's live stores in batch order. The bank-side addresses were planned at
+        ``begin_step``; here only the three source bases are read."""
+        live = [st for st in self._step if not st.failed]
+        if not live:
+            return
+        try:
+            plan = self._layer_plan(layer, [i for i, st in enumerate(self._step) if not st.failed], k, v, ids)
             after = None
             if self._event is not None:
                 # the copy stream must not read the staging rows before compute wrote them
                 self._event.record(torch.cuda.current_stream(self.device))
                 after = self._event
-            job = transfer.submit("store", srcs, dsts, after=after, tag=("store", layer))
+            job = transfer.submit_plan("store", plan, after=after, tag=("store", layer))
         except Exception as exc:  # noqa: BLE001 - a failed store leaves the chunk unbanked, never fails the step
-            for st in live:
-                st.failed = True
-            self.metrics.store_errors += 1
-            self._log(f"store of layer {layer} failed for {[st.spec.key for st in live]}: {type(exc).__name__}: {exc}")
+            self._store_failed(layer, live, exc)
             return
         keys = []
         for st in live:
@@ -150,22 +180,89 @@ class StorePath:
             keys.append(st.spec.key)
         self._jobs[job.job_id] = keys
 
+    def _store_failed(self, layer: int, live: list[_Store], exc: BaseException) -> None:
+        for st in live:
+            st.failed = True
+        self.metrics.store_errors += 1
+        self._log(f"store of layer {layer} failed for {[st.spec.key for st in live]}: {type(exc).__name__}: {exc}")
+
+    def _plan_bank_side(self) -> None:
+        """Bank-side addresses of the step's stores for layer 0 and their per-layer step, one
+        (K rows, V rows, kept ids) triple per chunk, as ints: a store job has 3 fragments per chunk,
+        too few for numpy to pay off."""
+        views = [self.bank.view(st.spec.key) for st in self._step]  # [L, 2, T', H, D]
+        idx = [st.entry.indices for st in self._step]  # [L, T'] int64 each
+        item = views[0].element_size()
+        self._dst0 = [(w[0, 0].data_ptr(), w[0, 1].data_ptr(), i[0].data_ptr()) for w, i in zip(views, idx)]
+        self._dst_step = [(w.stride(0) * item, w.stride(0) * item, i.stride(0) * i.element_size())
+                          for w, i in zip(views, idx)]
+        self._bank_keep = (*views, *idx)
+        bases = {t.untyped_storage().data_ptr(): t.device for t in self._bank_keep}
+        self._bank_storages = tuple(bases.items())
+        where = {base: j + 3 for j, base in enumerate(bases)}  # after the k, v, ids storages
+        self._dst_store = [(where[w.untyped_storage().data_ptr()],) * 2 + (where[i.untyped_storage().data_ptr()],)
+                           for w, i in zip(views, idx)]
+
+    def _layer_plan(self, layer: int, live: list[int], k: torch.Tensor, v: torch.Tensor,
+                    ids: torch.Tensor) -> FragmentPlan:
+        """Layer ``layer``'s copies: row j of k, v, ids -> the bank slot of the j-th live store
+        (``live``: their indices into the step)."""
+        b = len(live)
+        t, h, d = self.kept, self.bank.num_kv_heads, self.bank.head_dim
+        for name, x, shape, dtype, rows in (("k", k, (b, t, h, d), self.bank.dtype, (h * d, d, 1)),
+                                            ("v", v, (b, t, h, d), self.bank.dtype, (h * d, d, 1)),
+                                            ("ids", ids, (b, t), torch.int64, (1,))):
+            if x.shape != shape or x.dtype != dtype or (t > 1 and x.stride()[1:] != rows) \
+                    or x.device.type not in ("cpu", self.device.type):
+                raise ValueError(f"store {name}: expected {shape} {dtype} with contiguous rows, got {tuple(x.shape)} "
+                                 f"{x.dtype} strides {x.stride()} on {x.device}")
+        srcs = (k, v, ids)
+        base = [x.data_ptr() for x in srcs]
+        step = [x.stride(0) * x.element_size() for x in srcs]
+        size = (t * h * d * k.element_size(), t * h * d * v.element_size(), t * 8)
+        src, dst, sizes, s_store, d_store = [], [], [], [], []
+        for j, i in enumerate(live):
+            d0, dstep, dst_store = self._dst0[i], self._dst_step[i], self._dst_store[i]
+            for f in range(3):
+                a, z, n = base[f] + j * step[f], d0[f] + layer * dstep[f], size[f]
+                if src and src[-1] + sizes[-1] == a and dst[-1] + sizes[-1] == z and s_store[-1] == f \
+                        and d_store[-1] == dst_store[f]:
+                    sizes[-1] += n  # continues the previous run on both sides (K then V of one slot)
+                    continue
+                src.append(a)
+                dst.append(z)
+                sizes.append(n)
+                s_store.append(f)
+                d_store.append(dst_store[f])
+        storages = tuple((x.untyped_storage().data_ptr(), x.device) for x in srcs) + self._bank_storages
+        u64 = np.uint64
+        return FragmentPlan(np.array(src, dtype=u64), np.array(dst, dtype=u64), np.array(sizes, dtype=u64),
+                            (*srcs, *self._bank_keep), storages, np.array(s_store), np.array(d_store), merged=True,
+                            pairs=3 * b)
+
     def _compress(self, k: torch.Tensor, v: torch.Tensor):
-        """k, v: [B, T, H, D] -> (k [B, T', H, D], v [B, T', H, D], ids [B, T'] int64), on k's device."""
+        """k, v: [B, T, H, D] -> (k [B, T', H, D], v [B, T', H, D], ids [B, T'] int64, counts [B, T'] fp32
+        or None for pruning), on k's device."""
+        if self.compress_fn is not None:  # head-sharded ranks: pruning scored over every rank's heads
+            return (*self.compress_fn(k, v), None)
         b, t = k.shape[:2]
         if self.kept == t:  # keep_ratio 1: nothing to rank
             ids = torch.arange(t, device=k.device).expand(b, t).contiguous()
-            return k, v, ids
+            return k, v, ids, None
+        if self.config.compression != "novelty":  # a registered merging compression (torch, any device)
+            out = get_compression(self.config.compression)(
+                k, v, frame_tokens=self.frame_tokens, keep_ratio=self.config.keep_ratio, pooled=self.config.pooled)
+            return out.k, out.v, out.indices, out.counts
         if k.device.type == "cuda":
             from worldkv_connector.kernels.compress import compress_chunk_kernel
 
             staging, ids = compress_chunk_kernel(
                 k, v, frame_tokens=self.frame_tokens, keep_ratio=self.config.keep_ratio, pooled=self.config.pooled
             )  # staging: [B, 2, T', H, D] contiguous
-            return staging[:, 0], staging[:, 1], ids
+            return staging[:, 0], staging[:, 1], ids, None
         out = compress_chunk(k, v, frame_tokens=self.frame_tokens, keep_ratio=self.config.keep_ratio,
                              pooled=self.config.pooled)
-        return out.k, out.v, out.indices
+        return out.k, out.v, out.indices, None
 
     def end_step(self) -> None:
         """End of the clean pass: a chunk that did not get every layer is not banked."""
@@ -178,6 +275,7 @@ class StorePath:
         for st in self._stores.values():
             st.closed = True
         self._step, self._rows = [], None
+        self._bank_keep = ()  # the views stay alive through the jobs' own keep
 
     # --- completion -----------------------------------------------------------------------------
     def on_job(self, job: TransferJob) -> None:

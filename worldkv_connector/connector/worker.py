@@ -58,6 +58,7 @@ class WorldKVWorker:
         self._ending: set[str] = set()  # ended sessions whose entries are freed once unpinned
         self.bank.add_evict_listener(self._on_evict)
         self.kv_caches: dict[str, torch.Tensor] = {}
+        self.logit_bias: dict[str, torch.Tensor] | None = None  # merging compressions only (load.py)
         self.layer_names: list[str] = []
         self._layer_of: dict[str, int] = {}
         self.loads = LoadPath(self.bank, self.metrics, page_size=page_size, device=self.device)
@@ -89,6 +90,10 @@ class WorldKVWorker:
                 )
         self.kv_caches = dict(kv_caches)
         self.layer_names = list(kv_caches)
+        if self.config.compression != "novelty":  # merged tokens carry log(count) into attention
+            self.logit_bias = {name: torch.zeros(t.shape[1], t.shape[2], device=t.device) for name, t in kv_caches.items()}
+            self.loads.logit_bias = self.logit_bias
+            self.loads.require_counts = self.config.kept_tokens(s.frame_tokens) < s.frame_tokens * self.config.frames_per_chunk
         self._layer_of = {name: i for i, name in enumerate(self.layer_names)}
 
     def _layer(self, layer_name: str) -> int:

@@ -1,14 +1,23 @@
 """``cuMemcpyBatchAsync`` through the CUDA driver API (ctypes; cuda-python when installed).
 
 The function pointer comes from ``cuGetProcAddress`` (cuda-python's ``cuda.bindings.driver`` if
-importable, else ``libcuda`` through ctypes), asked for the ABI that matches the driver version:
-CUDA 12.8 takes a ``failIdx`` out-pointer before the stream, CUDA 13 does not. A two-copy self-test
-on the device proves the binding before real data goes through it; any failure means the loop path.
+importable, else ``libcuda`` through ctypes), asked for the ABI that matches the driver version
+(``select_abi``):
+
+- CUDA 12.8 / 12.9 (``PFN_cuMemcpyBatchAsync_v12080``): ``(dsts, srcs, sizes, count, attrs,
+  attrsIdxs, numAttrs, failIdx, hStream)``, exported as ``cuMemcpyBatchAsync``;
+- CUDA 13.x (``PFN_cuMemcpyBatchAsync_v13000``): the same without ``failIdx``, exported as
+  ``cuMemcpyBatchAsync_v2`` (``cuda.h`` maps the plain name onto it).
+
+``CUmemcpyAttributes`` (srcAccessOrder, srcLocHint, dstLocHint, flags: 24 bytes) is the same in
+both. A two-copy self-test on the device proves the binding before real data goes through it; any
+failure means the loop path.
 """
 from __future__ import annotations
 
 import ctypes
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,7 +25,7 @@ import torch
 
 from worldkv_connector.transfer.runs import Run
 
-__all__ = ["BatchMemcpy", "resolve_batch_memcpy"]
+__all__ = ["BatchMemcpy", "BatchAbi", "select_abi", "resolve_batch_memcpy"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +41,29 @@ class _MemcpyAttributes(ctypes.Structure):  # CUmemcpyAttributes (cuda.h, 12.8+)
 
 _SRC_ACCESS_ORDER_STREAM = 1  # read the source in stream order, i.e. after the wait on compute
 _FLAG_PREFER_OVERLAP_WITH_COMPUTE = 1
+_SIZE_MAX = ctypes.c_size_t(-1).value  # failIdx when the error is not about one copy
+
+
+@dataclass(frozen=True)
+class BatchAbi:
+    """Which ``cuMemcpyBatchAsync`` to bind: the version asked of ``cuGetProcAddress``, whether
+    that ABI has the ``failIdx`` out-pointer, and the exported symbol of that ABI (the fallback
+    when ``cuGetProcAddress`` itself is unavailable)."""
+
+    proc_version: int
+    has_fail_idx: bool
+    symbol: str
+
+
+def select_abi(driver_version: int | None) -> BatchAbi | None:
+    """The ABI for a driver of ``driver_version`` (``cuDriverGetVersion``: 1000 * major + 10 * minor),
+    or None below 12.8, where the function does not exist. A driver serves the ABI of its own
+    major version; 12.8 and 12.9 share one."""
+    if driver_version is None or driver_version < 12080:
+        return None
+    if driver_version >= 13000:
+        return BatchAbi(13000, False, "cuMemcpyBatchAsync_v2")
+    return BatchAbi(12080, True, "cuMemcpyBatchAsync")
 
 
 class BatchMemcpy:
@@ -40,8 +72,11 @@ class BatchMemcpy:
     stream, so the ABI is fixed by the version asked of ``cuGetProcAddress``."""
 
     def __init__(self, fn_ptr: int, has_fail_idx: bool) -> None:
+        # dsts, srcs, sizes (CUdeviceptr* / size_t*), count, attrs, attrsIdxs, numAttrs
         argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-        argtypes += [ctypes.c_void_p] * (2 if has_fail_idx else 1)
+        if has_fail_idx:
+            argtypes.append(ctypes.c_void_p)  # size_t *failIdx (12.8 only)
+        argtypes.append(ctypes.c_void_p)  # CUstream hStream (never the legacy NULL stream)
         self._fn = ctypes.CFUNCTYPE(ctypes.c_int, *argtypes)(fn_ptr)
         self.has_fail_idx = has_fail_idx
         # one attribute entry applies to every copy of the batch (attrsIdxs = [0])
@@ -61,13 +96,13 @@ class BatchMemcpy:
             return
         head = (dst.ctypes.data, src.ctypes.data, size.ctypes.data, count,
                 ctypes.addressof(self._attrs), ctypes.addressof(self._attr_idx), 1)
-        fail = ctypes.c_size_t(0)
+        fail = ctypes.c_size_t(_SIZE_MAX)
         if self.has_fail_idx:
             err = self._fn(*head, ctypes.addressof(fail), stream.cuda_stream)
         else:
             err = self._fn(*head, stream.cuda_stream)
         if err != 0:
-            where = f" (failIdx {fail.value})" if self.has_fail_idx else ""
+            where = f" (failIdx {fail.value})" if self.has_fail_idx and fail.value != _SIZE_MAX else ""
             raise RuntimeError(f"cuMemcpyBatchAsync of {count} runs failed with CUresult {err}{where}")
 
 
@@ -98,7 +133,8 @@ def _driver_version() -> int | None:
     return None
 
 
-def _proc_address(symbol: bytes, version: int) -> int | None:
+def _proc_address(abi: BatchAbi) -> int | None:
+    symbol, version = b"cuMemcpyBatchAsync", abi.proc_version
     try:
         from cuda.bindings import driver
 
@@ -118,7 +154,7 @@ def _proc_address(symbol: bytes, version: int) -> int | None:
         if get(symbol, ctypes.byref(ptr), version, 0, ctypes.byref(status)) == 0 and ptr.value:
             return ptr.value
     # last resort: the exported symbol of the wanted ABI
-    fn = getattr(lib, symbol.decode() + ("_v2" if version >= 13000 else ""), None)
+    fn = getattr(lib, abi.symbol, None)
     return ctypes.cast(fn, ctypes.c_void_p).value if fn is not None else None
 
 
@@ -139,15 +175,15 @@ def resolve_batch_memcpy(device: torch.device, required: bool) -> BatchMemcpy | 
     version = _driver_version()
     why = None
     batch = None
-    if version is None or version < 12080:
+    abi = select_abi(version)
+    if abi is None:
         why = f"needs CUDA driver >= 12.8, found {version}"
     else:
-        has_fail_idx = version < 13000
-        ptr = _proc_address(b"cuMemcpyBatchAsync", 12080 if has_fail_idx else 13000)
+        ptr = _proc_address(abi)
         if not ptr:
-            why = f"cuMemcpyBatchAsync not found in driver {version}"
+            why = f"cuMemcpyBatchAsync ({abi.symbol}) not found in driver {version}"
         else:
-            batch = BatchMemcpy(ptr, has_fail_idx)
+            batch = BatchMemcpy(ptr, abi.has_fail_idx)
             try:
                 ok = _self_test(batch, device)
             except Exception as exc:  # noqa: BLE001

@@ -7,8 +7,9 @@ reachable (DESIGN §2). On CUDA each job then picks its path (``paths.choose_pat
 run size: below ``kernel_threshold_bytes`` the SM copy kernel (``worldkv_connector.cuda_copy``, when
 CuPy is there and the host memory is mapped), otherwise one ``cuMemcpyBatchAsync`` (driver >= 12.8),
 else a loop of async copies. On the CPU the copies run synchronously and a job is done when
-``submit`` returns. ``submit`` takes tensor pairs; ``submit_plan`` takes a ``FragmentPlan`` of
-addresses planned with numpy (``page_fragments``), for jobs of thousands of page fragments.
+``submit`` returns. ``submit_plan`` takes a ``FragmentPlan`` of addresses planned with numpy (the
+connector's path: ``plan_layer_copies``, one plan per layer of a step); ``submit`` takes tensor
+pairs (a few large copies, and the per-page baseline of ``bench connector``).
 Completion is polled with ``event.query()``, never waited on unless asked. The engine is not
 thread-safe: one worker thread drives it.
 """
@@ -181,7 +182,7 @@ class TransferEngine:
     def submit_plan(self, kind: str, plan: FragmentPlan, *, after: "torch.cuda.Event | None" = None,
                     tag: Any = None) -> TransferJob:
         """Start the copies of a ``FragmentPlan`` (addresses planned with numpy, e.g. by
-        ``page_fragments``): the fast way to submit thousands of page fragments. Same ``kind``,
+        ``plan_layer_copies``): the fast way to submit thousands of page fragments. Same ``kind``,
         ``after`` and result as :meth:`submit`; the plan's tensors are kept alive until it ran."""
         if self._closed:
             raise RuntimeError("the transfer engine is closed")

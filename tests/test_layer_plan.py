@@ -1,0 +1,144 @@
+"""The step planner (``plan_layer_copies``) against the per-page tensor-pair reference: random page
+layouts, partial last pages, chunks of several sessions in one step, both directions."""
+import numpy as np
+import pytest
+import torch
+
+from worldkv_connector.bank import Bank
+from worldkv_connector.faults import FaultyTransferEngine
+from worldkv_connector.transfer import TransferEngine, layer_plan, page_lens_of, plan_layer_copies
+
+L, PAGES, PS, H, D = 3, 48, 4, 2, 8
+
+
+def _reference(pools, slots, page_ids, num_tokens, to_slot):
+    """Today's per-page tensor pairs, one copy_ each: the ground truth."""
+    for layer, pool in enumerate(pools):
+        for slot, ids, n in zip(slots, page_ids, num_tokens):
+            for kv in (0, 1):
+                for i, page in enumerate(ids):
+                    m = min(PS, n - i * PS)
+                    if to_slot:
+                        slot[layer, kv, i * PS:i * PS + m].copy_(pool[kv, page, :m])
+                    else:
+                        pool[kv, page, :m].copy_(slot[layer, kv, i * PS:i * PS + m])
+
+
+def _layout(rng, bank, sessions):
+    """Chunks of several sessions with random token counts (partial last pages) and page ids drawn
+    from one shuffled free list, some runs contiguous."""
+    free = list(range(PAGES))
+    rng.shuffle(free)
+    runs = sorted(free[:8])  # a few chunks get consecutive pages
+    keys, ids, tokens = [], [], []
+    for s in range(sessions):
+        for c in range(int(rng.integers(1, 3))):
+            n = int(rng.integers(1, 4 * PS + 1))
+            p = -(-n // PS)
+            if c == 0 and runs and runs[0] + p <= PAGES and all(q not in sum(ids, []) for q in range(runs[0], runs[0] + p)):
+                chosen = list(range(runs[0], runs[0] + p))
+                free = [q for q in free if q not in chosen]
+                runs = []
+            else:
+                chosen, free = free[:p], free[p:]
+            key = (f"s{s}", c)
+            bank.reserve(key, n)
+            bank.mark_ready(key)
+            bank.view(key).copy_(torch.randn(bank.view(key).shape, generator=torch.Generator().manual_seed(s * 7 + c)))
+            keys.append(key)
+            ids.append(chosen)
+            tokens.append(n)
+    return keys, ids, tokens
+
+
+@pytest.fixture(params=["python", "numpy"])
+def planner(request, monkeypatch):
+    """Both builders: plain Python for a few pages, numpy above ``SMALL_PLAN_PAGES``."""
+    if request.param == "numpy":
+        monkeypatch.setattr(layer_plan, "SMALL_PLAN_PAGES", -1)
+    return request.param
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("to_slot", [False, True])
+def test_plan_equals_the_per_page_reference_on_random_layouts(seed, to_slot, planner):
+    rng = np.random.default_rng(seed)
+    bank = Bank(num_layers=L, num_kv_heads=H, head_dim=D, dtype=torch.float32, slot_tokens=4 * PS,
+                capacity_bytes=16 * 2 * L * 4 * PS * H * D * 4, pin=False)
+    keys, ids, tokens = _layout(rng, bank, sessions=int(rng.integers(1, 4)))
+    pools = [torch.randn(2, PAGES, PS, H, D) for _ in range(L)]
+    ref_pools = [p.clone() for p in pools]
+    slots = [bank.view(k) for k in keys]
+    ref_slots = [s.clone() for s in slots]
+    if to_slot:
+        for s in slots:
+            s.zero_()
+        for s in ref_slots:
+            s.zero_()
+    plans = plan_layer_copies(pools, slots, ids, [page_lens_of(n, PS) for n in tokens], to_slot=to_slot)
+    pages = sum(len(i) for i in ids)
+    assert plans.num_pairs == 2 * pages and plans.num_runs <= plans.num_pairs
+    assert plans.layer_bytes == 2 * sum(tokens) * H * D * 4
+    with TransferEngine() as eng:
+        jobs = [eng.submit_plan("store" if to_slot else "load", plans.layer(i)) for i in range(L)]
+    assert all(j.error is None and j.num_fragments == plans.num_runs for j in jobs)
+    _reference(ref_pools, ref_slots, ids, tokens, to_slot)
+    for got, want in zip(pools, ref_pools):
+        assert torch.equal(got, want)  # pages past a partial page's tokens untouched too
+    for got, want in zip(slots, ref_slots):
+        assert torch.equal(got, want)
+    bank.close()
+
+
+def test_contiguous_pages_merge_into_one_run_per_chunk_and_kv(planner):
+    bank = Bank(num_layers=L, num_kv_heads=H, head_dim=D, dtype=torch.float32, slot_tokens=37,
+                capacity_bytes=4 * 2 * L * 37 * H * D * 4, pin=False)
+    bank.reserve("a", 37)
+    bank.reserve("b", 37)
+    pools = torch.zeros(L, 2, PAGES, PS, H, D)
+    lens = page_lens_of(37, PS)  # 10 pages, the last with 1 token
+    plans = plan_layer_copies(pools, [bank.view("a"), bank.view("b")], [list(range(10)), list(range(20, 30))],
+                              [lens, lens], to_slot=False)
+    assert plans.num_pairs == 2 * 2 * 10 and plans.num_runs == 2 * 2
+    scattered = plan_layer_copies(pools, [bank.view("a")], [list(range(0, 20, 2))], [lens], to_slot=False)
+    assert scattered.num_runs == 2 * 10
+    bank.close()
+
+
+def test_plan_refuses_bad_layouts_naming_the_field(planner):
+    pools = [torch.zeros(2, PAGES, PS, H, D) for _ in range(L)]
+    slot = torch.zeros(L, 2, 8, H, D)
+    with pytest.raises(ValueError, match=r"page_ids\[0\]: expected ids in \[0, 48\)"):
+        plan_layer_copies(pools, [slot], [[3, 48]], [[PS, PS]], to_slot=False)
+    with pytest.raises(ValueError, match=r"page_lens\[0\]: every value must lie in \[0, page_size=4\]"):
+        plan_layer_copies(pools, [slot], [[3]], [[PS + 1]], to_slot=False)
+    with pytest.raises(ValueError, match=r"slot\[0\]: expected \[3, 2, N >= 12"):
+        plan_layer_copies(pools, [slot], [[1, 2, 3]], [[PS] * 3], to_slot=False)
+    with pytest.raises(ValueError, match=r"pools\[1\]"):
+        plan_layer_copies([pools[0], pools[1][:, :3]], [slot[:2]], [[1]], [[PS]], to_slot=False)
+    with pytest.raises(ValueError, match="one entry per slot"):
+        plan_layer_copies(pools, [slot], [[1], [2]], [[PS]], to_slot=False)
+
+
+def test_k_only_moves_only_the_keys(planner):
+    pools = [torch.zeros(2, PAGES, PS, H, D) for _ in range(L)]
+    slot = torch.randn(L, 2, 2 * PS, H, D)
+    plans = plan_layer_copies(pools, [slot], [[9, 3]], [[PS, 2]], to_slot=False, k_only=[True])
+    with TransferEngine() as eng:
+        for i in range(L):
+            eng.submit_plan("load", plans.layer(i))
+    for i, pool in enumerate(pools):
+        assert torch.equal(pool[0, 9], slot[i, 0, :PS]) and torch.equal(pool[0, 3, :2], slot[i, 0, PS:PS + 2])
+        assert not pool[1].any() and not pool[0, 3, 2:].any()
+
+
+def test_faulty_engine_injects_on_the_plan_path():
+    pools = [torch.ones(2, PAGES, PS, H, D) for _ in range(L)]
+    slot = torch.zeros(L, 2, 2 * PS, H, D)
+    plans = plan_layer_copies(pools, [slot], [[5, 6]], [[PS, PS]], to_slot=True)
+    eng = FaultyTransferEngine(TransferEngine("cpu"), fail_jobs={2})
+    jobs = [eng.submit_plan("store", plans.layer(i)) for i in range(L)]
+    assert [j.error is not None for j in jobs] == [False, True, False]
+    assert jobs[1].nbytes == plans.layer_bytes and eng.faults["failed_stores"] == 1
+    assert slot[0].eq(1).all() and not slot[1].any() and slot[2].eq(1).all()  # a failed job copied nothing
+    assert sorted(j.job_id for j in eng.poll()) == [j.job_id for j in jobs]

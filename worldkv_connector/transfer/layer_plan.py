@@ -1,0 +1,320 @@
+"""One step's page <-> bank-row copies, planned once as numpy address arrays, submitted per layer.
+
+This is the one planner of the project: the connector's load path (bank rows -> pages), its
+benchmarks and ``fragments.page_fragments`` all build their copies here. A step's copies are the
+same in every layer up to the layer's base addresses, so the fragments (chunk x K/V x page) are
+computed and merged once, for layer 0, and layer ``l``'s addresses are layer 0's moved by that
+layer's pool base and the slots' layer stride. ``LayerPlans.layer(l)`` hands out a ready
+``FragmentPlan`` for one ``TransferEngine.submit_plan`` call per layer; nothing per page is a
+Python object. Every range is checked once, at planning time, by construction: page ids inside
+the pool, page lengths inside a page, rows inside each slot.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from worldkv_connector.addresses import as_u64, run_heads
+from worldkv_connector.transfer.fragments import FragmentPlan
+
+__all__ = ["LayerPlans", "PagePools", "plan_layer_copies", "page_fragments", "page_lens_of", "SMALL_PLAN_PAGES"]
+
+SMALL_PLAN_PAGES = 48  # plans of at most this many pages (all chunks) are built in plain Python
+
+
+def page_lens_of(num_tokens: int, page_size: int) -> np.ndarray:
+    """Valid tokens of each page of a chunk of ``num_tokens``: full pages, the last one partial."""
+    full, last = divmod(int(num_tokens), int(page_size))
+    lens = np.full(full + (1 if last else 0), page_size, dtype=np.uint64)
+    if last:
+        lens[-1] = last
+    return lens
+
+
+@dataclass(frozen=True, eq=False)
+class LayerPlans:
+    """Merged copy runs of every layer of one step. src, dst: [L, R] uint64 addresses; sizes: [R]
+    bytes; src_store / dst_store: [R] index into ``storages[l]``; keep[l]: layer l's tensors."""
+
+    src: np.ndarray
+    dst: np.ndarray
+    sizes: np.ndarray
+    src_store: np.ndarray
+    dst_store: np.ndarray
+    storages: tuple
+    keep: tuple
+    num_pairs: int  # fragments of one layer before merging
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.src.shape[0])
+
+    @property
+    def num_runs(self) -> int:
+        return int(self.sizes.shape[0])
+
+    @property
+    def layer_bytes(self) -> int:
+        return int(self.sizes.sum())
+
+    def layer(self, layer: int) -> FragmentPlan:
+        """The ``FragmentPlan`` of layer ``layer`` (views of the step's arrays, no copy)."""
+        return FragmentPlan(self.src[layer], self.dst[layer], self.sizes, self.keep[layer], self.storages[layer],
+                            self.src_store, self.dst_store, merged=True, pairs=self.num_pairs)
+
+    def all_layers(self) -> FragmentPlan:
+        """Every layer's runs in one plan (layer-major), for a single job over all layers."""
+        bases: dict[int, torch.device] = {}
+        for table in self.storages:
+            for base, dev in table:
+                bases.setdefault(base, dev)
+        index = {b: i for i, b in enumerate(bases)}
+        remap = [np.asarray([index[b] for b, _ in table], dtype=np.int64) for table in self.storages]
+        keep = tuple({id(t): t for k in self.keep for t in k}.values())
+        return FragmentPlan(self.src.reshape(-1), self.dst.reshape(-1), np.tile(self.sizes, self.num_layers), keep,
+                            tuple(bases.items()), np.concatenate([r[self.src_store] for r in remap]),
+                            np.concatenate([r[self.dst_store] for r in remap]), pairs=self.num_pairs * self.num_layers)
+
+
+def _layers_of(pools) -> list[torch.Tensor]:
+    if isinstance(pools, torch.Tensor):
+        if pools.dim() != 6 or pools.shape[1] != 2:
+            raise ValueError(f"pools: expected [L, 2, num_pages, page_size, H, D], got {tuple(pools.shape)}")
+        return list(pools.unbind(0))
+    layers = list(pools)
+    if not layers or not all(isinstance(t, torch.Tensor) and t.dim() == 5 and t.shape[0] == 2 for t in layers):
+        raise ValueError("pools: expected a [L, 2, num_pages, page_size, H, D] tensor or a non-empty sequence of "
+                         "[2, num_pages, page_size, H, D] tensors")
+    first = layers[0]
+    for i, t in enumerate(layers):
+        if t.shape != first.shape or t.dtype != first.dtype or t.stride() != first.stride() or t.device != first.device:
+            raise ValueError(f"pools[{i}]: expected the shape/dtype/strides/device of pools[0] {tuple(first.shape)} "
+                             f"{first.dtype} {first.device}, got {tuple(t.shape)} {t.dtype} {t.device}")
+    return layers
+
+
+def _flat(name: str, rows: Sequence) -> np.ndarray:
+    """Concatenated int64 values of a sequence of int sequences (tuples, lists, arrays, tensors)."""
+    parts = [np.asarray(r.cpu() if isinstance(r, torch.Tensor) else r) for r in rows]
+    flat = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+    if flat.size and flat.dtype.kind not in "iu":
+        raise ValueError(f"{name}: expected integers, got dtype {flat.dtype}")
+    return flat.astype(np.int64, copy=False)
+
+
+def _storage(t: torch.Tensor) -> tuple[int, torch.device]:
+    return t.untyped_storage().data_ptr(), t.device
+
+
+class PagePools:
+    """The paged pools of every layer, checked once (same shape, dtype, strides, device; contiguous
+    pages): their base addresses and storages, reused by every step's plan.
+
+    pools: [L, 2, num_pages, page_size, H, D] or L tensors [2, num_pages, page_size, H, D].
+    """
+
+    def __init__(self, pools) -> None:
+        self.layers = _layers_of(pools)
+        plane = self.layers[0][0]  # [num_pages, page_size, H, D]
+        self.num_pages, self.page_size, self.heads, self.head_dim = plane.shape
+        if plane.stride()[1:] != (self.heads * self.head_dim, self.head_dim, 1):
+            raise ValueError(f"pools: expected contiguous pages (strides (..., {self.heads * self.head_dim}, "
+                             f"{self.head_dim}, 1)), got {plane.stride()}")
+        self.dtype = plane.dtype
+        self.item = plane.element_size()
+        self.row = self.heads * self.head_dim * self.item  # bytes of one token of one (layer, K/V)
+        self.kv_stride = self.layers[0].stride(0) * self.item
+        self.bases = np.asarray([t.data_ptr() for t in self.layers], dtype=np.uint64)
+        self.storages = [_storage(t) for t in self.layers]
+
+
+def plan_layer_copies(pools, slots: Sequence[torch.Tensor], page_ids: Sequence, page_lens: Sequence, *,
+                      to_slot: bool, k_only: Sequence[bool] | None = None) -> LayerPlans:
+    """Plan the copies between chunks' pages and their bank rows, for every layer.
+
+    pools: a ``PagePools``, or [L, 2, num_pages, page_size, H, D] or L tensors [2, num_pages,
+    page_size, H, D] (pages contiguous), any device. slots: C tensors [L, 2, N_c, H, D] (e.g. ``Bank.view``; contiguous
+    [N, H, D] rows per (layer, K/V)), the pools' dtype. page_ids[c]: [P_c] page ids of chunk c;
+    page_lens[c]: [P_c] valid tokens of each page (page i fills rows
+    ``[sum(lens[:i]), sum(lens[:i+1]))`` of the slot, ``sum(lens) <= N_c``). Fragments are ordered
+    chunk, K/V, page within a layer and merged where both sides continue each other.
+    ``to_slot``: pages -> slots (a store) or slots -> pages (a load). ``k_only[c]``: move only
+    chunk c's K rows (default: K and V of every chunk).
+    """
+    pp = pools if isinstance(pools, PagePools) else PagePools(pools)
+    layers = pp.layers
+    num_pages, page_size, heads, head_dim = pp.num_pages, pp.page_size, pp.heads, pp.head_dim
+    slots = list(slots)
+    if len(page_ids) != len(slots) or len(page_lens) != len(slots):
+        raise ValueError(f"page_ids/page_lens: expected one entry per slot ({len(slots)}), got {len(page_ids)} and "
+                         f"{len(page_lens)}")
+    item, row = pp.item, pp.row
+    nl = len(layers)
+    if not slots:
+        raise ValueError("slots: expected at least one slot tensor")
+    if k_only is not None and len(k_only) != len(slots):
+        raise ValueError(f"k_only: expected one flag per slot ({len(slots)}), got {len(k_only)}")
+    if sum(len(x) for x in page_ids) <= SMALL_PLAN_PAGES:
+        return _plan_small(pp, slots, page_ids, page_lens, to_slot, k_only)
+    ids, lens, counts = _flat("page_ids", page_ids), _flat("page_lens", page_lens), [len(x) for x in page_ids]
+    if [len(x) for x in page_lens] != counts:
+        c = next(i for i, (a, b) in enumerate(zip(page_ids, page_lens)) if len(a) != len(b))
+        raise ValueError(f"page_lens[{c}]: expected shape ({len(page_ids[c])},) (page_ids[{c}]'s), got "
+                         f"({len(page_lens[c])},)")
+    chunk = np.repeat(np.arange(len(slots)), counts)  # [F0] chunk of each page
+    if ids.size and (int(ids.max()) >= num_pages or int(ids.min()) < 0):
+        c = int(chunk[np.flatnonzero((ids >= num_pages) | (ids < 0))[0]])
+        raise ValueError(f"page_ids[{c}]: expected ids in [0, {num_pages}), got {list(page_ids[c])}")
+    if lens.size and (int(lens.max()) > page_size or int(lens.min()) < 0):
+        c = int(chunk[np.flatnonzero((lens > page_size) | (lens < 0))[0]])
+        raise ValueError(f"page_lens[{c}]: every value must lie in [0, page_size={page_size}], got "
+                         f"{list(page_lens[c])}")
+    ends = np.cumsum(lens)
+    first = np.concatenate(([0], np.cumsum(counts)[:-1]))  # index of each chunk's first page
+    totals = np.add.reduceat(lens, first) if lens.size else np.zeros(len(slots), dtype=np.int64)
+    totals[np.asarray(counts) == 0] = 0
+    starts = (ends - lens - np.repeat(ends[first] - lens[first] if lens.size else 0, counts)).astype(np.uint64)
+    for c, t in enumerate(slots):
+        _check_slot(pp, c, t, int(totals[c]))
+    ids, lens = ids.astype(np.uint64), lens.astype(np.uint64)
+    # slot storages: index 1.. after the pool's (index 0 of every layer's table)
+    slot_bases, slot_index = _slot_bases(slots)
+    slot_store = np.asarray([slot_index[_storage(t)[0]] for t in slots], dtype=np.int64)
+    slot_ptr = np.asarray([t.data_ptr() for t in slots], dtype=np.uint64)
+    slot_layer = np.asarray([t.stride(0) * item for t in slots], dtype=np.uint64)
+    slot_kv = np.asarray([t.stride(1) * item for t in slots], dtype=np.uint64)
+    # [2, F0] fragments, then ordered chunk, K/V, page (a stable sort keeps page order)
+    kv = np.arange(2, dtype=np.uint64)[:, None]
+    order = np.argsort((chunk[None, :] * 2 + kv.astype(np.int64)).reshape(-1), kind="stable")
+    pool_rel = (kv * np.uint64(pp.kv_stride) + ids[None, :] * np.uint64(page_size * row)).reshape(-1)[order]
+    slot0 = (slot_ptr[chunk][None, :] + kv * slot_kv[chunk][None, :] + starts[None, :] * np.uint64(row)).reshape(-1)[order]
+    sizes = np.broadcast_to(lens * np.uint64(row), (2, lens.size)).reshape(-1)[order]
+    frag_chunk = np.broadcast_to(chunk, (2, chunk.size)).reshape(-1)[order]
+    nonempty = sizes > 0
+    if k_only is not None:
+        frag_kv = np.broadcast_to(np.arange(2)[:, None], (2, chunk.size)).reshape(-1)[order]
+        nonempty &= ~(np.asarray(k_only, dtype=bool)[frag_chunk] & (frag_kv == 1))
+    pool_rel, slot0, sizes, frag_chunk = pool_rel[nonempty], slot0[nonempty], sizes[nonempty], frag_chunk[nonempty]
+    num_pairs = int(sizes.size)
+    s_store, step = slot_store[frag_chunk], slot_layer[frag_chunk]
+    # a run stays in one slot storage with one layer stride, so every layer's shift is the run's
+    head = run_heads(pool_rel, slot0, sizes, s_store, step) if to_slot else run_heads(slot0, pool_rel, sizes, s_store, step)
+    sizes = np.add.reduceat(sizes, head).astype(np.uint64) if sizes.size else sizes
+    return _assemble(pp, slots, slot_bases, pool_rel[head], slot0[head], sizes, s_store[head], step[head],
+                     num_pairs, to_slot)
+
+
+def _check_slot(pp: PagePools, c: int, t, total: int) -> None:
+    nl, heads, head_dim = len(pp.layers), pp.heads, pp.head_dim
+    if not isinstance(t, torch.Tensor) or t.dim() != 5 or t.shape[:2] != (nl, 2) \
+            or t.shape[3:] != (heads, head_dim) or t.shape[2] < total:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"slot[{c}]: expected [{nl}, 2, N >= {total}, {heads}, {head_dim}], got {shape}")
+    if t.dtype != pp.dtype:
+        raise ValueError(f"slot[{c}]: expected dtype {pp.dtype} (the pools'), got {t.dtype}")
+    if t.stride()[2:] != (heads * head_dim, head_dim, 1):
+        raise ValueError(f"slot[{c}]: expected contiguous [N, H, D] rows, got strides {t.stride()}")
+
+
+def _slot_bases(slots) -> tuple[list, dict]:
+    """The slots' distinct storages (index 1.. after the pool's, index 0 of every layer's table)."""
+    bases = sorted({_storage(t) for t in slots}, key=lambda b: b[0])
+    return bases, {b: i + 1 for i, (b, _) in enumerate(bases)}
+
+
+def _assemble(pp: PagePools, slots, slot_bases, pool_rel, slot0, sizes, s_store, step, num_pairs: int,
+              to_slot: bool) -> LayerPlans:
+    """Layer 0's merged runs -> every layer's addresses [L, R]: the pool side moves to each layer's
+    pool base, the slot side by the run's layer stride."""
+    pool_store = np.zeros(sizes.size, dtype=np.int64)
+    pool_addr = pp.bases[:, None] + pool_rel[None, :]
+    slot_addr = slot0[None, :] + np.arange(len(pp.layers), dtype=np.uint64)[:, None] * step[None, :]
+    storages = tuple((st,) + tuple(slot_bases) for st in pp.storages)
+    keep = tuple((t, *slots) for t in pp.layers)
+    if to_slot:
+        return LayerPlans(pool_addr, slot_addr, sizes, pool_store, s_store, storages, keep, num_pairs)
+    return LayerPlans(slot_addr, pool_addr, sizes, s_store, pool_store, storages, keep, num_pairs)
+
+
+def _ints(name: str, values) -> list[int]:
+    if isinstance(values, (torch.Tensor, np.ndarray)):
+        if values.dtype.is_floating_point if isinstance(values, torch.Tensor) else values.dtype.kind not in "iu":
+            raise ValueError(f"{name}: expected integers, got dtype {values.dtype}")
+        return [int(v) for v in values.tolist()]
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise ValueError(f"{name}: expected integers, got {type(v).__name__}")
+        out.append(int(v))
+    return out
+
+
+def _plan_small(pp: PagePools, slots, page_ids, page_lens, to_slot: bool, k_only) -> LayerPlans:
+    """``plan_layer_copies`` for a few pages, in plain Python (numpy's per-call cost dominates
+    there): the same checks, fragments, order and merging as the vectorised path."""
+    num_pages, page_size, item, row = pp.num_pages, pp.page_size, pp.item, pp.row
+    page_bytes, kv_stride = page_size * row, pp.kv_stride
+    slot_bases, slot_index = _slot_bases(slots)
+    frags = []  # (pool_rel, slot_addr, size, slot storage, slot layer stride) of layer 0, in order
+    for c, (t, ids, lens) in enumerate(zip(slots, page_ids, page_lens)):
+        ids, lens = _ints("page_ids", ids), _ints("page_lens", lens)
+        if len(lens) != len(ids):
+            raise ValueError(f"page_lens[{c}]: expected shape ({len(ids)},) (page_ids[{c}]'s), got ({len(lens)},)")
+        if ids and (max(ids) >= num_pages or min(ids) < 0):
+            raise ValueError(f"page_ids[{c}]: expected ids in [0, {num_pages}), got {ids}")
+        if lens and (max(lens) > page_size or min(lens) < 0):
+            raise ValueError(f"page_lens[{c}]: every value must lie in [0, page_size={page_size}], got {lens}")
+        _check_slot(pp, c, t, sum(lens))
+        ptr, store = t.data_ptr(), slot_index[_storage(t)[0]]
+        layer_step, slot_kv = t.stride(0) * item, t.stride(1) * item
+        for kv in ((0,) if k_only is not None and k_only[c] else (0, 1)):
+            start = 0
+            for page, n in zip(ids, lens):
+                if n:
+                    frags.append((kv * kv_stride + page * page_bytes, ptr + kv * slot_kv + start * row, n * row,
+                                  store, layer_step))
+                start += n
+    runs: list[list[int]] = []
+    for f in frags:
+        if runs:
+            r = runs[-1]
+            # both sides continue the previous run, same slot storage and layer stride
+            if r[0] + r[2] == f[0] and r[1] + r[2] == f[1] and r[3] == f[3] and r[4] == f[4]:
+                r[2] += f[2]
+                continue
+        runs.append(list(f))
+    u64 = np.uint64
+    cols = list(zip(*runs)) if runs else [(), (), (), (), ()]
+    return _assemble(pp, slots, slot_bases, np.array(cols[0], dtype=u64), np.array(cols[1], dtype=u64),
+                     np.array(cols[2], dtype=u64), np.array(cols[3], dtype=np.int64), np.array(cols[4], dtype=u64),
+                     len(frags), to_slot)
+
+
+def page_fragments(pools, page_ids, slot, page_lens=None, *, to_slot: bool = True) -> FragmentPlan:
+    """All layers' copies between listed pages and bank slots in one plan (one job).
+
+    pools: as :func:`plan_layer_copies`. slot: one [L, 2, N, H, D] tensor with page_ids [P], or a
+    sequence of C such tensors with page_ids [C, P]. page_lens: [P] valid tokens per page shared by
+    all chunks (default: whole pages). Built by :func:`plan_layer_copies`, runs ordered layer,
+    chunk, K/V, page.
+    """
+    pp = PagePools(pools)
+    num_pages, page_size = pp.num_pages, pp.page_size
+    slots = [slot] if isinstance(slot, torch.Tensor) else list(slot)
+    ids = np.asarray(page_ids.cpu().numpy() if isinstance(page_ids, torch.Tensor) else page_ids)
+    if ids.ndim != (1 if isinstance(slot, torch.Tensor) else 2) or (ids.ndim == 2 and ids.shape[0] != len(slots)):
+        raise ValueError(f"page_ids: expected [P] with one slot or [C, P] with C slots, got shape {ids.shape} "
+                         f"for {len(slots)} slot(s)")
+    ids = as_u64("page_ids", ids.reshape(-1)).reshape(len(slots), -1)
+    if ids.size and int(ids.max()) >= num_pages:
+        raise ValueError(f"page_ids: expected ids in [0, {num_pages}), got max {int(ids.max())}")
+    count = ids.shape[1]
+    lens = np.full(count, page_size, dtype=np.uint64) if page_lens is None else as_u64("page_lens", page_lens)
+    if lens.shape != (count,):
+        raise ValueError(f"page_lens: expected shape ({count},) (pages per chunk), got {lens.shape}")
+    if lens.size and int(lens.max()) > page_size:
+        raise ValueError(f"page_lens: every value must lie in [0, page_size={page_size}], got max {int(lens.max())}")
+    return plan_layer_copies(pp, slots, list(ids), [lens] * len(slots), to_slot=to_slot).all_layers()
