@@ -8,7 +8,7 @@ REMOTE_STAMP := $(VENV)/.remote-installed
 # pip quiet, and no warnings about missing local index folders
 PIP    := $(BIN)/pip --disable-pip-version-check -q
 
-.PHONY: demo test test-fast soak setup setup-vllm setup-fastvideo test-fastvideo setup-remote clean gpu-check
+.PHONY: demo test test-fast soak setup setup-vllm setup-fastvideo test-fastvideo setup-remote setup-sglang test-sglang clean gpu-check
 
 # FastVideo peer (tests/fastvideo): its own venv, since fastvideo 0.2.1 pins torch 2.12 and a GPU
 # stack it does not import. fastvideo goes in with --no-deps, then the exact list of what it
@@ -18,6 +18,13 @@ FV_BIN   := $(FV_VENV)/bin
 FV_STAMP := $(FV_VENV)/.installed
 FV_PIP   := $(FV_BIN)/pip --disable-pip-version-check -q
 FV_REQ   := requirements/fastvideo.txt
+
+# SGLang Diffusion (the worldkv plugin's host) pins torch 2.14.1 and CUDA packages, so it gets its own
+# venv: torch 2.13.0 CPU, this package with its test extra, then sglang and the exact list of what it
+# imports, all --no-deps (requirements/sglang.txt).
+SGL_VENV  ?= .venv-sglang
+SGL_STAMP := $(SGL_VENV)/.installed
+SGL_PIP   := $(SGL_VENV)/bin/pip --disable-pip-version-check -q
 
 $(STAMP): pyproject.toml setup.py
 	@echo "[setup] creating $(VENV) and installing worldkv-connector (first run only)"
@@ -60,19 +67,34 @@ $(REMOTE_STAMP): $(STAMP)
 setup-fastvideo: $(FV_STAMP)
 setup-remote: $(REMOTE_STAMP)
 
+$(SGL_STAMP): pyproject.toml setup.py requirements/sglang.txt
+	@echo "[setup] creating $(SGL_VENV) with sglang 0.5.23 for the SGLang plugin tests (first run only)"
+	$(PYTHON) -m venv $(SGL_VENV)
+	$(SGL_PIP) install torch==2.13.0
+	$(SGL_PIP) install -e '.[test]'
+	$(SGL_PIP) install --no-deps -r requirements/sglang.txt
+	@touch $(SGL_STAMP)
+
+setup-sglang: $(SGL_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/worldkv demo
 
-test: $(VLLM_STAMP) $(REMOTE_STAMP) $(FV_STAMP)
-	$(BIN)/python -m pytest -m "not fastvideo"
+test: $(VLLM_STAMP) $(REMOTE_STAMP) $(FV_STAMP) $(SGL_STAMP)
+	$(BIN)/python -m pytest -m "not fastvideo and not sglang"
 	$(MAKE) --no-print-directory test-fastvideo
+	$(MAKE) --no-print-directory test-sglang
 
 # the FastVideo-marked tests, in .venv-fastvideo (they are deselected in the main venv)
 test-fastvideo: $(FV_STAMP)
 	OMP_NUM_THREADS=1 $(FV_BIN)/python -m pytest -m fastvideo tests/fastvideo
 
+# the sglang-marked tests, in .venv-sglang (they are deselected in the main venv)
+test-sglang: $(SGL_STAMP)
+	OMP_NUM_THREADS=1 $(SGL_VENV)/bin/python -m pytest -m sglang tests/sglang
+
 test-fast: $(STAMP) $(REMOTE_STAMP)
-	$(BIN)/python -m pytest -m "not slow and not vllm and not fastvideo"
+	$(BIN)/python -m pytest -m "not slow and not vllm and not fastvideo and not sglang"
 
 soak: $(STAMP)
 	$(BIN)/python -m pytest -m slow
@@ -84,4 +106,4 @@ gpu-check:
 	$(GPU_PYTHON) -P worldkv_connector/bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) $(FV_VENV) build *.egg-info
+	rm -rf $(VENV) $(FV_VENV) $(SGL_VENV) build *.egg-info
