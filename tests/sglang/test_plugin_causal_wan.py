@@ -136,18 +136,24 @@ def test_two_sessions_never_see_each_other(hooks, worldkv):
 
 
 class GarbageLoads:
-    """Wraps the transfer engine: while ``fail`` is set, loads write garbage and report an error."""
+    """Wraps the transfer engine (both submit paths): while ``fail`` is set, loads write garbage and
+    report an error."""
 
     def __init__(self, inner):
         self.inner, self.fail = inner, False
 
-    def submit(self, kind, srcs, dsts, **kw):
-        job = self.inner.submit(kind, srcs, dsts, **kw)
+    def _spoil(self, kind, job, dsts):
         if kind == "load" and self.fail:
             for d in dsts:
-                d.fill_(1e4)  # wrong data: must never reach attention
+                d.fill_(0x46)  # bytes of 1.27e4 as fp32: wrong data that must never reach attention
             job.error = "RuntimeError: injected"
         return job
+
+    def submit(self, kind, srcs, dsts, **kw):
+        return self._spoil(kind, self.inner.submit(kind, srcs, dsts, **kw), [d.view(-1).view(torch.uint8) for d in dsts])
+
+    def submit_plan(self, kind, plan, **kw):
+        return self._spoil(kind, self.inner.submit_plan(kind, plan, **kw), plan.dst_views())
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
