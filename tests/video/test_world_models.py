@@ -120,6 +120,29 @@ def test_generate_with_actions_retrieves_by_the_integrated_poses(tmp_path, capsy
         assert r["retrieved"] == [best], (r["index"], r["retrieved"], yaws)
 
 
+def test_per_chunk_table_shows_the_revisit_retrievals(tmp_path, capsys):
+    """--per-chunk prints one row per chunk; its yaw and retrieved ids are the run's records."""
+    kb, ms = _revisit_actions()
+    path = tmp_path / "revisit.npy"
+    np.save(path, np.concatenate((kb, ms), axis=1))
+    js = tmp_path / "g.json"
+    rc = main(["generate", "--model", "tiny-mg2", "--actions", str(path), "--kv-connector", "worldkv",
+               "--kv-connector-config", json.dumps({"retrieval_chunks": 1, "hot_chunks": 1}),
+               "--num-denoising-steps", "1", "--no-progress", "--json", str(js), "--per-chunk"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["session", "chunk"])
+    rows = [line.split() for line in lines[start + 1 : start + 10]]
+    recs = json.loads(js.read_text())["records"]
+    assert [int(r[1]) for r in rows] == [r["index"] for r in recs] == list(range(9))
+    for row, rec in zip(rows, recs):
+        yaw = float(yaw_pitch_degrees(np.asarray(rec["pose"])[None])[0][0])
+        assert float(row[4]) == pytest.approx(yaw, abs=0.06)
+        assert row[7:] == ([str(c) for c in rec["retrieved"]] or ["-"])
+    assert any(row[7] != "-" for row in rows[6:])  # the return leg shows what it retrieved
+
+
 def test_actions_file_formats_and_errors(tmp_path, capsys):
     kb, ms = _revisit_actions(9)
     (tmp_path / "a.json").write_text(json.dumps({"keyboard": kb.tolist(), "mouse": ms.tolist()}))

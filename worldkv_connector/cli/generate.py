@@ -128,11 +128,29 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="before the rollout, load a bank saved with --save-bank (or `worldkv bank save`): "
                    "sessions with the saved session ids (s0, s1, ...) retrieve the saved chunks, and their new "
                    "chunks are numbered after them; refused if the model shape or config differs")
+    p.add_argument("--per-chunk", action="store_true",
+                   help="print one table row per chunk as it is produced (stdout): session, chunk, camera x/z and "
+                   "yaw, the chunk ids the connector retrieved into its window, step time and resident KV")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: half the CPU cores this process may "
                    "use, at most 8; 1 on a 2-core machine, where more threads ran 30x slower when busy)")
     add_video_arguments(p)  # --vae, --video, --frames, --contact-sheet, --prompt*, --image (video_outputs.py)
     p.set_defaults(func=run)
+
+
+PER_CHUNK_HEADER = f"{'session':>8} {'chunk':>5} {'x':>7} {'z':>7} {'yaw':>7}  {'step ms':>8} {'KV MiB':>7}  retrieved"
+
+
+def per_chunk_row(r) -> str:
+    """One ``--per-chunk`` row of a ChunkResult: where the camera was (mean pose of the chunk,
+    yaw in degrees) and which banked chunks the connector put back into its window."""
+    from worldkv_connector.poses import yaw_pitch_degrees
+
+    pose = np.asarray(r.pose, dtype=np.float64)
+    yaw = float(yaw_pitch_degrees(pose[None])[0][0])
+    retrieved = " ".join(str(int(c)) for c in r.retrieved) or "-"
+    return (f"{r.session_id:>8} {r.chunk_index:>5} {pose[0, 3]:>7.2f} {pose[2, 3]:>7.2f} {yaw:>7.1f}  "
+            f"{r.step_seconds * 1e3:>8.1f} {r.resident_kv_bytes / 2**20:>7.2f}  {retrieved}")
 
 
 def default_threads() -> int:
@@ -296,9 +314,14 @@ def run(args: argparse.Namespace) -> int:
         stopped = "error"
         with tqdm(total=total, unit="chunk", file=sys.stderr, disable=args.no_progress, desc="generate") as bar, \
                 _StopOnSigint() as sigint:
+            if args.per_chunk:
+                bar.write(PER_CHUNK_HEADER, file=sys.stdout)
+
             def on_result(r) -> None:
                 outputs.add(r)
                 video.on_chunk(r)
+                if args.per_chunk:
+                    bar.write(per_chunk_row(r), file=sys.stdout)
                 bar.update(1)
 
             try:
