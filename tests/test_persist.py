@@ -262,7 +262,7 @@ def test_cli_save_info_verify_load(tmp_path, capsys):
 
 
 def test_cli_save_from_the_engine(tmp_path, capsys):
-    from worldkv_connector.integration.video.connector_api import get_connector_class
+    from worldkv_connector.connector.api import get_connector_class
 
     try:
         get_connector_class("worldkv")

@@ -191,7 +191,7 @@ def test_window_flags_that_disagree_with_the_connector_config_are_an_error():
 
 
 def test_a_connector_class_may_define_the_window():
-    from worldkv_connector.integration.video.connector_api import VideoKVConnector, register_connector
+    from worldkv_connector.connector.api import VideoKVConnector, register_connector
 
     @register_connector("window-test")
     class WindowConnector(VideoKVConnector):

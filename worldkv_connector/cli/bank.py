@@ -195,7 +195,7 @@ def _save(args: argparse.Namespace) -> int:
 
 
 def _connector_available() -> bool:
-    from worldkv_connector.integration.video.connector_api import get_connector_class
+    from worldkv_connector.connector.api import get_connector_class
 
     try:
         get_connector_class("worldkv")
