@@ -9,7 +9,7 @@ import torch
 from worldkv_connector.bank import Bank
 from worldkv_connector.cli import main
 from worldkv_connector.config import WorldKVConfig
-from worldkv_connector.persist import (
+from worldkv_connector.bank.persist import (
     LOCK,
     MANIFEST, decode_key, encode_key, load_bank, read_manifest, save_bank, verify_bank,
 )

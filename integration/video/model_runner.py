@@ -61,7 +61,7 @@ def _chunk_generator(seed: int, chunk_index: int) -> torch.Generator:
 
 class ModelRunner:
     def __init__(self, args: EngineArgs, model_config: ModelConfig):
-        from worldkv_connector.integration.video.model import build_model
+        from worldkv_connector.integration.video.models import build_model
 
         self.args = args
         self.config = model_config

@@ -111,7 +111,7 @@ def test_short_trajectory_holds_its_last_pose():
 
 def test_checkpoint_weights_replace_random_weights(tmp_path):
     from worldkv_connector.integration.video.checkpoint import save_checkpoint
-    from worldkv_connector.integration.video.model import build_model
+    from worldkv_connector.integration.video.models import build_model
     from worldkv_connector.integration.video.model_config import get_model_config
 
     path = tmp_path / "tiny.safetensors"

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from worldkv_connector.bench.common import cpu_threads
 from worldkv_connector.integration.video import reference_attention as reference_style
-from worldkv_connector.cli.generate import cpu_threads
 
 __all__ = ["HELP", "add_arguments", "run", "run_rollout", "register_mode", "MODES", "Mode", "window_rates"]
 
@@ -169,11 +169,13 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--modes {args.modes!r}: unknown {unknown}; choose from {sorted(MODES)}")
     if args.window < 1:
         raise ValueError(f"--window {args.window}: expected >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: expected >= 1")
     if args.threads is None and args.device == "cpu":
         args.threads = 1
     runs = {}
     for mode in modes:
-        with cpu_threads(args.threads):
+        with cpu_threads(args):
             runs[mode] = _run_mode(args, mode)
     rates = {m: window_rates(r["step_seconds"], args.window, args.sessions) for m, r in runs.items()}
     _print_table(args, runs, rates)
