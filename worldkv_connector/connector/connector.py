@@ -17,7 +17,7 @@ Lifecycle and reliability hooks (beyond vLLM's method names):
 - ``save_bank(path, session_id=None)`` / ``load_bank(path)``: persist and resume the world memory
   (``connector/resume.py``); ``load_bank`` goes after construction and before the resumed
   session's first step.
-- ``wrap_transfer(fn)``: put a wrapper (e.g. ``faults.FaultyTransferEngine``) around the transfer
+- ``wrap_transfer(fn)``: put a wrapper (e.g. ``testing.FaultyTransferEngine``) around the transfer
   engine; ``transfer=`` in the constructor replaces it outright.
 - ``close()`` (also on ``with`` exit and from ``VideoEngine.close``) waits for the copies and
   closes the transfer engine and the bank.
