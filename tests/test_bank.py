@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from worldkv_connector.bank import Bank, BankEntry
 from worldkv_connector.config import WorldKVConfig
-from worldkv_connector.eviction import EvictionPolicy, get_eviction, register_eviction
+from worldkv_connector.bank.eviction import EvictionPolicy, get_eviction, register_eviction
 from worldkv_connector.shapes import get_preset
 
 L, H, D, SLOT = 2, 2, 4, 8

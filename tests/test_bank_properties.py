@@ -11,7 +11,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from worldkv_connector.bank import Bank, NotResidentError
-from worldkv_connector.disk_tier import DiskTier
+from worldkv_connector.bank.disk import DiskTier
 
 L, H, D, SLOT = 2, 1, 4, 6
 SLOT_BYTES = 2 * L * SLOT * H * D * 4  # fp32

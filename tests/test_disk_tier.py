@@ -8,8 +8,8 @@ import torch
 
 from worldkv_connector.bank import Bank, NotResidentError
 from worldkv_connector.config import WorldKVConfig
-from worldkv_connector.disk_tier import DiskTier, DiskTierConfig, DiskTierError
-from worldkv_connector.faults import corrupt_entry, drop_entry
+from worldkv_connector.bank.disk import DiskTier, DiskTierConfig, DiskTierError
+from worldkv_connector.testing import corrupt_entry, drop_entry
 from worldkv_connector.shapes import get_preset
 
 L, H, D, SLOT = 2, 2, 4, 8

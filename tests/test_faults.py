@@ -7,8 +7,8 @@ import torch
 
 from worldkv_connector.bank import Bank
 from worldkv_connector.config import WorldKVConfig
-from worldkv_connector.faults import INJECTED, FaultyTransferEngine, corrupt_entry, drop_entry
-from worldkv_connector.persist import load_bank, save_bank
+from worldkv_connector.testing import INJECTED, FaultyTransferEngine, corrupt_entry, drop_entry
+from worldkv_connector.bank.persist import load_bank, save_bank
 from worldkv_connector.shapes import get_preset
 from worldkv_connector.transfer import TransferEngine
 

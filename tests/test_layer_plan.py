@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from worldkv_connector.bank import Bank
-from worldkv_connector.faults import FaultyTransferEngine
+from worldkv_connector.testing import FaultyTransferEngine
 from worldkv_connector.transfer import TransferEngine, layer_plan, page_lens_of, plan_layer_copies
 
 L, PAGES, PS, H, D = 3, 48, 4, 2, 8

@@ -9,7 +9,7 @@ import torch
 from worldkv_connector.bank import Bank
 from worldkv_connector.cli import main
 from worldkv_connector.config import WorldKVConfig
-from worldkv_connector.persist import (
+from worldkv_connector.bank.persist import (
     LOCK,
     MANIFEST, decode_key, encode_key, load_bank, read_manifest, save_bank, verify_bank,
 )
@@ -262,7 +262,7 @@ def test_cli_save_info_verify_load(tmp_path, capsys):
 
 
 def test_cli_save_from_the_engine(tmp_path, capsys):
-    from worldkv_connector.integration.video.connector_api import get_connector_class
+    from worldkv_connector.connector.api import get_connector_class
 
     try:
         get_connector_class("worldkv")

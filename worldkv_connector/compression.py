@@ -17,16 +17,24 @@ from dataclasses import dataclass
 
 import torch
 
-from worldkv_connector.config import kept_tokens_per_chunk
 from worldkv_connector.registry import Registry
 
 __all__ = [
     "CompressedChunk", "novelty_scores", "select_kept", "compress_chunk", "COMPRESSIONS", "get_compression",
-    "correspondence", "tempcache_chunk",
+    "correspondence", "tempcache_chunk", "kept_tokens_per_chunk",
 ]
 
 # Guards the cosine against all-zero keys (e.g. padding): the score becomes 0 instead of NaN.
 _EPS = 1e-12
+
+
+def kept_tokens_per_chunk(frame_tokens: int, frames_per_chunk: int, keep_ratio: float) -> int:
+    """Tokens a compressed chunk keeps: the whole anchor frame plus
+    ``ceil(keep_ratio * frame_tokens)`` per non-anchor frame (pooled or not, the total is the same)."""
+    if keep_ratio >= 1.0:
+        return frame_tokens * frames_per_chunk
+    per_frame = math.ceil(keep_ratio * frame_tokens)
+    return frame_tokens + (frames_per_chunk - 1) * per_frame
 
 
 @dataclass

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from worldkv_connector.compression import COMPRESSIONS, kept_tokens_per_chunk
 from worldkv_connector.machine import available_host_memory
 
 __all__ = ["WorldKVConfig", "kept_tokens_per_chunk", "default_bank_bytes", "AUTO_BANK_SHARE"]
@@ -48,15 +49,6 @@ def default_bank_bytes(tier: str = "cpu") -> int:
     if tier != "gpu":
         _host_default = size
     return size
-
-
-def kept_tokens_per_chunk(frame_tokens: int, frames_per_chunk: int, keep_ratio: float) -> int:
-    """Tokens a compressed chunk keeps: the whole anchor frame plus
-    ``ceil(keep_ratio * frame_tokens)`` per non-anchor frame (pooled or not, the total is the same)."""
-    if keep_ratio >= 1.0:
-        return frame_tokens * frames_per_chunk
-    per_frame = math.ceil(keep_ratio * frame_tokens)
-    return frame_tokens + (frames_per_chunk - 1) * per_frame
 
 
 @dataclass(frozen=True)
@@ -136,8 +128,6 @@ class WorldKVConfig:
                 raise ValueError(
                     f"WorldKVConfig.{name}={value} must be a multiple of frames_per_chunk={self.frames_per_chunk}"
                 )
-        from worldkv_connector.compression import COMPRESSIONS  # late: compression imports this module
-
         COMPRESSIONS.check(self.compression, "WorldKVConfig.compression")
         if self.fov_far <= self.fov_near:
             raise ValueError(f"WorldKVConfig.fov_far={self.fov_far} must be greater than fov_near={self.fov_near}")

@@ -3,7 +3,7 @@
 FastVideo keeps dense per-layer caches and no paged pool, so the adapter brings its own: a paged
 pool (``PagedKVCache``, ``[2, num_pages, page_size, H, D]`` per layer), the video backend's block
 manager and scheduler (window bookkeeping, eviction, page freeing), and the WorldKV connector
-(scheduler and worker halves, driven only through the contract in ``connector_api``).
+(scheduler and worker halves, driven only through the contract in ``worldkv_connector.connector.api``).
 
 Per chunk (one FastVideo block of ``frames_per_chunk`` latent frames) the call order is the video
 engine's: ``begin_chunk`` (retrieval by pose, page allocation, loads enqueued), then for every
@@ -26,7 +26,7 @@ from worldkv_connector.connector import WorldKVConnector
 from worldkv_connector.integration.fastvideo.config import FastVideoWorldKVConfig
 from worldkv_connector.integration.video.attention import Segment, write_current_kv
 from worldkv_connector.integration.video.block_manager import BlockManager
-from worldkv_connector.integration.video.connector_api import EngineView, ForwardContext
+from worldkv_connector.connector.api import EngineView, ForwardContext
 from worldkv_connector.integration.video.engine import mean_pose_matrix
 from worldkv_connector.integration.video.kv_cache import PagedKVCache
 from worldkv_connector.integration.video.scheduler import Scheduler, Session, StepBatch

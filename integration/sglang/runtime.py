@@ -25,7 +25,7 @@ import torch
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.integration.sglang.session import CONNECTOR_OWNER, EVICTED_OWNER, WorldKVSession
 from worldkv_connector.integration.video.block_manager import BlockManager
-from worldkv_connector.integration.video.connector_api import EngineView, create_connector
+from worldkv_connector.connector.api import EngineView, create_connector
 from worldkv_connector.shapes import KVShape
 
 __all__ = ["PluginSettings", "WorldKVRuntime", "CacheGeometry"]

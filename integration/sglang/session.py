@@ -3,7 +3,7 @@
 SGLang keeps a dense ``[B, cache_size, H, D]`` K/V per transformer block and asks each block's cache
 for the visible window. Here every block's K/V lives in a paged pool (``[2, num_pages, page_size,
 H, D]`` per block, shared by all sessions of one :class:`WorldKVRuntime`), and a
-:class:`WorldKVSession` plays the engine of ``integration/video/connector_api.py`` for its session:
+:class:`WorldKVSession` plays the engine of ``worldkv_connector/connector/api.py`` for its session:
 
 - first block call of a new chunk -> :meth:`WorldKVSession.begin_chunk`: ask the connector which
   banked chunks to put back, allocate their pages, plan the step (loads, the write-through store of
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from worldkv_connector.integration.video.block_manager import BlockManager, ChunkBlocks
-from worldkv_connector.integration.video.connector_api import (
+from worldkv_connector.connector.api import (
     AttentionMetadata, ChunkRequest, CommittedChunk, ForwardContext, SchedulerOutput,
 )
 

@@ -1,8 +1,9 @@
 """A vLLM-like engine for causal video DiTs with a paged KV cache and a KV connector plug-in point.
 
-Entry points: ``VideoEngine`` (driven like vLLM's ``LLM``), ``EngineArgs``, the connector contract
-(``VideoKVConnector``, ``register_connector``) and the model configs (``get_model_config``).
-Submodules are imported lazily so ``connector_api`` can be imported without building a model.
+Entry points: ``VideoEngine`` (driven like vLLM's ``LLM``), ``EngineArgs`` and the model configs
+(``get_model_config``). The connector contract it drives (``VideoKVConnector``,
+``register_connector``) lives in the core, ``worldkv_connector.connector.api``.
+Submodules are imported lazily, so importing one does not build a model.
 """
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ __all__ = [
     "EngineArgs",
     "ChunkResult",
     "get_model_config",
-    "VideoKVConnector",
-    "register_connector",
 ]
 
 _WHERE = {
@@ -22,8 +21,6 @@ _WHERE = {
     "EngineArgs": "engine_args",
     "ChunkResult": "scheduler",
     "get_model_config": "model_config",
-    "VideoKVConnector": "connector_api",
-    "register_connector": "connector_api",
 }
 
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from worldkv_connector.integration.video.connector_api import AttentionMetadata, CommittedChunk, VideoKVConnector
+from worldkv_connector.connector.api import AttentionMetadata, CommittedChunk, VideoKVConnector
 
 __all__ = ["Segment", "WindowPlan", "PagedAttention", "select_attention_backend", "ATTENTION_BACKENDS"]
 

@@ -10,10 +10,8 @@ session in one batched forward per pass; each session has its own block table, t
 """
 from __future__ import annotations
 
-import json
 import logging
 import numbers
-import sys
 import time
 from typing import Callable
 
@@ -21,8 +19,8 @@ import numpy as np
 import torch
 
 from worldkv_connector.integration.video.block_manager import BlockManager
-from worldkv_connector.integration.video.connector_api import (
-    EngineView, VideoKVConnector, create_connector, get_connector_class,
+from worldkv_connector.connector.api import (
+    ConnectorWindow, EngineView, VideoKVConnector, create_connector, get_connector_class,
 )
 from worldkv_connector.integration.video.engine_args import (
     DEFAULT_RECENT_FRAMES, DEFAULT_SINK_FRAMES, MAX_CHUNKS, EngineArgs,
@@ -53,24 +51,12 @@ def mean_pose_matrix(frame_poses: np.ndarray) -> np.ndarray:
     return out
 
 
-def _connector_window(connector_cls: type, config_json: str | None) -> tuple[int, int, str, set] | None:
-    """(sink_frames, recent_frames, source, keys left at their default) a connector's config asks
-    for, or None when it has no say. A connector class may define ``window_frames(connector_config_json) -> (sink, recent) |
-    None`` (a classmethod: the window is needed before the connector is built); the WorldKV
-    connector does not, so its ``WorldKVConfig`` is read here (defaults 3 and 6 when left out)."""
-    fn = getattr(connector_cls, "window_frames", None)
-    if callable(fn):
-        window = fn(config_json)
-        return None if window is None else (int(window[0]), int(window[1]), "the connector's window", set())
-    module = sys.modules.get("worldkv_connector.connector")  # imported by get_connector_class when used
-    if module is not None and issubclass(connector_cls, module.WorldKVConnector):
-        from worldkv_connector.config import WorldKVConfig
-
-        config = WorldKVConfig.from_json(config_json)
-        given = json.loads(config_json) if (config_json or "").strip() else {}  # valid: from_json parsed it
-        defaults = {k for k in ("sink_frames", "recent_frames") if k not in given}
-        return config.sink_frames, config.recent_frames, "--kv-connector-config", defaults
-    return None
+def _connector_window(connector_cls: type[VideoKVConnector], config_json: str | None) -> ConnectorWindow | None:
+    """The window the connector's config asks for (the connector says: ``window_frames``), or None."""
+    window = connector_cls.window_frames(config_json)
+    if window is None or isinstance(window, ConnectorWindow):
+        return window
+    return ConnectorWindow(int(window[0]), int(window[1]))
 
 
 def resolve_window(args: EngineArgs) -> EngineArgs:
@@ -88,13 +74,13 @@ def resolve_window(args: EngineArgs) -> EngineArgs:
     for key, theirs in zip(("sink_frames", "recent_frames"), window[:2]):
         ours = getattr(args, key)
         if ours is not None and ours != theirs:
-            default = " (its default)" if key in window[3] else ""
+            default = " (its default)" if key in window.defaults else ""
             raise ValueError(
-                f"{window[2]} {key}={theirs}{default} disagrees with the engine's --{key.replace('_', '-')} {ours}: "
+                f"{window.source} {key}={theirs}{default} disagrees with the engine's --{key.replace('_', '-')} {ours}: "
                 f"with a connector its config defines the window; give the same value to both or leave "
                 f"--{key.replace('_', '-')} out"
             )
-    return args.replace(sink_frames=window[0], recent_frames=window[1])
+    return args.replace(sink_frames=window.sink_frames, recent_frames=window.recent_frames)
 
 
 def _model_config(args: EngineArgs):
@@ -105,18 +91,10 @@ def _model_config(args: EngineArgs):
 
 
 def _hot_pages(args: EngineArgs, frame_tokens: int) -> int:
-    """Pages the WorldKV connector's hot set may hold per session (0 for other connectors, whose
-    page use the engine cannot know before they run)."""
+    """Pages the connector's hot set may hold per session (the connector says: ``hot_pages``)."""
     if not args.kv_connector:
         return 0
-    module = sys.modules.get("worldkv_connector.connector")
-    cls = get_connector_class(args.kv_connector)
-    if module is None or not issubclass(cls, module.WorldKVConnector):
-        return 0
-    from worldkv_connector.config import WorldKVConfig
-
-    config = WorldKVConfig.from_json(args.kv_connector_config).replace(page_size=args.page_size)
-    return config.hot_chunks * config.pages_per_chunk(frame_tokens)
+    return get_connector_class(args.kv_connector).hot_pages(args.kv_connector_config, args.page_size, frame_tokens)
 
 
 def check_kv_capacity(args: EngineArgs, session_chunks: list[int]) -> None:

@@ -8,8 +8,6 @@ rotated at absolute positions (``frame_offset``), so cached keys never need re-e
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn as nn
 
@@ -17,9 +15,7 @@ from worldkv_connector.integration.video.layers import AttnFn, DiTBlock, Head, i
 from worldkv_connector.integration.video.model_config import ModelConfig
 from worldkv_connector.rope import rope_tables
 
-__all__ = ["CausalWanDiT", "build_model"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["CausalWanDiT"]
 
 
 class CausalWanDiT(nn.Module):
@@ -151,27 +147,3 @@ class CausalWanDiT(nn.Module):
         u = out.reshape(b, f, c.grid_height, c.grid_width, pt, ph, pw, c.out_channels)
         u = u.permute(0, 1, 4, 7, 2, 5, 3, 6)  # [B, F, pt, C, gh, ph, gw, pw]
         return u.reshape(b, f * pt, c.out_channels, c.latent_height, c.latent_width)
-
-
-def build_model(config: ModelConfig, seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:
-    """The config family's model (CausalWanDiT, MatrixGame2DiT, LingBotWorldDiT) with random weights, deterministic per (seed, device type), in ``config.dtype``,
-    in eval mode with gradients off (the backend is inference-only). Parameters are created directly
-    on ``device`` in the target dtype, so real-size configs never hold an fp32 copy."""
-    from worldkv_connector.integration.video.models import model_class
-
-    dev = torch.device(device)
-    model = model_class(config)(config, device=dev)
-    gen = torch.Generator(device=dev)
-    gen.manual_seed(seed)
-    init_weights_(model, gen)
-    model.eval().requires_grad_(False)
-    logger.info("built %s: %s params, %s on %s", config.name, _human_count(config.num_params()), config.dtype, dev)
-    return model
-
-
-def _human_count(n: int) -> str:
-    """1234 -> '1.2K', 1_300_000_000 -> '1.30B' (for logs)."""
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.{2 if unit == 'B' else 1}f}{unit}"
-    return str(n)

@@ -3,7 +3,7 @@ paged KV pools (one ``[2, num_pages, page_size, H, D]`` tensor per layer) and ru
 N denoising passes and the clean pass of one chunk for every row of the batch.
 
 ``attention`` (a PagedAttention) is what the model's layers call; a benchmark or a test may swap in
-an object with the same interface between steps (``bench/reference_style.py``). With
+an object with the same interface between steps (``reference_attention.py``). With
 ``eval_attention_recall`` each step wraps it in a ``RecallProbe`` (integration/video/recall.py)."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from worldkv_connector.integration.video.attention import PagedAttention, WindowPlan
-from worldkv_connector.integration.video.connector_api import ChunkRequest, ForwardContext, VideoKVConnector
+from worldkv_connector.connector.api import ChunkRequest, ForwardContext, VideoKVConnector
 from worldkv_connector.integration.video.engine_args import EngineArgs
 from worldkv_connector.integration.video.kv_cache import PagedKVCache
 from worldkv_connector.integration.video.model_config import ModelConfig
@@ -61,7 +61,7 @@ def _chunk_generator(seed: int, chunk_index: int) -> torch.Generator:
 
 class ModelRunner:
     def __init__(self, args: EngineArgs, model_config: ModelConfig):
-        from worldkv_connector.integration.video.model import build_model
+        from worldkv_connector.integration.video.models import build_model
 
         self.args = args
         self.config = model_config

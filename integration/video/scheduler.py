@@ -21,7 +21,7 @@ import torch
 
 from worldkv_connector.integration.video.attention import Segment, WindowPlan
 from worldkv_connector.integration.video.block_manager import BlockManager, ChunkBlocks, KVCacheOutOfPages
-from worldkv_connector.integration.video.connector_api import (
+from worldkv_connector.connector.api import (
     ChunkRequest, CommittedChunk, SchedulerOutput, VideoKVConnector,
 )
 from worldkv_connector.integration.video.model_runner import RowInput

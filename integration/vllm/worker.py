@@ -20,7 +20,7 @@ import torch
 
 from worldkv_connector.bank import Bank
 from worldkv_connector.config import WorldKVConfig
-from worldkv_connector.disk_tier import DiskTier
+from worldkv_connector.bank.disk import DiskTier
 from worldkv_connector.transfer import FragmentPlan, TransferEngine, TransferJob, plan_fragments
 
 from .scheduler import BankKey, BlockTransfer, WorldKVConnectorMetadata, WorldKVWorkerMetadata

@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from worldkv_connector.bench import e2e, reference_style
+from worldkv_connector.bench import e2e
 from worldkv_connector.cli import main
 from worldkv_connector.integration.video import VideoEngine
+from worldkv_connector.integration.video import reference_attention as reference_style
 
 
 def test_e2e_runs_all_four_modes_and_reports_the_comparisons(tmp_path, capsys):

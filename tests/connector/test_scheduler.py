@@ -10,7 +10,7 @@ from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.connector import resolve_config
 from worldkv_connector.connector.meta import StoreResult, WorkerReport
 from worldkv_connector.connector.scheduler import WorldKVScheduler
-from worldkv_connector.integration.video.connector_api import ChunkRequest, CommittedChunk, EngineView, SchedulerOutput
+from worldkv_connector.connector.api import ChunkRequest, CommittedChunk, EngineView, SchedulerOutput
 from worldkv_connector.poses import chunk_poses, parse_trajectory
 from worldkv_connector.shapes import PRESETS
 

@@ -115,7 +115,7 @@ def test_failed_loads_drop_the_chunk_from_every_window(kind, refs):
     """Every load fails: the retrieved chunks leave the step's window (self-attention and, for
     Matrix-Game-2, the action caches), so the outputs are exactly those of a window that never
     retrieved: never attention over pages that did not arrive."""
-    from worldkv_connector.faults import FaultyTransferEngine
+    from worldkv_connector.testing import FaultyTransferEngine
 
     _, actions = refs[kind]
     plain, _, _ = _worldkv(kind, actions, recent_frames=3, retrieval_chunks=0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from worldkv_connector.integration.video.checkpoint import save_checkpoint
-from worldkv_connector.integration.video.model import build_model
+from worldkv_connector.integration.video.models import build_model
 from worldkv_connector.integration.video.model_config import get_model_config
 
 from test_world_models_peer import TOL, _cache, _engine, _to_fastvideo_names, rel_l2

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from worldkv_connector.integration.video import VideoEngine
 from worldkv_connector.integration.video.checkpoint import load_checkpoint, save_checkpoint
-from worldkv_connector.integration.video.model import build_model
+from worldkv_connector.integration.video.models import build_model
 from worldkv_connector.integration.video.model_config import get_model_config
 from worldkv_connector.poses import parse_trajectory, resample_video_poses
 

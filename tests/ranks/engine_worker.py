@@ -18,7 +18,7 @@ torch.set_num_threads(1)
 group = None
 if size:
     from worldkv_connector.ranks import RankGroup
-    from worldkv_connector.ranks.engine import shard_engine
+    from worldkv_connector.integration.video.ranks import shard_engine
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     group = RankGroup()

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from worldkv_connector.faults import FaultyTransferEngine
+from worldkv_connector.testing import FaultyTransferEngine
 from worldkv_connector.integration.video import VideoEngine
 from worldkv_connector.poses import trajectory_poses
 

@@ -16,7 +16,7 @@ from worldkv_connector.connector import WorldKVConnector
 from worldkv_connector.connector.meta import StoreResult, WorkerReport
 from worldkv_connector.connector.scheduler import WorldKVScheduler
 from worldkv_connector.integration.video import VideoEngine
-from worldkv_connector.integration.video.connector_api import (
+from worldkv_connector.connector.api import (
     ChunkRequest, CommittedChunk, EngineView, SchedulerOutput,
 )
 from worldkv_connector.poses import chunk_poses, parse_trajectory

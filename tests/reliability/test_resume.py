@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from worldkv_connector.integration.video import VideoEngine
-from worldkv_connector.persist import MANIFEST, read_manifest
+from worldkv_connector.bank.persist import MANIFEST, read_manifest
 
 PS = 20
 TRAJ = "R_L_R_L60"

@@ -180,7 +180,7 @@ def test_failed_load_leaves_the_chunk_out(hooks, worldkv):
 def test_evicted_chunk_pages_wait_for_their_store(hooks, worldkv):
     """Stores that report late (3 polls): a chunk leaving the window keeps its pages until its
     store ended (its memory is not reused before it is banked), and becomes retrievable only then."""
-    from worldkv_connector.faults import FaultyTransferEngine
+    from worldkv_connector.testing import FaultyTransferEngine
 
     cfg = dict(keep_ratio=0.5, retrieval_chunks=2, hot_chunks=2, sink_frames=3, recent_frames=3,
                page_size=harness.FRAME_TOKENS)

@@ -7,7 +7,7 @@ import torch
 from worldkv_connector.integration.video.attention import (
     PagedAttention, Segment, WindowPlan, select_attention_backend, write_current_kv,
 )
-from worldkv_connector.integration.video.connector_api import CommittedChunk
+from worldkv_connector.connector.api import CommittedChunk
 from worldkv_connector.integration.video.sampling import FlowMatchSchedule
 
 H, D, PS = 2, 16, 16

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from worldkv_connector.integration.video.checkpoint import load_checkpoint, save_checkpoint
-from worldkv_connector.integration.video.model import build_model
+from worldkv_connector.integration.video.models import build_model
 from worldkv_connector.integration.video.model_config import get_model_config
 
 TINY = get_model_config("tiny")

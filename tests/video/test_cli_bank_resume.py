@@ -2,7 +2,7 @@
 import json
 
 from worldkv_connector.cli import main
-from worldkv_connector.persist import read_manifest
+from worldkv_connector.bank.persist import read_manifest
 
 COMMON = ["generate", "--model", "tiny", "--num-denoising-steps", "1", "--no-progress",
           "--kv-connector", "worldkv", "--kv-connector-config", '{"keep_ratio": 0.5}']

@@ -6,7 +6,7 @@ import pytest
 from safetensors.torch import load_file
 
 from worldkv_connector.cli import main
-from worldkv_connector.integration.video.connector_api import ExternalChunk, VideoKVConnector, register_connector
+from worldkv_connector.connector.api import ExternalChunk, VideoKVConnector, register_connector
 
 
 @register_connector("keep-evicted-test")

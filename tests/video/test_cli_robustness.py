@@ -166,7 +166,7 @@ import sys, time
 import torch
 from worldkv_connector.bank import Bank
 from worldkv_connector.config import WorldKVConfig
-from worldkv_connector.persist import BankLockedError, save_bank
+from worldkv_connector.bank.persist import BankLockedError, save_bank
 from worldkv_connector.shapes import KVShape
 shape = KVShape("t", num_layers=2, num_kv_heads=2, head_dim=16, frame_tokens=16, dtype="fp32")
 config = WorldKVConfig(keep_ratio=1.0, bank_bytes=64 * shape.chunk_bytes(48))
@@ -203,7 +203,7 @@ def test_two_processes_saving_into_one_directory(tmp_path):
     assert all(saved > 0 for saved, _ in counts) and sum(locked for _, locked in counts) > 0, counts
     manifest = json.loads((out / "manifest.json").read_text())
     assert sorted(os.listdir(out)) == sorted([".lock", "manifest.json", manifest["data_file"]])
-    from worldkv_connector.persist import verify_bank
+    from worldkv_connector.bank.persist import verify_bank
 
     assert verify_bank(out) == [] and len(manifest["entries"]) == 16
 

@@ -7,7 +7,7 @@ import torch
 
 from worldkv_connector.integration.video import VideoEngine
 from worldkv_connector.integration.video.attention import PagedAttention
-from worldkv_connector.integration.video.connector_api import (
+from worldkv_connector.connector.api import (
     ExternalChunk, VideoKVConnector, get_connector_class, register_connector,
 )
 from worldkv_connector.integration.video.scheduler import EVICTED_OWNER
@@ -237,7 +237,7 @@ def test_finished_session_waits_for_the_connector_when_asked():
 
 def test_registry_and_module_paths():
     assert get_connector_class("copy-test") is CopyConnector
-    base = "worldkv_connector.integration.video.connector_api:VideoKVConnector"
+    base = "worldkv_connector.connector.api:VideoKVConnector"
     assert get_connector_class(base) is VideoKVConnector
     with pytest.raises(ValueError, match="unknown --kv-connector 'nope'"):
         get_connector_class("nope")
@@ -258,7 +258,7 @@ def test_registry_and_module_paths():
 def test_do_nothing_connector_changes_nothing():
     common = dict(model="tiny", attention_window="sliding", kv_cache_memory=0.01, num_denoising_steps=1)
     with VideoEngine(**common) as plain, VideoEngine(
-        kv_connector="worldkv_connector.integration.video.connector_api:VideoKVConnector", **common
+        kv_connector="worldkv_connector.connector.api:VideoKVConnector", **common
     ) as hooked:
         for e in (plain, hooked):
             e.add_session("a", trajectory="R90", num_chunks=5, seed=3)

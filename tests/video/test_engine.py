@@ -111,7 +111,7 @@ def test_short_trajectory_holds_its_last_pose():
 
 def test_checkpoint_weights_replace_random_weights(tmp_path):
     from worldkv_connector.integration.video.checkpoint import save_checkpoint
-    from worldkv_connector.integration.video.model import build_model
+    from worldkv_connector.integration.video.models import build_model
     from worldkv_connector.integration.video.model_config import get_model_config
 
     path = tmp_path / "tiny.safetensors"
@@ -191,7 +191,7 @@ def test_window_flags_that_disagree_with_the_connector_config_are_an_error():
 
 
 def test_a_connector_class_may_define_the_window():
-    from worldkv_connector.integration.video.connector_api import VideoKVConnector, register_connector
+    from worldkv_connector.connector.api import VideoKVConnector, register_connector
 
     @register_connector("window-test")
     class WindowConnector(VideoKVConnector):

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import numpy as np
 
 from worldkv_connector.integration.video.camera import camera_tokens, default_intrinsics, plucker_rays, relative_camera
-from worldkv_connector.integration.video.model import CausalWanDiT, build_model
+from worldkv_connector.integration.video.model import CausalWanDiT
+from worldkv_connector.integration.video.models import build_model
 from worldkv_connector.integration.video.model_config import MODEL_CONFIGS, ModelConfig, get_model_config
 from worldkv_connector.rope import rotate_temporal
 

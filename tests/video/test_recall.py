@@ -12,7 +12,7 @@ from worldkv_connector.cli import main
 from worldkv_connector.cli.generate import engine_recall_summary
 from worldkv_connector.integration.video import VideoEngine
 from worldkv_connector.integration.video.attention import Segment, WindowPlan
-from worldkv_connector.integration.video.connector_api import CommittedChunk
+from worldkv_connector.connector.api import CommittedChunk
 from worldkv_connector.integration.video.recall import RecallTracker, attention_mass, recall_summary, revisit_sources
 from worldkv_connector.poses import yaw_matrix
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from worldkv_connector.cli import main
 from worldkv_connector.integration.video import VideoEngine
 from worldkv_connector.integration.video.attention import Segment, WindowPlan
-from worldkv_connector.integration.video.connector_api import CommittedChunk
+from worldkv_connector.connector.api import CommittedChunk
 from worldkv_connector.integration.video.models.action_cache import ActionKVStore
 from worldkv_connector.actions import action_poses, load_actions
 from worldkv_connector.poses import yaw_pitch_degrees

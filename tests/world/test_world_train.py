@@ -43,7 +43,7 @@ def test_shipped_weights_match_their_manifest_and_load_into_the_engine():
         assert key in manifest
     assert path.stat().st_size < 2 << 20
     from worldkv_connector.integration.video.checkpoint import load_checkpoint
-    from worldkv_connector.integration.video.model import build_model
+    from worldkv_connector.integration.video.models import build_model
     from worldkv_connector.integration.video.model_config import get_model_config
 
     model = build_model(get_model_config("world"), seed=123)

@@ -31,7 +31,7 @@ from worldkv_connector.connector.scheduler import WorldKVScheduler
 from worldkv_connector.connector.store import StorePath
 from worldkv_connector.connector.worker import WorldKVWorker
 from worldkv_connector.integration.video.block_manager import BlockManager
-from worldkv_connector.integration.video.connector_api import ChunkRequest, CommittedChunk, SchedulerOutput
+from worldkv_connector.connector.api import ChunkRequest, CommittedChunk, SchedulerOutput
 from worldkv_connector.shapes import KVShape, get_preset
 
 HELP = "host time of one connector step (plan, submit, poll) for load_1, load_6 and store_1"

@@ -4,7 +4,7 @@ Prints chunks/s and resident KV per window of chunks (default 8) for every mode.
 ``full`` (keep every chunk): its attention window grows with the rollout, so it slows down, while
 ``sliding`` stays flat. ``worldkv`` is the WorldKV connector (paged reinsertion); ``reference-style``
 is the WorldKV reference scripts' data path with the same retrieval and compression (CPU lists,
-synchronous ``.to()``, per-step ``torch.cat``, dense attention; bench/reference_style.py). The bench
+synchronous ``.to()``, per-step ``torch.cat``, dense attention; integration/video/reference_attention.py). The bench
 prints ``worldkv`` vs ``full`` over the last window (target >= 2x on ``small``, 48 chunks) and
 ``worldkv`` vs ``reference-style`` per-step time (target: faster), and checks that both retrieve
 the same chunks. Modes are a registry (``register_mode``): EngineArgs overrides, plus an optional
@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from worldkv_connector.bench import reference_style
-from worldkv_connector.cli.generate import cpu_threads
+from worldkv_connector.bench.common import cpu_threads
+from worldkv_connector.integration.video import reference_attention as reference_style
 
 __all__ = ["HELP", "add_arguments", "run", "run_rollout", "register_mode", "MODES", "Mode", "window_rates"]
 
@@ -169,11 +169,13 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--modes {args.modes!r}: unknown {unknown}; choose from {sorted(MODES)}")
     if args.window < 1:
         raise ValueError(f"--window {args.window}: expected >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: expected >= 1")
     if args.threads is None and args.device == "cpu":
         args.threads = 1
     runs = {}
     for mode in modes:
-        with cpu_threads(args.threads):
+        with cpu_threads(args):
             runs[mode] = _run_mode(args, mode)
     rates = {m: window_rates(r["step_seconds"], args.window, args.sessions) for m, r in runs.items()}
     _print_table(args, runs, rates)

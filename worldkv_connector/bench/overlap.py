@@ -66,7 +66,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict:
     shape = check_preset(args.preset, device)
     if not 0 <= args.load_chunks <= 64:
         raise ValueError(f"--load-chunks={args.load_chunks} is out of range: allowed 0 <= load_chunks <= 64")
-    from worldkv_connector.integration.video.model import build_model
+    from worldkv_connector.integration.video.models import build_model
     from worldkv_connector.transfer import TransferEngine
 
     cfg = WorldKVConfig(keep_ratio=args.keep_ratio)

@@ -98,7 +98,7 @@ def _check_bank_path(path: str, *, saving: bool = False) -> None:
     if Path(path).exists() and not Path(path).is_dir():
         raise ValueError(f"PATH {path}: is a file, expected a bank directory")
     if saving:
-        from worldkv_connector.persist import bank_lock
+        from worldkv_connector.bank.persist import bank_lock
 
         with bank_lock(path):  # a second concurrent saver fails here, before its rollout
             pass
@@ -106,7 +106,7 @@ def _check_bank_path(path: str, *, saving: bool = False) -> None:
 
 # --- info / verify ------------------------------------------------------------------------------
 def _info(args: argparse.Namespace) -> int:
-    from worldkv_connector.persist import decode_key, read_manifest
+    from worldkv_connector.bank.persist import decode_key, read_manifest
 
     _check_bank_path(args.path)
     m = read_manifest(args.path)
@@ -135,7 +135,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from worldkv_connector.persist import read_manifest, verify_bank
+    from worldkv_connector.bank.persist import read_manifest, verify_bank
 
     _check_bank_path(args.path)
     try:
@@ -195,7 +195,7 @@ def _save(args: argparse.Namespace) -> int:
 
 
 def _connector_available() -> bool:
-    from worldkv_connector.integration.video.connector_api import get_connector_class
+    from worldkv_connector.connector.api import get_connector_class
 
     try:
         get_connector_class("worldkv")
@@ -207,7 +207,7 @@ def _connector_available() -> bool:
 def _save_synthetic(args, config, shape, frames: np.ndarray, extra: dict) -> dict:
     from worldkv_connector.bank import Bank
     from worldkv_connector.compression import compress_chunk
-    from worldkv_connector.persist import save_bank
+    from worldkv_connector.bank.persist import save_bank
     from worldkv_connector.poses import chunk_poses
 
     kept = config.kept_tokens(shape.frame_tokens)
@@ -257,7 +257,7 @@ def _save_engine(args, config, frames: np.ndarray, extra: dict) -> dict:
 def _load(args: argparse.Namespace) -> int:
     from worldkv_connector.bank import Bank
     from worldkv_connector.config import WorldKVConfig
-    from worldkv_connector.persist import load_bank, read_manifest
+    from worldkv_connector.bank.persist import load_bank, read_manifest
 
     _check_bank_path(args.path)
     manifest = read_manifest(args.path)

@@ -17,7 +17,7 @@ Lifecycle and reliability hooks (beyond vLLM's method names):
 - ``save_bank(path, session_id=None)`` / ``load_bank(path)``: persist and resume the world memory
   (``connector/resume.py``); ``load_bank`` goes after construction and before the resumed
   session's first step.
-- ``wrap_transfer(fn)``: put a wrapper (e.g. ``faults.FaultyTransferEngine``) around the transfer
+- ``wrap_transfer(fn)``: put a wrapper (e.g. ``testing.FaultyTransferEngine``) around the transfer
   engine; ``transfer=`` in the constructor replaces it outright.
 - ``close()`` (also on ``with`` exit and from ``VideoEngine.close``) waits for the copies and
   closes the transfer engine and the bank.
@@ -36,8 +36,9 @@ from worldkv_connector.connector.meta import ChunkKey
 from worldkv_connector.connector.resume import load_connector_bank, save_connector_bank
 from worldkv_connector.connector.scheduler import WorldKVScheduler
 from worldkv_connector.connector.worker import WorldKVWorker
-from worldkv_connector.integration.video.connector_api import (
-    AttentionMetadata, ChunkRequest, EngineView, ForwardContext, SchedulerOutput, VideoKVConnector, register_connector,
+from worldkv_connector.connector.api import (
+    AttentionMetadata, ChunkRequest, ConnectorWindow, EngineView, ForwardContext, SchedulerOutput, VideoKVConnector,
+    register_connector,
 )
 from worldkv_connector.metrics import ConnectorMetrics
 from worldkv_connector.remote.resume import resume_remote
@@ -131,6 +132,19 @@ class WorldKVConnector(VideoKVConnector):
         )
 
     # --- scheduler side -------------------------------------------------------------------------
+    @classmethod
+    def window_frames(cls, connector_config_json: str | None) -> ConnectorWindow:
+        """The window of the ``WorldKVConfig`` (3 sink and 6 recent frames when left out)."""
+        config = WorldKVConfig.from_json(connector_config_json)
+        given = json.loads(connector_config_json) if (connector_config_json or "").strip() else {}  # valid: parsed
+        defaults = frozenset(k for k in ("sink_frames", "recent_frames") if k not in given)
+        return ConnectorWindow(config.sink_frames, config.recent_frames, "--kv-connector-config", defaults)
+
+    @classmethod
+    def hot_pages(cls, connector_config_json: str | None, page_size: int, frame_tokens: int) -> int:
+        config = WorldKVConfig.from_json(connector_config_json).replace(page_size=page_size)
+        return config.hot_chunks * config.pages_per_chunk(frame_tokens)
+
     def get_num_new_matched_tokens(self, request: ChunkRequest, num_computed_tokens: int) -> tuple[int, bool]:
         return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 

@@ -1,5 +1,5 @@
 """Saving the connector's world memory and resuming from it (``WorldKVConnector.save_bank`` /
-``load_bank``), on top of ``worldkv_connector.persist`` (checksummed, all-or-nothing).
+``load_bank``), on top of ``worldkv_connector.bank.persist`` (checksummed, all-or-nothing).
 
 Every bank entry the connector writes carries its chunk's frame poses ``[frames_per_chunk, 4, 4]``
 and ``meta["first_frame"]`` (the latent frame its keys were written at), so a saved bank can be
@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from worldkv_connector import persist
+from worldkv_connector.bank import persist
 from worldkv_connector.connector.meta import ChunkKey
 from worldkv_connector.poses import validate_poses
 

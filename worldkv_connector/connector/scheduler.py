@@ -44,7 +44,7 @@ import numpy as np
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.connector.meta import ChunkKey, LoadSpec, RopeDelta, StoreSpec, WorkerReport, WorldKVMetadata
 from worldkv_connector.index import PoseIndex
-from worldkv_connector.integration.video.connector_api import ChunkRequest, ExternalChunk, SchedulerOutput
+from worldkv_connector.connector.api import ChunkRequest, ExternalChunk, SchedulerOutput
 from worldkv_connector.metrics import ConnectorMetrics
 
 __all__ = ["WorldKVScheduler"]

@@ -72,7 +72,7 @@ class StorePath:
         # would force a copy that blocks the host until the compute stream caught up)
         self._pin = device.type == "cuda"
         # compress(k, v) -> (k, v, ids) replacing the one-rank compression (head-sharded ranks:
-        # worldkv_connector.ranks.engine, whose scores need every rank's heads)
+        # worldkv_connector.integration.video.ranks, whose scores need every rank's heads)
         self.compress_fn = None
 
     # --- per step -------------------------------------------------------------------------------

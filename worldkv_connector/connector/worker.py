@@ -8,7 +8,7 @@ job completed.
 
 The transfer engine is a public attribute (``worker.transfer``) so a test or a host can swap in an
 instrumented one between steps (``WorldKVConnector.wrap_transfer`` does it for a wrapper such as
-``faults.FaultyTransferEngine``).
+``testing.FaultyTransferEngine``).
 
 Ended sessions: ``end_session`` frees a session's bank entries once nothing pins them (entries an
 in-flight load still reads go at a later ``poll``); finished sessions the host keeps

@@ -26,7 +26,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from worldkv_connector.integration.video.model import CausalWanDiT, build_model
+from worldkv_connector.integration.video.model import CausalWanDiT
+from worldkv_connector.integration.video.models import build_model
 from worldkv_connector.integration.video.model_config import ModelConfig, get_model_config
 from worldkv_connector.world.panorama import WORLD_VERSION, WorldConfig, render, sample_coefficients
 from worldkv_connector.world.trajectories import TrajectoryConfig, sample_training_poses

@@ -29,24 +29,23 @@ from __future__ import annotations
 
 import logging
 import weakref
-from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from worldkv_connector.config import WorldKVConfig
-from worldkv_connector.disk_tier import DISK, DiskSpillMixin, DiskTier, NotResidentError
-from worldkv_connector.eviction import EvictionPolicy, get_eviction
+from worldkv_connector.bank.disk import DISK, DiskSpillMixin, DiskTier, NotResidentError
+from worldkv_connector.bank.entry import BankEntry, BankKey
+from worldkv_connector.bank.eviction import EvictionPolicy, get_eviction
 from worldkv_connector.remote.tier import RemoteTier
 from worldkv_connector.machine import host_memory
 from worldkv_connector.shapes import KVShape
 
-__all__ = ["Bank", "BankEntry", "BankKey", "NotResidentError", "check_bank_memory"]
+__all__ = ["Bank", "check_bank_memory"]
 
 logger = logging.getLogger(__name__)
 
-BankKey = Hashable
 _TIERS = ("cpu", "gpu")
 _GiB = 1 << 30
 
@@ -66,24 +65,6 @@ def check_bank_memory(tier: str, device: torch.device | str, nbytes: int) -> Non
     if available is not None and nbytes > available:
         logger.warning("bank of %.3g GiB is more than the %.3g GiB of host memory available now: it is allocated "
                        "lazily, and filling it may swap or fail", nbytes / _GiB, available / _GiB)
-
-
-@dataclass
-class BankEntry:
-    """Bookkeeping of one banked chunk/block (the payload lives in the bank's slab)."""
-
-    key: BankKey
-    slot: int  # -1 while the entry is on the disk tier
-    num_tokens: int
-    nbytes: int  # payload bytes: 2 * L * num_tokens * H * D * itemsize
-    tier: str  # the bank's tier ("cpu"/"gpu") or "disk"
-    ready: bool = False  # False while its store is in flight; only ready entries are evictable
-    pins: int = 0  # in-flight transfers reading or writing it; pinned entries are never freed
-    last_used: int = 0  # logical clock of the last reserve/touch
-    indices: torch.Tensor | None = None  # kept token ids [L, num_tokens], CPU int64
-    counts: torch.Tensor | None = None  # tokens merged into each kept one [L, num_tokens] fp32 (tempcache); None: 1
-    pose: np.ndarray | None = None
-    meta: dict = field(default_factory=dict)
 
 
 def _positive_int(name: str, value: Any) -> int:

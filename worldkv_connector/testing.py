@@ -1,4 +1,4 @@
-"""Fault injection for tests: failing and slow transfers, damaged and lost bank entries.
+"""Test support shipped with the package (fault injection): failing and slow transfers, damaged and lost bank entries.
 
 ``FaultyTransferEngine`` wraps a ``TransferEngine`` with the same API (``submit`` and the
 connector's ``submit_plan``, drawn from one sequence). A job chosen to fail is submitted to the inner engine with no copy pairs, so it gets a real job id and completes through the

@@ -40,10 +40,10 @@ from typing import Any, Hashable
 import numpy as np
 import torch
 
-from worldkv_connector.bank import Bank
-from worldkv_connector.bank_files import LOCK, BankLockedError, bank_lock
-from worldkv_connector.bank_files import bank_dir as _bank_dir
-from worldkv_connector.bank_files import clean_stale as _clean_stale
+from worldkv_connector.bank.bank import Bank
+from worldkv_connector.bank.files import LOCK, BankLockedError, bank_lock
+from worldkv_connector.bank.files import bank_dir as _bank_dir
+from worldkv_connector.bank.files import clean_stale as _clean_stale
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.shapes import KVShape
 

@@ -1,4 +1,7 @@
-"""The engine <-> KV connector contract of the video backend, and the connector registry.
+"""The engine <-> KV connector contract of the video flavour, and the connector registry.
+
+The contract belongs to the core: hosts (``integration/video``, ``integration/fastvideo``,
+``integration/sglang``) import it from here and drive a connector through it.
 
 This is the video flavour of vLLM's ``KVConnectorBase_V1``: the same method names and call order,
 with one *request* = one session's next chunk step (3 latent frames). Per engine step:
@@ -51,7 +54,7 @@ from __future__ import annotations
 import importlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -66,6 +69,7 @@ __all__ = [
     "EngineView",
     "ForwardContext",
     "AttentionMetadata",
+    "ConnectorWindow",
     "VideoKVConnector",
     "register_connector",
     "get_connector_class",
@@ -186,9 +190,31 @@ class ForwardContext:
     kv_caches: dict[str, torch.Tensor]
 
 
+class ConnectorWindow(NamedTuple):
+    """The attention window a connector's config defines (``VideoKVConnector.window_frames``).
+    ``source`` names it in the engine's errors; ``defaults``: the keys the config left out."""
+
+    sink_frames: int
+    recent_frames: int
+    source: str = "the connector's window"
+    defaults: frozenset[str] = frozenset()
+
+
 class VideoKVConnector:
     """Base class of video KV connectors. Every hook has a do-nothing default so a connector
     overrides only what it needs. Scheduler and worker halves may live in one object in-process."""
+
+    # --- before the connector is built (the engine sizes its window and cache from these) -----
+    @classmethod
+    def window_frames(cls, connector_config_json: str | None) -> ConnectorWindow | tuple[int, int] | None:
+        """``(sink_frames, recent_frames)`` the connector's config asks for (or a
+        :class:`ConnectorWindow`), or None when it has no say; the engine's flags must agree."""
+        return None
+
+    @classmethod
+    def hot_pages(cls, connector_config_json: str | None, page_size: int, frame_tokens: int) -> int:
+        """Pages per session the connector may hold beyond the engine's window (its hot set)."""
+        return 0
 
     def __init__(self, engine_config: EngineView, kv_shape: KVShape, connector_config_json: str | None, device):
         self.engine_config = engine_config
@@ -260,8 +286,6 @@ class VideoKVConnector:
 
 # --- registry ---------------------------------------------------------------------------------
 _REGISTRY: dict[str, type[VideoKVConnector]] = {}
-# names whose module registers them on import (imported lazily, so the engine never needs them)
-_LAZY_MODULES = {"worldkv": "worldkv_connector.connector"}
 
 
 def register_connector(name: str) -> Callable[[type], type]:
@@ -279,7 +303,7 @@ def register_connector(name: str) -> Callable[[type], type]:
 
 
 def registered_connectors() -> list[str]:
-    return sorted(set(_REGISTRY) | set(_LAZY_MODULES))
+    return sorted(_REGISTRY)
 
 
 def get_connector_class(name: str) -> type[VideoKVConnector]:
@@ -296,16 +320,6 @@ def get_connector_class(name: str) -> type[VideoKVConnector]:
         if not (isinstance(cls, type) and issubclass(cls, VideoKVConnector)):
             raise ValueError(f"--kv-connector {name!r}: {cls_name!r} in {mod_name!r} is not a VideoKVConnector subclass")
         return cls
-    if name not in _REGISTRY and name in _LAZY_MODULES:
-        try:
-            importlib.import_module(_LAZY_MODULES[name])
-        except ImportError as exc:
-            raise ValueError(f"--kv-connector {name!r}: its module {_LAZY_MODULES[name]!r} is not available ({exc})") from None
-    if name not in _REGISTRY and name in _LAZY_MODULES:
-        raise ValueError(
-            f"--kv-connector {name!r}: module {_LAZY_MODULES[name]!r} was imported but registers no connector "
-            f"named {name!r} (registered: {sorted(_REGISTRY)})"
-        )
     try:
         return _REGISTRY[name]
     except KeyError:

@@ -6,39 +6,35 @@ the freeing. A new policy is one class decorated with ``@register_eviction("name
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Callable, Hashable, Mapping
+from typing import Callable, Hashable, Mapping
 
-if TYPE_CHECKING:  # pragma: no cover - import only for type names
-    from worldkv_connector.bank import BankEntry
+from worldkv_connector.bank.entry import BankEntry
+from worldkv_connector.registry import Registry
 
-__all__ = ["EvictionPolicy", "LRUEviction", "FIFOEviction", "register_eviction", "get_eviction", "eviction_names"]
+__all__ = ["EVICTIONS", "EvictionPolicy", "LRUEviction", "FIFOEviction", "register_eviction", "get_eviction",
+           "eviction_names"]
 
-_REGISTRY: dict[str, type["EvictionPolicy"]] = {}
+EVICTIONS: Registry[type["EvictionPolicy"]] = Registry("eviction policy")
 
 
 def register_eviction(name: str) -> Callable[[type["EvictionPolicy"]], type["EvictionPolicy"]]:
     """Class decorator: make a policy available to ``Bank(eviction=name)``."""
+    add = EVICTIONS.register(name)
 
     def deco(cls: type["EvictionPolicy"]) -> type["EvictionPolicy"]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"eviction policy {name!r} is already registered by {_REGISTRY[name].__name__}")
-        _REGISTRY[name] = cls
         cls.name = name
-        return cls
+        return add(cls)
 
     return deco
 
 
 def get_eviction(name: str) -> "EvictionPolicy":
     """A fresh instance of the policy registered as ``name`` (policies hold per-bank state)."""
-    try:
-        return _REGISTRY[name]()
-    except KeyError:
-        raise ValueError(f"unknown eviction policy {name!r}: choose one of {sorted(_REGISTRY)}") from None
+    return EVICTIONS.get(name)()
 
 
 def eviction_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return EVICTIONS.names()
 
 
 class EvictionPolicy:
@@ -66,7 +62,7 @@ class EvictionPolicy:
     def on_remove(self, key: Hashable) -> None:
         self._order.pop(key, None)
 
-    def choose_victim(self, entries: Mapping[Hashable, "BankEntry"]) -> Hashable | None:
+    def choose_victim(self, entries: Mapping[Hashable, BankEntry]) -> Hashable | None:
         """Key of the entry to evict among ``entries`` (all entries of the bank, by key), or None
         when every entry is still being written (not ready) or pinned by an in-flight transfer."""
         for key in self._order:

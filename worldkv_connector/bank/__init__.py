@@ -1,0 +1,13 @@
+"""The bank: banked chunk/block entries (``entry``), the slab store with byte accounting
+(``bank``), eviction policies behind a name registry (``eviction``), the disk spill tier
+(``disk``) and persistence of a bank to a directory (``persist``, ``files``)."""
+from worldkv_connector.bank.bank import Bank, check_bank_memory
+from worldkv_connector.bank.disk import DiskTier, DiskTierConfig, DiskTierError, NotResidentError
+from worldkv_connector.bank.entry import BankEntry, BankKey
+from worldkv_connector.bank.eviction import EVICTIONS, EvictionPolicy, get_eviction, register_eviction
+
+__all__ = [
+    "Bank", "BankEntry", "BankKey", "check_bank_memory", "NotResidentError",
+    "DiskTier", "DiskTierConfig", "DiskTierError",
+    "EVICTIONS", "EvictionPolicy", "register_eviction", "get_eviction",
+]
