@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from worldkv_connector.config import WorldKVConfig
-from worldkv_connector.integration.sglang.session import CONNECTOR_OWNER, EVICTED_OWNER, WorldKVSession
+from worldkv_connector.integration.sglang.session import WorldKVSession
 from worldkv_connector.integration.video.block_manager import BlockManager
 from worldkv_connector.connector.api import EngineView, create_connector
 from worldkv_connector.shapes import KVShape
@@ -154,13 +154,8 @@ class WorldKVRuntime:
 
     # --- pages ----------------------------------------------------------------------------------
     def free_connector_pages(self, pages, source: str) -> None:
-        for p in pages:
-            for owner in (EVICTED_OWNER, CONNECTOR_OWNER):
-                if self.bm.hold_count(owner, p):
-                    self.bm.release([p], owner)
-                    break
-            else:
-                logger.warning("worldkv: connector %s returned page %d, which it does not hold; ignored", source, p)
+        for p in self.bm.release_connector_pages(pages):
+            logger.warning("worldkv: connector %s returned page %d, which it does not hold; ignored", source, p)
 
     def poll(self) -> None:
         """Collect finished copies: parked sessions' pages and pages the connector gives back."""

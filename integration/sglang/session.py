@@ -25,7 +25,7 @@ import logging
 import numpy as np
 import torch
 
-from worldkv_connector.integration.video.block_manager import BlockManager, ChunkBlocks
+from worldkv_connector.integration.video.block_manager import CONNECTOR_OWNER, EVICTED_OWNER, BlockManager, ChunkBlocks
 from worldkv_connector.connector.api import (
     AttentionMetadata, ChunkRequest, CommittedChunk, ForwardContext, SchedulerOutput,
 )
@@ -34,8 +34,6 @@ __all__ = ["WorldKVSession"]
 
 logger = logging.getLogger(__name__)
 
-CONNECTOR_OWNER = "__connector__"  # pages of needs_load external chunks (the connector's hot set)
-EVICTED_OWNER = "__evicted__"  # pages of chunks that left the recent window, until take_pages_to_free
 
 
 class WorldKVSession:

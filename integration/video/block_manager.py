@@ -14,7 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["BlockManager", "ChunkBlocks", "KVCacheOutOfPages"]
+__all__ = ["BlockManager", "ChunkBlocks", "KVCacheOutOfPages", "CONNECTOR_OWNER", "EVICTED_OWNER"]
+
+# Owners of pages a KV connector decides about (the video scheduler and the SGLang plugin use both)
+CONNECTOR_OWNER = "__connector__"  # pages allocated for needs_load external chunks (connector's hot set)
+EVICTED_OWNER = "__evicted__"  # pages of chunks that left the recent window, until take_pages_to_free
 
 
 class KVCacheOutOfPages(ValueError):
@@ -132,6 +136,20 @@ class BlockManager:
         for p in pages:
             self._ref[p] += 1
             held[p] += 1
+
+    def release_connector_pages(self, pages) -> list[int]:
+        """Drop one hold on each page a connector gave back (``release_pages``, ``take_pages_to_free``)
+        from whichever of ``EVICTED_OWNER`` / ``CONNECTOR_OWNER`` holds it. Returns the pages that
+        neither held (the caller logs them; nothing is released for those)."""
+        unknown = []
+        for p in pages:
+            for owner in (EVICTED_OWNER, CONNECTOR_OWNER):
+                if self.hold_count(owner, p):
+                    self.release([p], owner)
+                    break
+            else:
+                unknown.append(p)
+        return unknown
 
     def release(self, pages: list[int], owner: str) -> list[int]:
         """Drop one hold of ``owner`` on each page; returns the pages that became free."""

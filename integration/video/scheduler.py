@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 from worldkv_connector.integration.video.attention import Segment, WindowPlan
-from worldkv_connector.integration.video.block_manager import BlockManager, ChunkBlocks, KVCacheOutOfPages
+from worldkv_connector.integration.video.block_manager import (
+    CONNECTOR_OWNER, EVICTED_OWNER, BlockManager, ChunkBlocks, KVCacheOutOfPages,
+)
 from worldkv_connector.connector.api import (
     ChunkRequest, CommittedChunk, SchedulerOutput, VideoKVConnector,
 )
@@ -31,8 +33,6 @@ __all__ = ["Session", "ChunkResult", "StepBatch", "Scheduler", "CONNECTOR_OWNER"
 
 logger = logging.getLogger(__name__)
 
-CONNECTOR_OWNER = "__connector__"  # pages allocated for needs_load external chunks (connector's hot set)
-EVICTED_OWNER = "__evicted__"  # pages of chunks that left the recent window, until take_pages_to_free
 
 
 def _parked(session_id: str) -> str:
@@ -350,13 +350,8 @@ class Scheduler:
             self.bm.end_session(s.session_id)
 
     def _free_connector_pages(self, pages: list[int], source: str) -> None:
-        for p in pages:
-            for owner in (EVICTED_OWNER, CONNECTOR_OWNER):
-                if self.bm.hold_count(owner, p):
-                    self.bm.release([p], owner)
-                    break
-            else:
-                logger.warning("connector %s returned page %d, which it does not hold; ignored", source, p)
+        for p in self.bm.release_connector_pages(pages):
+            logger.warning("connector %s returned page %d, which it does not hold; ignored", source, p)
 
     def poll(self) -> None:
         """Collect what the connector finished: parked sessions and freeable pages."""
