@@ -24,7 +24,8 @@ def _fastvideo_own(kind, actions):
     return drive.run(kind, m, drive.dense_caches(m, kind, 3 * N), N, actions=actions)
 
 
-def _worldkv(kind, actions, *, recent_frames, retrieval_chunks, keep_ratio=1.0):
+def _bound(kind, *, recent_frames, retrieval_chunks, keep_ratio=1.0):
+    """A tiny model of ``kind`` with WorldKV installed, and the caches to drive it with."""
     m = BUILD[kind](local_attn_size=9, sink_size=3)  # FastVideo's own window settings are replaced
     cfg = FastVideoWorldKVConfig(connector={"keep_ratio": keep_ratio, "retrieval_chunks": retrieval_chunks},
                                  sink_frames=3, recent_frames=recent_frames, page_size=4)
@@ -34,6 +35,11 @@ def _worldkv(kind, actions, *, recent_frames, retrieval_chunks, keep_ratio=1.0):
     if kind == "matrixgame2":
         ms, kb = b.new_action_caches()
         caches.update(kv_cache_mouse=ms, kv_cache_keyboard=kb)
+    return m, b, caches
+
+
+def _worldkv(kind, actions, *, recent_frames, retrieval_chunks, keep_ratio=1.0):
+    m, b, caches = _bound(kind, recent_frames=recent_frames, retrieval_chunks=retrieval_chunks, keep_ratio=keep_ratio)
     out = drive.run(kind, m, caches, N, actions=actions)
     log = list(b.host.retrieved_log)
     metrics = b.metrics()
@@ -119,15 +125,7 @@ def test_failed_loads_drop_the_chunk_from_every_window(kind, refs):
 
     _, actions = refs[kind]
     plain, _, _ = _worldkv(kind, actions, recent_frames=3, retrieval_chunks=0)
-    m = BUILD[kind](local_attn_size=9, sink_size=3)
-    cfg = FastVideoWorldKVConfig(connector={"keep_ratio": 1.0, "retrieval_chunks": N}, sink_frames=3,
-                                 recent_frames=3, page_size=4)
-    b = WorldKVBinding(m, spec_for(m), cfg)
-    b.install()
-    caches = {"kv_cache": b.new_caches(1, torch.float32, "cpu")}
-    if kind == "matrixgame2":
-        ms, kb = b.new_action_caches()
-        caches.update(kv_cache_mouse=ms, kv_cache_keyboard=kb)
+    m, b, caches = _bound(kind, recent_frames=3, retrieval_chunks=N)
 
     def fail_loads_from_now(c):
         if c == 0:  # the host (and its connector) is built at the first call: wrap its transfer engine then
