@@ -62,18 +62,22 @@ class LayerPlans:
         return int(self.sizes.sum())
 
     @functools.cached_property
-    def _lists(self) -> tuple[list, list, list, int]:
-        """src [L][R], dst [L][R], sizes [R] as Python ints and the bytes of one layer (built once
-        per step, for the host copy path)."""
+    def _lists(self) -> tuple[list, list, list, int] | None:
+        """src [L][R], dst [L][R], sizes [R] as Python ints and the bytes of one layer, built once
+        per step for the host copy path; None when any side is device memory (the CUDA paths take
+        the arrays, so nothing is converted for them)."""
+        if any(dev.type != "cpu" for table in self.storages for _, dev in table):
+            return None
         sizes = self.sizes.tolist()
         return self.src.tolist(), self.dst.tolist(), sizes, sum(sizes)
 
     def layer(self, layer: int) -> FragmentPlan:
         """The ``FragmentPlan`` of layer ``layer`` (views of the step's arrays, no copy)."""
-        src, dst, sizes, total = self._lists
+        lists = self._lists
         return FragmentPlan(self.src[layer], self.dst[layer], self.sizes, self.keep[layer], self.storages[layer],
-                            self.src_store, self.dst_store, merged=True, pairs=self.num_pairs, total=total,
-                            lists=(src[layer], dst[layer], sizes))
+                            self.src_store, self.dst_store, merged=True, pairs=self.num_pairs,
+                            total=None if lists is None else lists[3],
+                            lists=None if lists is None else (lists[0][layer], lists[1][layer], lists[2]))
 
     def all_layers(self) -> FragmentPlan:
         """Every layer's runs in one plan (layer-major), for a single job over all layers."""
