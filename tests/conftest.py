@@ -1,4 +1,4 @@
-"""Test harness shared by tests/ and integration/: the `cuda` marker skips with a stated reason
+"""Test harness of the one test tree: the `cuda` marker skips with a stated reason
 when no CUDA device is present; Triton kernels run under TRITON_INTERPRET=1 on the CPU."""
 import os
 
