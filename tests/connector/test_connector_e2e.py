@@ -20,15 +20,6 @@ from worldkv_connector.transfer import TransferEngine
 PS = 20  # page size: a whole tiny chunk (48 tokens) is 20 + 20 + 8, a compressed one leaves a partial page
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny shapes: one thread is as fast, and a busy 2-core host cannot oversubscribe it
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_engine(steps=1, retain=True, **cfg):
     """retain: finished sessions stay banked, so the replays below can read their entries."""
     cfg.setdefault("bank_bytes", 1 << 22)
@@ -37,22 +28,6 @@ def make_engine(steps=1, retain=True, **cfg):
                          kv_connector_config=json.dumps(cfg))
     engine.connector.retain_finished_sessions = retain
     return engine
-
-
-class DelayedTransfer(TransferEngine):
-    """Copies run at submit (CPU) but jobs are reported done only after ``delay`` polls."""
-
-    def __init__(self, delay):
-        super().__init__("cpu")
-        self.delay, self._held = delay, []
-
-    def poll(self):
-        self._held += [[job, 0] for job in super().poll()]
-        for item in self._held:
-            item[1] += 1
-        out = [job for job, n in self._held if n > self.delay]
-        self._held = [item for item in self._held if item[1] <= self.delay]
-        return out
 
 
 class GarbageLoads(TransferEngine):
@@ -232,10 +207,10 @@ def test_compression_ratio_of_bank_entries(keep_ratio, fraction):
     engine.close()
 
 
-def test_pages_never_freed_or_reused_before_their_store_completed():
+def test_pages_never_freed_or_reused_before_their_store_completed(delayed_transfer):
     engine = make_engine(keep_ratio=0.5, retrieval_chunks=2, hot_chunks=2)
     conn, bm = engine.connector, engine.block_manager
-    conn.worker.transfer = DelayedTransfer(delay=5)
+    conn.worker.transfer = delayed_transfer(delay=5)
     pending = {}  # (session, chunk) -> pages whose store is in flight
     build, poll = conn.build_connector_meta, conn.worker.poll
     allocate, release = bm.allocate, bm.release

@@ -20,23 +20,6 @@ PS = 20  # page size: a whole chunk is 20 + 20 + 8 (last page partial)
 NUM_PAGES = 64
 
 
-class DelayedTransfer(TransferEngine):
-    """Copies run at submit (CPU) but jobs are reported done only after ``delay`` polls."""
-
-    def __init__(self, delay: int):
-        super().__init__("cpu")
-        self.delay = delay
-        self._held: list[list] = []
-
-    def poll(self):
-        self._held += [[job, 0] for job in super().poll()]
-        for item in self._held:
-            item[1] += 1
-        out = [job for job, n in self._held if n > self.delay]
-        self._held = [item for item in self._held if item[1] <= self.delay]
-        return out
-
-
 class FailingTransfer(TransferEngine):
     """Fails every job of ``kind``: by raising in submit, or by returning a job with an error."""
 
@@ -124,8 +107,8 @@ def test_compressed_store_matches_reference(keep_ratio, pooled, fraction):
     assert worker.metrics.bank_bytes == worker.bank.bytes_used == 2 * SHAPE.chunk_bytes() * fraction
 
 
-def test_store_waits_for_delayed_jobs_and_missing_layers_fail():
-    worker, _ = make_worker(transfer=DelayedTransfer(delay=2), keep_ratio=1.0)
+def test_store_waits_for_delayed_jobs_and_missing_layers_fail(delayed_transfer):
+    worker, _ = make_worker(transfer=delayed_transfer(delay=2), keep_ratio=1.0)
     run_store(worker, [StoreSpec(("s", 0), (0, 1, 2), T)])
     assert worker.poll().stores == [] and worker.poll().stores == []  # two polls: still in flight
     assert [r.ok for r in worker.poll().stores] == [True]
@@ -245,9 +228,9 @@ def test_finished_sessions_make_room_before_live_ones_are_evicted():
     assert worker.kept_indices(("a", 1)) is not None  # still there for diagnostics while room lasts
 
 
-def test_no_room_in_bank_fails_store_gracefully():
+def test_no_room_in_bank_fails_store_gracefully(delayed_transfer):
     slot = SHAPE.chunk_bytes()
-    worker, _ = make_worker(transfer=DelayedTransfer(delay=5), keep_ratio=1.0, bank_bytes=slot)
+    worker, _ = make_worker(transfer=delayed_transfer(delay=5), keep_ratio=1.0, bank_bytes=slot)
     run_store(worker, [StoreSpec(("s", 0), (0, 1, 2), T)])
     # the only slot is still being written: no victim, the second chunk is not banked
     run_store(worker, [StoreSpec(("s", 1), (3, 4, 5), T)], step=1)

@@ -17,15 +17,6 @@ N = 30  # chunks per session
 SESSIONS = (("a", "R_L_R_L60", 1), ("b", "L_R_L_R60", 2))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # bit-exact comparisons between runs, and no thread oversubscription on a busy 2-core host
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class RecordingFaults(FaultyTransferEngine):
     """Also records (engine step, kind, failed) of every job."""
 

@@ -26,15 +26,6 @@ PS = 20  # page size: a whole tiny chunk (48 tokens) is 3 pages, a compressed on
 TRAJ = "R_L_R_L60"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny shapes: one thread is as fast, and a busy 2-core host cannot oversubscribe it
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_engine(**cfg):
     base = dict(keep_ratio=0.5, retrieval_chunks=3, hot_chunks=4, bank_bytes=1 << 22)
     base.update(cfg)

@@ -83,14 +83,6 @@ READER = COMMON + textwrap.dedent(f"""
 """)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # no thread oversubscription on a busy 2-core host
-    yield
-    torch.set_num_threads(before)
-
-
 def run_script(tmp_path, name, text):
     script = tmp_path / f"{name}.py"
     script.write_text(text)
