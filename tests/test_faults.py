@@ -10,7 +10,7 @@ from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.testing import INJECTED, FaultyTransferEngine, corrupt_entry, drop_entry
 from worldkv_connector.bank.persist import load_bank, save_bank
 from worldkv_connector.shapes import get_preset
-from worldkv_connector.transfer import TransferEngine
+from worldkv_connector.transfer import TransferEngine, plan_fragments
 
 L, H, D, T = 2, 2, 4, 8
 
@@ -35,6 +35,38 @@ def test_chosen_jobs_fail_without_copying():
     assert all(torch.all(d == 0) for d in results[1][1])  # not copied: stale bytes, flagged by the error
     assert eng.faults == {"failed_loads": 1, "failed_stores": 0, "delayed_jobs": 0} and eng.failed_job_ids == {2}
     assert eng.stats()["jobs"] == 3 and eng.path == "cpu-sync"  # the rest is the inner engine's
+
+
+def _submit_paths():
+    """The engine's public submit methods: each must go through the fault wrapper."""
+    return sorted(n for n in dir(TransferEngine) if n.startswith("submit") and callable(getattr(TransferEngine, n)))
+
+
+def test_every_submit_path_of_the_engine_is_wrapped():
+    paths = _submit_paths()
+    assert {"submit", "submit_plan"} <= set(paths)
+    unwrapped = [n for n in paths if n not in vars(FaultyTransferEngine)]
+    assert unwrapped == [], f"FaultyTransferEngine passes {unwrapped} through without injected faults"
+    eng = FaultyTransferEngine(TransferEngine("cpu"))
+    with pytest.raises(AttributeError, match="does not wrap TransferEngine.submit_later"):
+        eng.submit_later  # a submit path the wrapper lacks is refused, never passed through
+
+
+def test_submit_and_submit_plan_draw_faults_from_one_sequence():
+    eng = FaultyTransferEngine(TransferEngine("cpu"), fail_jobs={2, 3})
+    src, dst = torch.full((64,), 7.0), torch.zeros(64)
+
+    def plan():
+        return plan_fragments([src.data_ptr()], [dst.data_ptr()], [src.numel() * src.element_size()], keep=[src, dst])
+
+    jobs = [eng.submit("load", [src], [dst]), eng.submit_plan("load", plan()), eng.submit("store", [src], [dst])]
+    dst.zero_()
+    jobs.append(eng.submit_plan("store", plan()))
+    assert [j.job_id for j in eng.poll()] == [1, 2, 3, 4]
+    assert [bool(j.error and j.error.startswith(INJECTED)) for j in jobs] == [False, True, True, False]
+    assert jobs[1].nbytes == 64 * 4  # the bytes the plan asked for
+    assert torch.all(dst == 7.0)  # the last plan copied
+    assert eng.faults["failed_loads"] == 1 and eng.faults["failed_stores"] == 1 and eng.failed_job_ids == {2, 3}
 
 
 def test_rates_are_per_kind_and_seeded():

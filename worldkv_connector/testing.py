@@ -52,7 +52,8 @@ class FaultyTransferEngine:
     fail_loads / fail_stores: probability that a load / store job fails (seeded by ``seed``).
     fail_jobs: 1-based submission numbers through this wrapper that always fail (equal to job
     ids when the inner engine is fresh). delay_polls: polls each finished job is held back.
-    Anything else (``stats``, ``close``, ``device``...) is the inner engine's.
+    Every submit path of the engine (``submit``, ``submit_plan``) is wrapped and draws from one
+    sequence; anything else (``stats``, ``close``, ``device``...) is the inner engine's.
     """
 
     def __init__(
@@ -79,7 +80,11 @@ class FaultyTransferEngine:
         self.failed_job_ids: set[int] = set()
 
     def __getattr__(self, name: str) -> Any:
-        # only called for attributes this wrapper does not define: the rest of the engine API
+        # only called for attributes this wrapper does not define: the rest of the engine API. A
+        # submit path passed through would get no faults, so one this wrapper lacks is refused.
+        if name.startswith("submit"):
+            raise AttributeError(f"FaultyTransferEngine does not wrap TransferEngine.{name}: every submit path "
+                                 "must draw injected faults, so wrap it here before using it")
         return getattr(self.inner, name)
 
     def _draw(self, kind: str) -> bool:
