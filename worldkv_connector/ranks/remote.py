@@ -18,7 +18,8 @@ from typing import Sequence
 import torch
 
 from worldkv_connector.ranks.group import RankGroup
-from worldkv_connector.remote.tier import ChunkRecord, RemoteTier
+from worldkv_connector.remote.records import ChunkRecord, RemoteWriterError
+from worldkv_connector.remote.tier import RemoteTier
 
 __all__ = ["ShardedRemote"]
 
@@ -78,8 +79,6 @@ class ShardedRemote:
                 err = str(exc)
         err = self.group.broadcast(err)
         if err is not None:
-            from worldkv_connector.remote.tier import RemoteWriterError
-
             raise RemoteWriterError(err)
 
     def drop_chunk(self, session: str, chunk: int) -> None:

@@ -6,7 +6,8 @@ session's committed chunks into a connector (resume a session, or join a shared 
 """
 from worldkv_connector.remote.backends import RemoteBackend, RemoteError, make_backend
 from worldkv_connector.remote.config import RemoteConfig
-from worldkv_connector.remote.tier import ChunkRecord, RemoteTier, RemoteWriterError, model_fingerprint
+from worldkv_connector.remote.records import ChunkRecord, RemoteWriterError, model_fingerprint
+from worldkv_connector.remote.tier import RemoteTier
 
 __all__ = ["RemoteConfig", "RemoteTier", "RemoteBackend", "RemoteError", "RemoteWriterError", "ChunkRecord",
            "make_backend", "model_fingerprint"]

@@ -7,9 +7,8 @@ Keys (``q(session)`` percent-encodes the session id)::
     {namespace}/{model fingerprint}/{world}/{q(session)}/c{chunk:08d}.ix   kept token ids (rank 0)
     {namespace}/{model fingerprint}/{world}/{q(session)}/c{chunk:08d}.commit   the commit record
 
-The model fingerprint hashes the KV shape and the config knobs that change what a chunk holds, so
-engines of another model or compression never read each other's chunks. A shard is the chunk's
-``[num_layers, 2, num_tokens, heads_of_rank, head_dim]`` K/V in the bank dtype, as raw bytes.
+The model fingerprint keeps engines of another model or compression apart; a shard is one rank's
+K/V of the chunk as raw bytes (``records``: the commit record, the fingerprint, the checksums).
 
 The commit record (JSON: poses, first frame, tokens, shard shape and dtype, one sha256 per shard and
 one for the token ids) is written last, by rank 0, once every shard is in: a chunk is a candidate
@@ -31,7 +30,6 @@ time adds to the transfer's.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -40,7 +38,6 @@ import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from typing import Sequence
 from urllib.parse import quote
 
@@ -49,57 +46,14 @@ import torch
 
 from worldkv_connector.remote.backends import MISSING, RemoteBackend, make_backend
 from worldkv_connector.remote.config import RemoteConfig
+from worldkv_connector.remote.records import ChunkRecord, RemoteWriterError, dtype_name, model_fingerprint, sha256_hex
 
-__all__ = ["RemoteTier", "ChunkRecord", "RemoteWriterError", "model_fingerprint"]
+__all__ = ["RemoteTier"]
 
 logger = logging.getLogger(__name__)
 
 _PROBE = 64  # commit records read per round when listing a session
 _MAX_CHUNKS = 1 << 20  # bound of a session listing
-
-
-class RemoteWriterError(ValueError):
-    """Another engine holds the session's writer record."""
-
-
-def model_fingerprint(kv_shape, config) -> str:
-    """Hash of the KV shape and of the config knobs that change a banked chunk."""
-    shape = {f: getattr(kv_shape, f) for f in ("num_layers", "num_kv_heads", "head_dim", "dtype", "frame_tokens")}
-    blob = json.dumps({"shape": shape, "config": config.fingerprint()}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-@dataclass
-class ChunkRecord:
-    """The commit record of one chunk (JSON in the store)."""
-
-    session: str
-    chunk: int
-    num_tokens: int
-    shard_shape: list[int]  # [L, 2, T, H_rank, D] of each rank's shard
-    dtype: str
-    num_ranks: int
-    shards: list[str]  # sha256 hex of each rank's shard
-    poses: list | None  # [frames_per_chunk, 4, 4] camera-to-world
-    first_frame: int | None
-    indices_sha: str | None
-    writer: str
-
-    def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> "ChunkRecord":
-        rec = cls(**json.loads(data))
-        if not (isinstance(rec.shards, list) and len(rec.shards) == rec.num_ranks and len(rec.shard_shape) == 5):
-            raise ValueError("inconsistent commit record")
-        return rec
-
-
-def _sha(t: torch.Tensor) -> str:
-    return hashlib.sha256(memoryview(t.view(torch.uint8).reshape(-1).numpy())).hexdigest()
-
-
 _GROUP_BYTES = 8 << 20  # a read group: large enough that a batched call's round trips do not dominate
 _MAX_GROUPS = 16
 
@@ -112,10 +66,6 @@ def _groups(idx: list[int], outs: Sequence[torch.Tensor]) -> list[list[int]]:
     n = max(1, min(len(idx), _MAX_GROUPS, total // _GROUP_BYTES))
     size = -(-len(idx) // n)
     return [idx[g : g + size] for g in range(0, len(idx), size)]
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 class RemoteTier:
@@ -226,7 +176,7 @@ class RemoteTier:
         """Write this rank's shards ``(session, chunk, payload [L, 2, T, H_rank, D] CPU)``.
         Returns each shard's sha256 (None where the put failed)."""
         payloads = [p if p.is_contiguous() else p.contiguous() for _, _, p in items]
-        hashes = [self._hasher.submit(_sha, p) for p in payloads]  # overlaps the transfer
+        hashes = [self._hasher.submit(sha256_hex, p) for p in payloads]  # overlaps the transfer
         ok = self.backend.put_tensors([self.shard_key(s, c) for s, c, _ in items], payloads)
         out = []
         for good, fut, p in zip(ok, hashes, payloads):
@@ -242,7 +192,7 @@ class RemoteTier:
         shard is in). False when a write failed: the chunk is then not a candidate anywhere."""
         if indices is not None:
             ix = indices.detach().to("cpu", torch.int64).contiguous()
-            record.indices_sha = _sha(ix)
+            record.indices_sha = sha256_hex(ix)
             if not self.backend.put_tensors([self._key(record.session, record.chunk, "ix")], [ix])[0]:
                 return False
         ok = self.backend.put_blob(self._key(record.session, record.chunk, "commit"), record.to_bytes())
@@ -252,7 +202,7 @@ class RemoteTier:
     def make_record(self, session: str, chunk: int, payload: torch.Tensor, shards: list[str], *,
                     poses=None, first_frame: int | None = None) -> ChunkRecord:
         return ChunkRecord(session=session, chunk=chunk, num_tokens=int(payload.shape[2]),
-                           shard_shape=list(payload.shape), dtype=_dtype_name(payload.dtype), num_ranks=self.num_ranks,
+                           shard_shape=list(payload.shape), dtype=dtype_name(payload.dtype), num_ranks=self.num_ranks,
                            shards=shards, poses=None if poses is None else np.asarray(poses, dtype=np.float64).tolist(),
                            first_frame=first_frame, indices_sha=None, writer=self.writer_id)
 
@@ -328,9 +278,9 @@ class RemoteTier:
         ok = [False] * len(records)
         todo = []
         for i, (rec, out) in enumerate(zip(records, outs)):
-            if list(out.shape) != rec.shard_shape or _dtype_name(out.dtype) != rec.dtype or rec.num_ranks != self.num_ranks:
+            if list(out.shape) != rec.shard_shape or dtype_name(out.dtype) != rec.dtype or rec.num_ranks != self.num_ranks:
                 self.report_miss(rec.session, rec.chunk, f"shard {rec.shard_shape} {rec.dtype} x{rec.num_ranks} ranks, this "
-                           f"rank reads {list(out.shape)} {_dtype_name(out.dtype)} x{self.num_ranks}")
+                           f"rank reads {list(out.shape)} {dtype_name(out.dtype)} x{self.num_ranks}")
             else:
                 todo.append(i)
         # pipelined: the checksums of one group run on the hash threads while the main thread
@@ -346,7 +296,7 @@ class RemoteTier:
                 if n < 0:
                     self.report_miss(rec.session, rec.chunk, "shard missing" if n == MISSING else f"shard unreadable (code {n})")
                     continue
-                checks[i] = self._hasher.submit(_sha, outs[i])
+                checks[i] = self._hasher.submit(sha256_hex, outs[i])
         for i, fut in checks.items():
             rec = records[i]
             if fut.result() != rec.shards[self.rank]:
@@ -363,7 +313,7 @@ class RemoteTier:
             return None
         out = torch.empty(num_layers, rec.num_tokens, dtype=torch.int64)
         n = self.backend.get_tensors([self._key(rec.session, rec.chunk, "ix")], [out])[0]
-        if n < 0 or _sha(out) != rec.indices_sha:
+        if n < 0 or sha256_hex(out) != rec.indices_sha:
             self.report_miss(rec.session, rec.chunk, "kept token ids missing or corrupted", corrupt=n >= 0)
             return None
         return out
