@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from worldkv_connector.bench.common import PagedLayout, check_preset, cpu_target_shape, measure_many, target
+from worldkv_connector.bench.common import check_preset, measure_many, target
+from worldkv_connector.bench.paged import PagedLayout, cpu_target_shape
 from worldkv_connector.cli import main
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.shapes import get_preset

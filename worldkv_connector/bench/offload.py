@@ -22,9 +22,10 @@ import torch
 
 from worldkv_connector.bank import Bank
 from worldkv_connector.bench.common import (
-    FLUSH_BYTES, PagedLayout, SWEEP_HEADERS, add_common_arguments, check_preset, copy_targets, cpu_threads, gbps,
-    measure_many, plot_sweep, print_table, resolve_device, sweep_page_sizes, sweep_row,
-    time_copies,
+    FLUSH_BYTES, add_common_arguments, check_preset, cpu_threads, gbps, measure_many, print_table, resolve_device,
+)
+from worldkv_connector.bench.paged import (
+    PagedLayout, SWEEP_HEADERS, copy_targets, plot_sweep, sweep_page_sizes, sweep_row, time_copies,
 )
 from worldkv_connector.compression import compress_chunk
 from worldkv_connector.config import WorldKVConfig

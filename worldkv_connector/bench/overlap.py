@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from worldkv_connector.bench.common import (
-    PagedLayout, add_common_arguments, cpu_threads, check_preset, measure_many, print_table, print_targets, resolve_device,
+    add_common_arguments, cpu_threads, check_preset, measure_many, print_table, print_targets, resolve_device,
     target,
 )
+from worldkv_connector.bench.paged import PagedLayout
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.shapes import KVShape
 

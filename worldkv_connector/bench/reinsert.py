@@ -21,8 +21,10 @@ import time
 import torch
 
 from worldkv_connector.bench.common import (
-    PagedLayout, SWEEP_HEADERS, add_common_arguments, check_preset, copy_targets, cpu_threads, plot_sweep,
-    print_table, resolve_device, sweep_page_sizes, submit_layers, sweep_row, sync, time_copies,
+    add_common_arguments, check_preset, cpu_threads, print_table, resolve_device, sync,
+)
+from worldkv_connector.bench.paged import (
+    PagedLayout, SWEEP_HEADERS, copy_targets, plot_sweep, sweep_page_sizes, submit_layers, sweep_row, time_copies,
 )
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.shapes import KVShape
