@@ -39,15 +39,7 @@ class BenchSpec:
 
 
 _NAMES = ("offload", "reinsert", "overlap", "compress", "index", "e2e", "connector", "remote")
-BENCHES: dict[str, BenchSpec] = {}
-for _n in _NAMES:
-    try:
-        importlib.import_module(f"worldkv_connector.bench.{_n}")
-    except ModuleNotFoundError as exc:  # not built yet
-        if exc.name != f"worldkv_connector.bench.{_n}":
-            raise
-        continue
-    BENCHES[_n] = BenchSpec(_n, f"worldkv_connector.bench.{_n}")
+BENCHES: dict[str, BenchSpec] = {name: BenchSpec(name, f"worldkv_connector.bench.{name}") for name in _NAMES}
 
 
 def machine_info() -> dict:
