@@ -149,3 +149,41 @@ def test_bench_imports_nothing_from_cli():
                  if _within(name, "worldkv_connector.bench") and name not in BENCH_USING_CLI for target in targets
                  if _within(target, "worldkv_connector.cli"))
     assert bad == [], "bench imports the cli:\n" + "\n".join(bad)
+
+
+# Files still over the limit on this branch because another change splits them (bank/ and the
+# retrieval modules): the merge of those changes empties this set.
+PENDING_SPLIT = {
+    "worldkv_connector/bank/bank.py",
+    "worldkv_connector/bank/persist.py",
+    "worldkv_connector/poses.py",
+    "worldkv_connector/policies.py",
+}
+MAX_LINES = 420  # STYLE.md: "aim for files under about 400 lines"
+
+
+def _shipped_files() -> dict[str, int]:
+    """Repository-relative path -> line count, for every shipped module."""
+    return {path.relative_to(ROOT).as_posix(): len(path.read_text().splitlines()) for path in _modules().values()}
+
+
+def test_every_package_exports_its_entry_points_with_all():
+    missing = []
+    for path in sorted(_modules().values()):
+        if path.name != "__init__.py":
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        if not any(isinstance(node, (ast.Assign, ast.AnnAssign))
+                   and any(isinstance(t, ast.Name) and t.id == "__all__"
+                           for t in (node.targets if isinstance(node, ast.Assign) else [node.target]))
+                   for node in tree.body):
+            missing.append(path.relative_to(ROOT).as_posix())
+    assert missing == [], "package __init__.py without __all__:\n" + "\n".join(missing)
+
+
+def test_no_shipped_file_is_over_the_limit():
+    sizes = _shipped_files()
+    too_long = sorted(f"{path}: {n} lines" for path, n in sizes.items() if n > MAX_LINES and path not in PENDING_SPLIT)
+    assert too_long == [], f"files over {MAX_LINES} lines (split them by role):\n" + "\n".join(too_long)
+    done = sorted(path for path in PENDING_SPLIT if sizes.get(path, 0) <= MAX_LINES)
+    assert done == [], "split or gone: remove from PENDING_SPLIT:\n" + "\n".join(done)
