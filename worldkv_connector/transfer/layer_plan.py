@@ -295,7 +295,11 @@ def _plan_small(pp: PagePools, slots, page_ids, page_lens, to_slot: bool, k_only
     are grouped into contiguous runs once and the runs emitted for K and V."""
     num_pages, page_size, row = pp.num_pages, pp.page_size, pp.row
     page_bytes, kv_stride, item = page_size * row, pp.kv_stride, pp.item
-    slot_bases, slot_index = _slot_bases(slots)
+    head = (len(pp.layers), 2)
+    tail, row_strides = (pp.heads, pp.head_dim), (pp.heads * pp.head_dim, pp.head_dim, 1)
+    slot_storages = [_storage(t) for t in slots]
+    bases = sorted(set(slot_storages), key=lambda b: b[0])
+    slot_index = {b: i + 1 for i, (b, _) in enumerate(bases)}  # after the pool's storage (index 0)
     runs: list[list[int]] = []  # (pool_rel, slot_addr, size, slot storage, slot layer stride) of layer 0
     num_pairs = 0
     for c, (t, ids, lens) in enumerate(zip(slots, page_ids, page_lens)):
@@ -306,9 +310,12 @@ def _plan_small(pp: PagePools, slots, page_ids, page_lens, to_slot: bool, k_only
             raise ValueError(f"page_ids[{c}]: expected ids in [0, {num_pages}), got {ids}")
         if lens and (max(lens) > page_size or min(lens) < 0):
             raise ValueError(f"page_lens[{c}]: every value must lie in [0, page_size={page_size}], got {lens}")
-        _check_slot(pp, c, t, sum(lens))
-        ptr, store = t.data_ptr(), slot_index[_storage(t)[0]]
-        layer_step, slot_kv = t.stride(0) * item, t.stride(1) * item
+        shape, strides = t.shape, t.stride()
+        if len(shape) != 5 or shape[:2] != head or shape[3:] != tail or shape[2] < sum(lens) \
+                or t.dtype != pp.dtype or strides[2:] != row_strides:
+            _check_slot(pp, c, t, sum(lens))  # raises, naming what is wrong
+        ptr, store = t.data_ptr(), slot_index[slot_storages[c][0]]
+        layer_step, slot_kv = strides[0] * item, strides[1] * item
         page_runs, used = _page_runs(ids, lens, page_size)
         kvs = (0,) if k_only is not None and k_only[c] else (0, 1)
         num_pairs += used * len(kvs)
@@ -326,7 +333,7 @@ def _plan_small(pp: PagePools, slots, page_ids, page_lens, to_slot: bool, k_only
                 runs.append(f)
     u64 = np.uint64
     cols = list(zip(*runs)) if runs else [(), (), (), (), ()]
-    return _assemble(pp, slots, slot_bases, np.array(cols[0], dtype=u64), np.array(cols[1], dtype=u64),
+    return _assemble(pp, slots, bases, np.array(cols[0], dtype=u64), np.array(cols[1], dtype=u64),
                      np.array(cols[2], dtype=u64), np.array(cols[3], dtype=np.int64), np.array(cols[4], dtype=u64),
                      num_pairs, to_slot)
 
