@@ -107,25 +107,24 @@ class BlockManager:
         if pages is None:
             pages = [self._free.pop() for _ in range(num_pages)]
         held = self._holds.setdefault(owner, collections.Counter())
+        ref, get = self._ref, held.get
         for p in pages:
-            self._ref[p] = 1
-            held[p] += 1
+            ref[p] = 1
+            held[p] = get(p, 0) + 1
         self.peak_used = max(self.peak_used, self.num_used)
         return pages
 
     def _take_run(self, num_pages: int) -> list[int] | None:
         """Remove and return the lowest run of ``num_pages`` consecutive free ids, or None."""
-        free = np.fromiter(self._free, dtype=np.int64, count=len(self._free))
-        free.sort()
-        breaks = np.flatnonzero(np.diff(free) != 1) + 1
-        starts = np.concatenate(([0], breaks))
-        lengths = np.diff(np.concatenate((starts, [free.size])))
-        fits = np.flatnonzero(lengths >= num_pages)
+        pool = np.array(self._free, dtype=np.int64)  # free-list order
+        free = np.sort(pool)
+        # free ids are distinct: free[i:i + n] is a run exactly when its span is n - 1
+        fits = np.flatnonzero(free[num_pages - 1:] - free[: free.size - num_pages + 1] == num_pages - 1)
         if not fits.size:
             return None
-        lo = int(free[starts[fits[0]]])
+        lo = int(free[fits[0]])
         hi = lo + num_pages
-        self._free = [p for p in self._free if not lo <= p < hi]
+        self._free = pool[(pool < lo) | (pool >= hi)].tolist()  # the rest, in their order
         return list(range(lo, hi))
 
     def share(self, pages: list[int], owner: str) -> None:
@@ -154,17 +153,20 @@ class BlockManager:
     def release(self, pages: list[int], owner: str) -> list[int]:
         """Drop one hold of ``owner`` on each page; returns the pages that became free."""
         held = self._holds.get(owner, collections.Counter())
-        need = collections.Counter(pages)
+        need = collections.Counter(pages) if len(set(pages)) != len(pages) else dict.fromkeys(pages, 1)
         for p, n in need.items():
             if held[p] < n:
                 raise ValueError(f"page {p}: owner {owner!r} holds it {held[p]} time(s), asked to release {n}")
         freed = []
+        ref = self._ref
         for p in pages:
-            held[p] -= 1
-            if not held[p]:
-                del held[p]
-            self._ref[p] -= 1
-            if self._ref[p] == 0:
+            left = held[p] - 1
+            if left:
+                held[p] = left
+            else:
+                held.pop(p)  # dict.pop: Counter's own __delitem__ is Python code
+            ref[p] -= 1
+            if ref[p] == 0:
                 self._free.append(p)
                 freed.append(p)
         return freed

@@ -119,6 +119,8 @@ class LoadPath:
             bad.extend(live)
             logger.debug("loads could not be planned: %s: %s", type(exc).__name__, exc)
             return
+        keys = [spec.key for spec in live]
+        pin, outstanding = self.bank.pin, self._outstanding
         for layer in range(len(layer_names)):
             try:
                 # after=None: the copy waits for all work queued on the compute stream, so it
@@ -129,11 +131,11 @@ class LoadPath:
                 bad.extend(s for s in live if s not in bad)
                 logger.debug("load of layer %d could not be submitted: %s: %s", layer, type(exc).__name__, exc)
                 continue
-            for spec in live:
+            for key in keys:
                 # one pin per job reading the entry (it must not be evicted or reused under the
                 # copy); added, not reset: a job of an earlier step may still read it
-                self.bank.pin(spec.key)
-                self._outstanding[spec.key] = self._outstanding.get(spec.key, 0) + 1
+                pin(key)
+                outstanding[key] = outstanding.get(key, 0) + 1
             self._jobs[job.job_id] = live
             self._layer_jobs[layer] = job
             if job.error is not None:

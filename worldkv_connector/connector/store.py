@@ -64,6 +64,8 @@ class StorePath:
         self._bank_keep: tuple = ()
         self._bank_storages: tuple = ()
         self._jobs: dict[int, list[ChunkKey]] = {}  # job id -> keys it writes
+        self._source_layout: tuple | None = None  # the last (k, v, ids) layout _check_sources accepted
+        self._source_steps: tuple = ()  # its row steps and row-block sizes
         # one event serves every store job: the copy stream's wait_event captures the record at call
         # time, so re-recording it for the next layer cannot release an earlier wait
         self._event = torch.cuda.Event() if device.type == "cuda" else None
@@ -203,23 +205,35 @@ class StorePath:
         self._dst_store = [(where[w.untyped_storage().data_ptr()],) * 2 + (where[i.untyped_storage().data_ptr()],)
                            for w, i in zip(views, idx)]
 
-    def _layer_plan(self, layer: int, live: list[int], k: torch.Tensor, v: torch.Tensor,
-                    ids: torch.Tensor) -> FragmentPlan:
-        """Layer ``layer``'s copies: row j of k, v, ids -> the bank slot of the j-th live store
-        (``live``: their indices into the step)."""
-        b = len(live)
+    def _check_sources(self, b: int, srcs: tuple) -> None:
+        """Validate one layer's (k, v, ids) against the step's stores; sets their row steps and sizes."""
         t, h, d = self.kept, self.bank.num_kv_heads, self.bank.head_dim
-        for name, x, shape, dtype, rows in (("k", k, (b, t, h, d), self.bank.dtype, (h * d, d, 1)),
-                                            ("v", v, (b, t, h, d), self.bank.dtype, (h * d, d, 1)),
-                                            ("ids", ids, (b, t), torch.int64, (1,))):
+        for name, x, shape, dtype, rows in zip(("k", "v", "ids"), srcs, ((b, t, h, d), (b, t, h, d), (b, t)),
+                                               (self.bank.dtype, self.bank.dtype, torch.int64),
+                                               ((h * d, d, 1), (h * d, d, 1), (1,))):
             if x.shape != shape or x.dtype != dtype or (t > 1 and x.stride()[1:] != rows) \
                     or x.device.type not in ("cpu", self.device.type):
                 raise ValueError(f"store {name}: expected {shape} {dtype} with contiguous rows, got {tuple(x.shape)} "
                                  f"{x.dtype} strides {x.stride()} on {x.device}")
+        k, v, _ = srcs
+        self._source_steps = ([x.stride(0) * x.element_size() for x in srcs],
+                              (t * h * d * k.element_size(), t * h * d * v.element_size(), t * 8))
+
+    def _layer_plan(self, layer: int, live: list[int], k: torch.Tensor, v: torch.Tensor,
+                    ids: torch.Tensor) -> FragmentPlan:
+        """Layer ``layer``'s copies: row j of k, v, ids -> the bank slot of the j-th live store
+        (``live``: their indices into the step). Built from ints (3 fragments per chunk), with the
+        int lists the host copy path takes."""
+        b, t = len(live), self.kept
         srcs = (k, v, ids)
-        base = [x.data_ptr() for x in srcs]
-        step = [x.stride(0) * x.element_size() for x in srcs]
-        size = (t * h * d * k.element_size(), t * h * d * v.element_size(), t * 8)
+        # every layer of a step usually brings sources of one layout: checked in full once per layout
+        layout = (b, k.shape, v.shape, ids.shape, k.dtype, v.dtype, ids.dtype, k.stride(), v.stride(), ids.stride(),
+                  k.device, v.device, ids.device)
+        if layout != self._source_layout:
+            self._check_sources(b, srcs)
+            self._source_layout = layout
+        base = [k.data_ptr(), v.data_ptr(), ids.data_ptr()]
+        step, size = self._source_steps
         src, dst, sizes, s_store, d_store = [], [], [], [], []
         for j, i in enumerate(live):
             d0, dstep, dst_store = self._dst0[i], self._dst_step[i], self._dst_store[i]
@@ -238,7 +252,7 @@ class StorePath:
         u64 = np.uint64
         return FragmentPlan(np.array(src, dtype=u64), np.array(dst, dtype=u64), np.array(sizes, dtype=u64),
                             (*srcs, *self._bank_keep), storages, np.array(s_store), np.array(d_store), merged=True,
-                            pairs=3 * b)
+                            pairs=3 * b, total=sum(sizes), lists=(src, dst, sizes))
 
     def _compress(self, k: torch.Tensor, v: torch.Tensor):
         """k, v: [B, T, H, D] -> (k [B, T', H, D], v [B, T', H, D], ids [B, T'] int64, counts [B, T'] fp32

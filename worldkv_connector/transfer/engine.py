@@ -168,11 +168,7 @@ class TransferEngine:
                 for side, t in (("src", s), ("dst", d)):
                     if t.device.type != "cpu" and t.device != self.device:
                         raise ValueError(f"pair {i}: {side} is on {t.device}, expected cpu or {self.device}")
-        job = TransferJob(
-            job_id=next(self._ids), kind=kind, nbytes=sum(r[2] for r in runs), num_fragments=len(runs),
-            path=self.path, tag=tag, submitted_at=time.perf_counter(), num_pairs=len(srcs),
-        )
-        self._account_submit(job)
+        job = self._new_job(kind, sum(r[2] for r in runs), len(runs), len(srcs), tag)
         if self.device.type == "cpu":
             self._run_cpu(job, runs, srcs, dsts)
         else:
@@ -193,28 +189,20 @@ class TransferEngine:
         for base, device in plan.storages:
             if device.type != "cpu" and device != self.device:
                 raise ValueError(f"plan: memory at {base:#x} is on {device}, expected cpu or {self.device}")
-        if self.device.type == "cpu" and plan.merged:  # host path: no merge, the planner's int lists
-            src = dst = None
-            sizes = plan.sizes
-            runs = plan.lists if plan.lists is not None else (plan.src, plan.dst, plan.sizes)
-        else:
-            src, dst, sizes, head = merge_fragment_arrays(plan)
-            runs = (src, dst, sizes)
-        nbytes = plan.total if plan.merged and plan.total is not None else int(sizes.sum())
-        job = TransferJob(
-            job_id=next(self._ids), kind=kind, nbytes=nbytes, num_fragments=int(sizes.shape[0]),
-            path=self.path, tag=tag, submitted_at=time.perf_counter(), num_pairs=plan.num_fragments,
-        )
-        self._account_submit(job)
         if self.device.type == "cpu":
+            # host memory only (checked above): the planner's merged runs, as int lists if it has them
+            runs = plan.lists or ((plan.src, plan.dst, plan.sizes) if plan.merged else merge_fragment_arrays(plan)[:3])
+            job = self._new_job(kind, plan.nbytes, len(runs[2]), plan.num_fragments, tag)
             t0 = time.perf_counter()
             try:
-                memmove_runs(*runs)  # host memory only: checked above
+                memmove_runs(*runs)
             except Exception as exc:  # noqa: BLE001 - reported on the job, never raised mid-step
                 self._fail(job, exc)
             self._stats["busy_s"] += time.perf_counter() - t0
             self._finish(job)
             return job
+        src, dst, sizes, head = merge_fragment_arrays(plan)
+        job = self._new_job(kind, plan.nbytes, int(sizes.shape[0]), plan.num_fragments, tag)
         stream = self._begin_cuda(job, plan.keep, after)
         try:
             host = [t for t in plan.keep if t.device.type == "cpu"]
@@ -234,13 +222,17 @@ class TransferEngine:
         self._end_cuda(job, stream)
         return job
 
-    def _account_submit(self, job: TransferJob) -> None:
+    def _new_job(self, kind: str, nbytes: int, runs: int, pairs: int, tag: Any) -> TransferJob:
+        """A job record for ``runs`` merged copies (``pairs`` before merging), accounted as submitted."""
+        job = TransferJob(job_id=next(self._ids), kind=kind, nbytes=nbytes, num_fragments=runs, path=self.path,
+                          tag=tag, submitted_at=time.perf_counter(), num_pairs=pairs)
         s = self._stats
         s["jobs"] += 1
-        s[f"{job.kind}_jobs"] += 1
-        s["bytes_stored" if job.kind == "store" else "bytes_loaded"] += job.nbytes
-        s["fragments"] += job.num_pairs
-        s["merged_fragments"] += job.num_fragments
+        s[f"{kind}_jobs"] += 1
+        s["bytes_stored" if kind == "store" else "bytes_loaded"] += nbytes
+        s["fragments"] += pairs
+        s["merged_fragments"] += runs
+        return job
 
     def _fail(self, job: TransferJob, exc: BaseException) -> None:
         job.error = f"{type(exc).__name__}: {exc}"

@@ -23,12 +23,14 @@ __all__ = ["FragmentPlan", "plan_fragments", "merge_fragment_arrays", "memmove_r
            "translate_runs"]
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class FragmentPlan:
     """Copy descriptors: ``sizes[i]`` bytes from address ``src[i]`` to ``dst[i]`` (uint64 [F]).
 
     ``keep``: the tensors the addresses point into. ``src_store`` / ``dst_store``: index into
     ``storages`` of the storage holding each fragment's side; ``storages``: ``(base, device)``.
+    Treated as immutable once built (not frozen: a step builds one per layer, and a frozen
+    dataclass's ``__init__`` costs about twice as much).
     """
 
     src: np.ndarray
@@ -121,7 +123,9 @@ def memmove_runs(src, dst, sizes) -> None:
     """Host-to-host copies by address (the CPU path; ranges were checked by ``plan_fragments``).
     src, dst, sizes: [R] uint64 arrays or lists of ints."""
     move = ctypes.memmove
-    for s, d, n in zip(*(a.tolist() if isinstance(a, np.ndarray) else a for a in (src, dst, sizes))):
+    if isinstance(src, np.ndarray):
+        src, dst, sizes = src.tolist(), dst.tolist(), sizes.tolist()
+    for s, d, n in zip(src, dst, sizes):
         move(d, s, n)
 
 

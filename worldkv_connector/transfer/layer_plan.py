@@ -48,6 +48,7 @@ class LayerPlans:
     storages: tuple
     keep: tuple
     num_pairs: int  # fragments of one layer before merging
+    host: bool = False  # every side is host memory (the pools and all slots on the CPU)
 
     @property
     def num_layers(self) -> int:
@@ -66,7 +67,7 @@ class LayerPlans:
         """src [L][R], dst [L][R], sizes [R] as Python ints and the bytes of one layer, built once
         per step for the host copy path; None when any side is device memory (the CUDA paths take
         the arrays, so nothing is converted for them)."""
-        if any(dev.type != "cpu" for table in self.storages for _, dev in table):
+        if not self.host:
             return None
         sizes = self.sizes.tolist()
         return self.src.tolist(), self.dst.tolist(), sizes, sum(sizes)
@@ -248,31 +249,59 @@ def _assemble(pp: PagePools, slots, slot_bases, pool_rel, slot0, sizes, s_store,
     slot_addr = slot0[None, :] + np.arange(len(pp.layers), dtype=np.uint64)[:, None] * step[None, :]
     storages = tuple((st,) + tuple(slot_bases) for st in pp.storages)
     keep = tuple((t, *slots) for t in pp.layers)
+    host = pp.storages[0][1].type == "cpu" and all(dev.type == "cpu" for _, dev in slot_bases)
     if to_slot:
-        return LayerPlans(pool_addr, slot_addr, sizes, pool_store, s_store, storages, keep, num_pairs)
-    return LayerPlans(slot_addr, pool_addr, sizes, s_store, pool_store, storages, keep, num_pairs)
+        return LayerPlans(pool_addr, slot_addr, sizes, pool_store, s_store, storages, keep, num_pairs, host)
+    return LayerPlans(slot_addr, pool_addr, sizes, s_store, pool_store, storages, keep, num_pairs, host)
 
 
 def _ints(name: str, values) -> list[int]:
     if isinstance(values, (torch.Tensor, np.ndarray)):
         if values.dtype.is_floating_point if isinstance(values, torch.Tensor) else values.dtype.kind not in "iu":
             raise ValueError(f"{name}: expected integers, got dtype {values.dtype}")
-        return [int(v) for v in values.tolist()]
-    out = []
-    for v in values:
+        return values.tolist()
+    out = list(values)
+    if set(map(type, out)) <= {int}:  # the common case, checked in C
+        return out
+    for i, v in enumerate(out):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise ValueError(f"{name}: expected integers, got {type(v).__name__}")
-        out.append(int(v))
+        out[i] = int(v)
     return out
+
+
+def _page_runs(ids: list[int], lens: list[int], page_size: int) -> tuple[list[list[int]], int]:
+    """Runs of a chunk's pages that are contiguous on both sides: consecutive page ids, every page
+    but a run's last one full. Returns ``([[first page id, first slot row, tokens], ...], pages
+    with tokens)``; empty pages add no fragment (and no slot rows, so a run may continue past them)."""
+    runs: list[list[int]] = []
+    start = used = 0
+    follow = -1  # the page id that would continue the last run, -1 when it cannot continue
+    for page, n in zip(ids, lens):
+        if n:
+            used += 1
+            if page == follow:
+                runs[-1][2] += n
+            else:
+                runs.append([page, start, n])
+            follow = page + 1 if n == page_size else -1
+        start += n
+    return runs, used
 
 
 def _plan_small(pp: PagePools, slots, page_ids, page_lens, to_slot: bool, k_only) -> LayerPlans:
     """``plan_layer_copies`` for a few pages, in plain Python (numpy's per-call cost dominates
-    there): the same checks, fragments, order and merging as the vectorised path."""
-    num_pages, page_size, item, row = pp.num_pages, pp.page_size, pp.item, pp.row
-    page_bytes, kv_stride = page_size * row, pp.kv_stride
-    slot_bases, slot_index = _slot_bases(slots)
-    frags = []  # (pool_rel, slot_addr, size, slot storage, slot layer stride) of layer 0, in order
+    there): the same checks, fragments, order and merging as the vectorised path. A chunk's pages
+    are grouped into contiguous runs once and the runs emitted for K and V."""
+    num_pages, page_size, row = pp.num_pages, pp.page_size, pp.row
+    page_bytes, kv_stride, item = page_size * row, pp.kv_stride, pp.item
+    head = (len(pp.layers), 2)
+    tail, row_strides = (pp.heads, pp.head_dim), (pp.heads * pp.head_dim, pp.head_dim, 1)
+    slot_storages = [_storage(t) for t in slots]
+    bases = sorted(set(slot_storages), key=lambda b: b[0])
+    slot_index = {b: i + 1 for i, (b, _) in enumerate(bases)}  # after the pool's storage (index 0)
+    runs: list[list[int]] = []  # (pool_rel, slot_addr, size, slot storage, slot layer stride) of layer 0
+    num_pairs = 0
     for c, (t, ids, lens) in enumerate(zip(slots, page_ids, page_lens)):
         ids, lens = _ints("page_ids", ids), _ints("page_lens", lens)
         if len(lens) != len(ids):
@@ -281,30 +310,32 @@ def _plan_small(pp: PagePools, slots, page_ids, page_lens, to_slot: bool, k_only
             raise ValueError(f"page_ids[{c}]: expected ids in [0, {num_pages}), got {ids}")
         if lens and (max(lens) > page_size or min(lens) < 0):
             raise ValueError(f"page_lens[{c}]: every value must lie in [0, page_size={page_size}], got {lens}")
-        _check_slot(pp, c, t, sum(lens))
-        ptr, store = t.data_ptr(), slot_index[_storage(t)[0]]
-        layer_step, slot_kv = t.stride(0) * item, t.stride(1) * item
-        for kv in ((0,) if k_only is not None and k_only[c] else (0, 1)):
-            start = 0
-            for page, n in zip(ids, lens):
-                if n:
-                    frags.append((kv * kv_stride + page * page_bytes, ptr + kv * slot_kv + start * row, n * row,
-                                  store, layer_step))
-                start += n
-    runs: list[list[int]] = []
-    for f in frags:
-        if runs:
-            r = runs[-1]
-            # both sides continue the previous run, same slot storage and layer stride
-            if r[0] + r[2] == f[0] and r[1] + r[2] == f[1] and r[3] == f[3] and r[4] == f[4]:
-                r[2] += f[2]
-                continue
-        runs.append(list(f))
+        shape, strides = t.shape, t.stride()
+        if len(shape) != 5 or shape[:2] != head or shape[3:] != tail or shape[2] < sum(lens) \
+                or t.dtype != pp.dtype or strides[2:] != row_strides:
+            _check_slot(pp, c, t, sum(lens))  # raises, naming what is wrong
+        ptr, store = t.data_ptr(), slot_index[slot_storages[c][0]]
+        layer_step, slot_kv = strides[0] * item, strides[1] * item
+        page_runs, used = _page_runs(ids, lens, page_size)
+        kvs = (0,) if k_only is not None and k_only[c] else (0, 1)
+        num_pairs += used * len(kvs)
+        for kv in kvs:
+            pool0, slot0 = kv * kv_stride, ptr + kv * slot_kv
+            for page, start, n in page_runs:
+                f = [pool0 + page * page_bytes, slot0 + start * row, n * row, store, layer_step]
+                if runs:
+                    r = runs[-1]
+                    # both sides continue the previous run (e.g. K's last page and V's first), same
+                    # slot storage and layer stride
+                    if r[0] + r[2] == f[0] and r[1] + r[2] == f[1] and r[3] == f[3] and r[4] == f[4]:
+                        r[2] += f[2]
+                        continue
+                runs.append(f)
     u64 = np.uint64
     cols = list(zip(*runs)) if runs else [(), (), (), (), ()]
-    return _assemble(pp, slots, slot_bases, np.array(cols[0], dtype=u64), np.array(cols[1], dtype=u64),
+    return _assemble(pp, slots, bases, np.array(cols[0], dtype=u64), np.array(cols[1], dtype=u64),
                      np.array(cols[2], dtype=u64), np.array(cols[3], dtype=np.int64), np.array(cols[4], dtype=u64),
-                     len(frags), to_slot)
+                     num_pairs, to_slot)
 
 
 def page_fragments(pools, page_ids, slot, page_lens=None, *, to_slot: bool = True) -> FragmentPlan:
