@@ -6,6 +6,7 @@ of ``num_tokens`` tokens uses the first ``num_tokens`` rows of each (layer, K/V)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -23,7 +24,8 @@ def _positive_int(name: str, value: Any) -> int:
 
 @dataclass(frozen=True)
 class BankLayout:
-    """The shape of a bank's slots and its capacity (``ValueError`` naming the field when invalid)."""
+    """The shape of a bank's slots and its capacity (``ValueError`` naming the field when invalid);
+    the derived sizes are computed once."""
 
     num_layers: int
     num_kv_heads: int
@@ -44,20 +46,20 @@ class BankLayout:
             raise ValueError(f"chunk of {self.slot_bytes} bytes is larger than the whole bank of "
                              f"{self.capacity_bytes} bytes: raise bank_bytes")
 
-    @property
+    @cached_property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
-    @property
+    @cached_property
     def token_bytes(self) -> int:
         """One token of K (or V) of one layer."""
         return self.num_kv_heads * self.head_dim * self.itemsize
 
-    @property
+    @cached_property
     def slot_bytes(self) -> int:
         return self.entry_bytes(self.slot_tokens)
 
-    @property
+    @cached_property
     def num_slots(self) -> int:
         return self.capacity_bytes // self.slot_bytes
 
