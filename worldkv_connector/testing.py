@@ -204,5 +204,5 @@ def drop_entry(bank: Bank, key: Hashable) -> str:
     if entry.tier == "disk":
         os.unlink(bank.disk.path_of(key))  # type: ignore[union-attr]
         return "disk"
-    bank._remove(key)  # the private path on purpose: no listeners, as if the memory were lost
+    bank.free(key)  # no listeners are told, as if the memory were lost
     return entry.tier

@@ -1,6 +1,8 @@
-"""The bank: banked chunk/block entries (``entry``), the slab store with byte accounting
-(``bank``), eviction policies behind a name registry (``eviction``), the disk spill tier
-(``disk``) and persistence of a bank to a directory (``persist``, ``files``)."""
+"""The bank: banked chunk/block entries (``entry``), the ``Bank`` (``bank``), composed of its slot
+sizes (``layout``), its memory (``slab``), its bookkeeping (``slots``: which entry holds which slot,
+in eviction order) and the disk spill tier it holds (``spill`` over ``disk``'s files); eviction
+policies behind a name registry (``eviction``); persistence of a bank to a directory (``persist``,
+``manifest``, ``files``)."""
 from worldkv_connector.bank.bank import Bank, check_bank_memory
 from worldkv_connector.bank.disk import DiskTier, DiskTierConfig, DiskTierError, NotResidentError
 from worldkv_connector.bank.entry import BankEntry, BankKey

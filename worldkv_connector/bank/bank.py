@@ -1,21 +1,16 @@
 """The bank: fixed-size slots carved out of one slab, with byte accounting and eviction.
 
 One entry is one chunk (video backend, key ``(session_id, chunk_id)``) or one block (vLLM, key
-``(namespace, block_hash)``): the K and V of every layer for ``num_tokens`` tokens. Each slot has
-the layout ``[num_layers, 2, slot_tokens, num_kv_heads, head_dim]`` (2 = K, V) and an entry uses the
-first ``num_tokens`` rows of each (layer, K/V) run, so every run is one contiguous copy fragment.
+``(namespace, block_hash)``): the K and V of every layer for ``num_tokens`` tokens, in one slot of
+``[num_layers, 2, slot_tokens, num_kv_heads, head_dim]`` (``layout``).
 
-The host tier is one slab allocated once. When CUDA is present it is pinned with
-``cudaHostRegister`` on a plain allocation: torch's pinned allocator rounds every request up to a
-power of two, which would waste up to half of a multi-GiB bank (DESIGN §2). The GPU tier is one
-slab on the device. Slots never move, so transfer descriptors built from ``view`` stay valid for
-the life of an entry.
+The host tier is one slab allocated once (``slab``); slots never move, so transfer descriptors
+built from ``view`` stay valid for the life of an entry. Which entry holds which slot, and the
+eviction order, is the ``SlotTable``'s (``slots``); the slot sizes are the ``BankLayout``'s.
 
-Optional disk tier (``disk=DiskTier(...)``, or ``bank_dir`` in the config): when the host/GPU tier
-is full, the eviction victim is spilled to a file instead of dropped, and ``ensure_resident`` brings
-it back into a slot. A spilled entry keeps its key, pose, meta and indices in the bank (``tier ==
-"disk"``, ``slot == -1``); only its payload moves. Evict listeners are told only when an entry
-leaves the bank entirely (dropped from the host tier without a disk tier, or from the disk tier).
+Optional disk tier (``disk=DiskTier(...)``, or ``bank_dir`` in the config; see ``spill``): the
+eviction victim of a full host/GPU tier is spilled to a file instead of dropped, and
+``ensure_resident`` brings it back. Evict listeners are told only when an entry leaves the bank.
 
 Optional remote tier (``remote=RemoteTier(...)``, or ``remote`` in the config): every entry that
 becomes ready is written through to a shared store (Mooncake Store, Redis/Valkey); the host tier
@@ -29,157 +24,60 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from worldkv_connector.config import WorldKVConfig
-from worldkv_connector.bank.disk import DISK, DiskSpillMixin, DiskTier, NotResidentError
+from worldkv_connector.bank.disk import DISK, DiskTier, NotResidentError
 from worldkv_connector.bank.entry import BankEntry, BankKey
-from worldkv_connector.bank.eviction import EvictionPolicy, get_eviction
+from worldkv_connector.bank.layout import BankLayout
+from worldkv_connector.bank.slab import allocate_slab, check_bank_memory, release_slab, resolve_device
+from worldkv_connector.bank.slots import SlotTable, bank_stats
+from worldkv_connector.bank.spill import DiskSpill
 from worldkv_connector.remote.tier import RemoteTier
-from worldkv_connector.machine import host_memory
 from worldkv_connector.shapes import KVShape
 
 __all__ = ["Bank", "check_bank_memory"]
 
 logger = logging.getLogger(__name__)
 
-_TIERS = ("cpu", "gpu")
-_GiB = 1 << 30
 
-
-def check_bank_memory(tier: str, device: torch.device | str, nbytes: int) -> None:
-    """A bank larger than the machine could ever hold is a configuration error (before allocating)."""
-    if tier == "gpu":
-        free, total = torch.cuda.mem_get_info(device)
-        if nbytes > free:
-            raise ValueError(f"bank_bytes: a gpu bank of {nbytes} bytes ({nbytes / _GiB:.3g} GiB) is more than the "
-                             f"{free / _GiB:.3g} GiB free on {device} (of {total / _GiB:.3g} GiB); lower bank_bytes")
-        return
-    total, available = host_memory()
-    if total is not None and nbytes > total:
-        raise ValueError(f"bank_bytes: a cpu bank of {nbytes} bytes ({nbytes / _GiB:.3g} GiB) is more than this "
-                         f"machine's {total / _GiB:.3g} GiB of memory and swap; lower bank_bytes")
-    if available is not None and nbytes > available:
-        logger.warning("bank of %.3g GiB is more than the %.3g GiB of host memory available now: it is allocated "
-                       "lazily, and filling it may swap or fail", nbytes / _GiB, available / _GiB)
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"Bank {name}={value!r}: expected a positive int")
-    return value
-
-
-_HOST_REGISTER_PORTABLE = 0x01  # cudaHostRegisterPortable
-_HOST_REGISTER_MAPPED = 0x02  # cudaHostRegisterMapped
-
-
-def _host_register(t: torch.Tensor) -> bool:
-    """Pin ``t``'s memory in place (no power-of-two rounding). False, with a warning, on failure."""
-    # Portable: usable from every device's context; Mapped: device-addressable, so the SM copy
-    # kernel can read and write the slab directly (unified addressing) instead of only DMA.
-    flags = _HOST_REGISTER_PORTABLE | _HOST_REGISTER_MAPPED
-    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), flags)
-    code = int(getattr(err, "value", err))
-    if code != 0:
-        logger.warning("cudaHostRegister of %d bytes failed (error %s): the bank stays pageable", t.nbytes, err)
-        return False
-    return True
-
-
-def _release(slab: torch.Tensor, pinned: bool) -> None:
-    # Runs once, from close() or when the bank is garbage collected without close().
-    if pinned:
-        err = torch.cuda.cudart().cudaHostUnregister(slab.data_ptr())
-        if int(getattr(err, "value", err)) != 0:
-            logger.warning("cudaHostUnregister failed (error %s)", err)
-
-
-class Bank(DiskSpillMixin):
+class Bank:
     """A tiered store of KV chunks with a byte capacity and a pluggable eviction policy.
 
     "No room right now" (every slot holds an entry that is still being written or is pinned) is
-    ``reserve`` returning None, not an exception. ``disk``: an optional spill tier the bank then
-    owns (closed with the bank); moving entries to and from it (``spill``, ``ensure_resident``,
-    ``is_resident``, ``read_payload``) is ``DiskSpillMixin``'s part, in ``disk_tier.py``.
+    ``reserve`` returning None, not an exception. The bank is composed of its slab (payloads), a
+    ``SlotTable`` (which entry holds which slot, in eviction order), and optionally a ``DiskSpill``
+    around ``disk`` (a spill tier the bank then owns, closed with the bank) and a remote tier.
     """
 
     def __init__(
         self,
         *,
-        num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        slot_tokens: int,
-        capacity_bytes: int,
-        tier: str = "cpu",
-        eviction: str = "lru",
-        device: str | torch.device | None = None,
-        pin: bool | None = None,
-        disk: DiskTier | None = None,
-        remote: RemoteTier | None = None,
+        num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+        slot_tokens: int, capacity_bytes: int, tier: str = "cpu", eviction: str = "lru",
+        device: str | torch.device | None = None, pin: bool | None = None,
+        disk: DiskTier | None = None, remote: RemoteTier | None = None,
     ) -> None:
-        for name, value in (
-            ("num_layers", num_layers),
-            ("num_kv_heads", num_kv_heads),
-            ("head_dim", head_dim),
-            ("slot_tokens", slot_tokens),
-            ("capacity_bytes", capacity_bytes),
-        ):
-            _positive_int(name, value)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"Bank dtype={dtype!r}: expected a floating torch.dtype")
-        if tier not in _TIERS:
-            raise ValueError(f"Bank tier={tier!r}: choose one of {list(_TIERS)}")
+        self.layout = layout = BankLayout(num_layers, num_kv_heads, head_dim, dtype, slot_tokens, capacity_bytes, tier)
         if disk is not None and not isinstance(disk, DiskTier):
             raise ValueError(f"Bank disk={disk!r}: expected a DiskTier or None")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.dtype, self.slot_tokens, self.tier = dtype, slot_tokens, tier
-        self.capacity_bytes = capacity_bytes
-        self.itemsize = torch.empty((), dtype=dtype).element_size()
-        self.token_bytes = num_kv_heads * head_dim * self.itemsize  # one token of K (or V), one layer
-        self.slot_bytes = 2 * num_layers * slot_tokens * self.token_bytes
-        if self.slot_bytes > capacity_bytes:
-            raise ValueError(
-                f"chunk of {self.slot_bytes} bytes is larger than the whole bank of {capacity_bytes} bytes: "
-                "raise bank_bytes"
-            )
-        self.num_slots = capacity_bytes // self.slot_bytes
-        self.device = self._resolve_device(tier, device)
-        self._policy: EvictionPolicy = get_eviction(eviction)
+        self.capacity_bytes, self.itemsize, self.token_bytes = capacity_bytes, layout.itemsize, layout.token_bytes
+        self.slot_bytes, self.num_slots = layout.slot_bytes, layout.num_slots
+        self.device = resolve_device(tier, device)
+        self._table = SlotTable(self.num_slots, eviction)  # validates the policy name first
         self.eviction = eviction
 
-        shape = (self.num_slots, num_layers, 2, slot_tokens, num_kv_heads, head_dim)
-        slab_bytes = self.num_slots * self.slot_bytes
-        check_bank_memory(tier, self.device, slab_bytes)
-        try:
-            self._slab = torch.empty(shape, dtype=dtype, device=self.device)
-        except (RuntimeError, MemoryError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
-            raise ValueError(f"bank_bytes={capacity_bytes} ({capacity_bytes / _GiB:.3g} GiB): the {tier} tier cannot "
-                             f"allocate {slab_bytes} bytes on this machine ({str(exc).splitlines()[0][:120]}); "
-                             "lower bank_bytes") from None
-        want_pin = torch.cuda.is_available() if pin is None else bool(pin)
-        if want_pin and tier == "cpu" and not torch.cuda.is_available():
-            raise ValueError("Bank pin=True needs CUDA: torch.cuda.is_available() is False")
-        self.pinned = bool(want_pin and tier == "cpu" and _host_register(self._slab))
-        self._finalizer = weakref.finalize(self, _release, self._slab, self.pinned)
+        self._slab, self.pinned = allocate_slab(layout.slab_shape(), dtype, tier, self.device, capacity_bytes, pin)
+        self._finalizer = weakref.finalize(self, release_slab, self._slab, self.pinned)
 
-        self._entries: dict[BankKey, BankEntry] = {}
-        # pop() hands out the lowest free slot first, so a fresh bank fills slots in order
-        self._free: list[int] = list(range(self.num_slots - 1, -1, -1))
         self._listeners: list[Callable[[BankKey, BankEntry], None]] = []
-        self._clock = 0
-        self.bytes_used = 0  # host/GPU tier only (see the module docstring)
         self.evictions = 0  # entries that left the bank by eviction, from any tier
-        self.disk = disk
-        self.spills = 0  # host -> disk moves
-        self.restores = 0  # disk -> host moves
-        self.disk_errors = 0  # spilled entries dropped because their file was missing or damaged
-        self._protected: BankKey | None = None  # the key ensure_resident is bringing back
+        self._spill = DiskSpill(disk) if disk is not None else None
         self._closed = False
         # remote tier (worldkv_connector.remote): ready entries are written through to it; the
         # host slab is registered with it so those writes are zero-copy where the store allows
@@ -187,64 +85,60 @@ class Bank(DiskSpillMixin):
         if remote is not None and tier == "cpu":
             remote.backend.register(self._slab)
 
-    @staticmethod
-    def _resolve_device(tier: str, device: str | torch.device | None) -> torch.device:
-        if tier == "cpu":
-            dev = torch.device("cpu") if device is None else torch.device(device)
-            if dev.type != "cpu":
-                raise ValueError(f"Bank device={device!r} does not match tier='cpu' (host memory)")
-            return dev
-        dev = torch.device("cuda") if device is None else torch.device(device)
-        if dev.type != "cuda":
-            raise ValueError(f"Bank device={device!r} does not match tier='gpu': expected a cuda device")
-        if not torch.cuda.is_available():
-            raise ValueError("Bank tier='gpu' needs a CUDA device: torch.cuda.is_available() is False")
-        return dev
-
     @classmethod
-    def for_shape(
-        cls,
-        shape: KVShape,
-        config: WorldKVConfig,
-        *,
-        slot_tokens: int | None = None,
-        device: str | torch.device | None = None,
-    ) -> "Bank":
+    def for_shape(cls, shape: KVShape, config: WorldKVConfig, *, slot_tokens: int | None = None,
+                  device: str | torch.device | None = None) -> "Bank":
         """A bank sized from a model's KV shape and the connector config: slots hold one compressed
         chunk (``config.kept_tokens(shape.frame_tokens)`` tokens) unless ``slot_tokens`` is given.
         A disk tier is added when ``config.bank_dir`` is set (capacity ``config.disk_bytes``)."""
         return cls(
-            num_layers=shape.num_layers,
-            num_kv_heads=shape.num_kv_heads,
-            head_dim=shape.head_dim,
+            num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
             dtype=shape.torch_dtype,
             slot_tokens=config.kept_tokens(shape.frame_tokens) if slot_tokens is None else slot_tokens,
-            capacity_bytes=config.bank_bytes,
-            tier=config.bank,
-            eviction=config.eviction,
-            device=device,
-            disk=DiskTier.from_config(config),
-            remote=RemoteTier.from_config(config, shape),
+            capacity_bytes=config.bank_bytes, tier=config.bank, eviction=config.eviction, device=device,
+            disk=DiskTier.from_config(config), remote=RemoteTier.from_config(config, shape),
         )
 
-    # --- sizes ---------------------------------------------------------------------------------
+    # --- sizes and counters --------------------------------------------------------------------
+    @property
+    def disk(self) -> DiskTier | None:
+        """The disk tier (None without one)."""
+        return self._spill.tier if self._spill is not None else None
+
+    @property
+    def bytes_used(self) -> int:
+        """Payload bytes held in the host/GPU tier (see the module docstring)."""
+        return self._table.bytes_used
+
+    @property
+    def spills(self) -> int:  # host -> disk moves
+        return self._spill.spills if self._spill is not None else 0
+
+    @property
+    def restores(self) -> int:  # disk -> host moves
+        return self._spill.restores if self._spill is not None else 0
+
+    @property
+    def disk_errors(self) -> int:  # spilled entries dropped because their file was missing or damaged
+        return self._spill.errors if self._spill is not None else 0
+
     @property
     def entries(self) -> int:
         """Entries on every tier."""
-        return len(self._entries)
+        return len(self._table)
 
     @property
     def host_entries(self) -> int:
         """Entries holding a slot of the host/GPU tier."""
-        return self.num_slots - len(self._free) if not self._closed else 0
+        return self.num_slots - self._table.free_slots if not self._closed else 0
 
     @property
     def free_slots(self) -> int:
-        return len(self._free)
+        return self._table.free_slots
 
     @property
     def disk_bytes_used(self) -> int:
-        return self.disk.bytes_used if self.disk is not None and not self.disk.closed else 0
+        return self._spill.bytes_used if self._spill is not None else 0
 
     @property
     def total_bytes_used(self) -> int:
@@ -252,18 +146,11 @@ class Bank(DiskSpillMixin):
         return self.bytes_used + self.disk_bytes_used
 
     def entry_bytes(self, num_tokens: int) -> int:
-        return 2 * self.num_layers * num_tokens * self.token_bytes
+        return self.layout.entry_bytes(num_tokens)
 
     # --- allocation ----------------------------------------------------------------------------
-    def reserve(
-        self,
-        key: BankKey,
-        num_tokens: int,
-        *,
-        indices: torch.Tensor | None = None,
-        pose: np.ndarray | None = None,
-        meta: dict | None = None,
-    ) -> BankEntry | None:
+    def reserve(self, key: BankKey, num_tokens: int, *, indices: torch.Tensor | None = None,
+                pose: np.ndarray | None = None, meta: dict | None = None) -> BankEntry | None:
         """Allocate a slot for ``key`` (not ready until ``mark_ready``), evicting per policy among
         ready, unpinned entries when the bank is full (spilling them to the disk tier if there is
         one). Returns None when there is still no room.
@@ -272,61 +159,31 @@ class Bank(DiskSpillMixin):
         device; stored as CPU int64. pose: the entry's camera pose (any array-like).
         """
         self._check_open()
-        if key in self._entries:
+        if key in self._table:
             raise ValueError(f"bank key {key!r} already exists: free it before storing it again")
-        if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or not 1 <= num_tokens <= self.slot_tokens:
-            raise ValueError(f"num_tokens={num_tokens!r} is out of range: allowed 1 <= num_tokens <= {self.slot_tokens}")
-        if indices is not None:
-            if not isinstance(indices, torch.Tensor) or indices.ndim not in (1, 2) or indices.shape[-1] != num_tokens:
-                got = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
-                raise ValueError(f"indices must be [{self.num_layers}, {num_tokens}] token ids, got {got}")
-            if indices.ndim == 2 and indices.shape[0] != self.num_layers:
-                raise ValueError(f"indices must be [{self.num_layers}, {num_tokens}] token ids, got {tuple(indices.shape)}")
-            indices = indices.detach().to("cpu", torch.int64)
+        self.layout.check_tokens(num_tokens)
+        indices = self.layout.kept_indices(indices, num_tokens)
         if not self._make_room():
             return None
-        self._clock += 1
-        entry = BankEntry(
-            key=key,
-            slot=self._free.pop(),
-            num_tokens=num_tokens,
-            nbytes=self.entry_bytes(num_tokens),
-            tier=self.tier,
-            last_used=self._clock,
-            indices=indices,
-            pose=None if pose is None else np.asarray(pose),
-            meta=dict(meta or {}),
-        )
-        self._entries[key] = entry
-        self.bytes_used += entry.nbytes
-        self._policy.on_insert(key)
+        entry = BankEntry(key=key, slot=-1, num_tokens=num_tokens, nbytes=self.entry_bytes(num_tokens), tier=self.tier,
+                          indices=indices, pose=None if pose is None else np.asarray(pose), meta=dict(meta or {}))
+        self._table.insert(entry)  # gives it a slot
         return entry
 
     def _make_room(self) -> bool:
         """Free a slot if none is free, demoting policy victims. False when nothing may go."""
-        while not self._free:
-            # the policy only knows host keys (spilled keys leave its order), so it never picks one
-            victim = self._policy.choose_victim(self._entries)
+        while not self._table.free_slots:
+            victim = self._table.victim()
             if victim is None:
                 return False
-            if self._entries[victim].tier == DISK:
-                raise RuntimeError(f"eviction policy {self.eviction!r} chose {victim!r}, which is not resident")
-            self._demote(victim)
+            if not self._spill_entry(victim):  # no disk tier, or it has no room: evicted instead
+                self._evict(victim)
         return True
 
-    def _demote(self, key: BankKey) -> None:
-        """Move a ready, unpinned host entry to the disk tier, or evict it when that fails."""
-        if not self._spill(key):
-            self._evict(key)
-
     def _remove(self, key: BankKey) -> BankEntry:
-        entry = self._entries.pop(key)
+        entry = self._table.remove(key)
         if entry.tier == DISK:
-            self.disk.remove(key)  # type: ignore[union-attr]  # disk entries exist only with a disk tier
-            return entry
-        self._policy.on_remove(key)
-        self._free.append(entry.slot)
-        self.bytes_used -= entry.nbytes
+            self._spill.remove(key)  # type: ignore[union-attr]  # disk entries exist only with a disk tier
         return entry
 
     def _evict(self, key: BankKey) -> None:
@@ -341,7 +198,7 @@ class Bank(DiskSpillMixin):
     def free(self, key: BankKey) -> bool:
         """Release ``key``'s slot. False if absent; ValueError if a transfer still pins it."""
         self._check_open()
-        entry = self._entries.get(key)
+        entry = self._table.get(key)
         if entry is None:
             return False
         if entry.pins:
@@ -354,21 +211,94 @@ class Bank(DiskSpillMixin):
         skipped, since a transfer still uses them. Returns how many were freed."""
         self._check_open()
         freed = 0
-        for key in [k for k in self._entries if predicate(k)]:
-            if self._entries[key].pins:
+        for key in [k for k in self._table.keys() if predicate(k)]:
+            if self._table.get(key).pins:  # type: ignore[union-attr]
                 logger.debug("free_where skipped pinned bank key %r", key)
                 continue
             self._remove(key)
             freed += 1
         return freed
 
+    # --- the disk tier -------------------------------------------------------------------------
+    def _spill_entry(self, key: BankKey) -> bool:
+        """Move a ready, unpinned host entry's payload to the disk tier. False without a disk tier
+        or when it has no room (the disk files it dropped meanwhile have left the bank)."""
+        if self._spill is None:
+            return False
+        entry = self._table.get(key)
+        stored, dropped = self._spill.put(key, self._payload(entry), can_evict=self._unpinned)
+        for gone in dropped:  # the disk tier made room: those entries leave the bank entirely
+            self._evict(gone)
+        if not stored:
+            return False
+        self._table.vacate(key)
+        entry.tier = DISK
+        return True
+
+    def _unpinned(self, key: BankKey) -> bool:
+        entry = self._table.get(key)
+        return entry is not None and entry.pins == 0
+
+    def is_resident(self, key: BankKey) -> bool:
+        """True when ``key``'s payload is in a slot (``view`` works)."""
+        return self._entry(key).tier != DISK
+
+    def spill(self, key: BankKey) -> bool:
+        """Move a ready, unpinned host entry to the disk tier now. False when there is no disk
+        tier, the entry is not resident, not ready or pinned, or the disk tier has no room."""
+        entry = self._entry(key)
+        if entry.tier == DISK or not entry.ready or entry.pins:
+            return False
+        return self._spill_entry(key)
+
+    def ensure_resident(self, key: BankKey) -> bool:
+        """Bring a spilled entry back into a slot (demoting a policy victim if the tier is full).
+
+        True when ``key`` is resident afterwards. False when there is no room right now (every
+        slot is unready or pinned), or when its file was missing or damaged: the entry is then
+        dropped from the bank (listeners are told, ``disk_errors`` counts it) rather than ever
+        serving wrong bytes.
+        """
+        entry = self._entry(key)
+        if entry.tier != DISK:
+            return True
+        if not self._table.can_free_a_slot():
+            return False  # no room right now: nothing was moved
+        # read and verified before anything moves: a damaged file must not cost a resident entry
+        data = self._empty_payload(entry.num_tokens)
+        if not self._spill.load(key, data):  # type: ignore[union-attr]
+            self._evict(key)
+            return False
+        with self._spill.protecting(key):  # type: ignore[union-attr]  # spilling a victim may drop disk files
+            if not self._make_room():
+                return False
+        slot = self._table.occupy(key)
+        self._slab[slot, :, :, : entry.num_tokens].copy_(data)
+        entry.tier = self.tier
+        self._spill.restored(key)  # type: ignore[union-attr]
+        return True
+
+    def read_payload(self, key: BankKey) -> torch.Tensor:
+        """A contiguous CPU copy ``[num_layers, 2, num_tokens, H, D]`` (bank dtype) of ``key``'s
+        payload from whichever tier holds it; the entry does not move. ``DiskTierError`` if its
+        file is damaged."""
+        entry = self._entry(key)
+        if entry.tier != DISK:
+            return self.view(key).to("cpu", copy=True).contiguous()
+        out = self._empty_payload(entry.num_tokens)
+        self._spill.read(key, out)  # type: ignore[union-attr]
+        return out
+
+    def _empty_payload(self, num_tokens: int) -> torch.Tensor:
+        return torch.empty(self.layout.payload_shape(num_tokens), dtype=self.dtype)
+
     # --- entry state ---------------------------------------------------------------------------
     def _entry(self, key: BankKey) -> BankEntry:
         self._check_open()
-        try:
-            return self._entries[key]
-        except KeyError:
-            raise KeyError(f"bank key {key!r} is not in the bank") from None
+        entry = self._table.get(key)
+        if entry is None:
+            raise KeyError(f"bank key {key!r} is not in the bank")
+        return entry
 
     def mark_ready(self, key: BankKey) -> None:
         """The entry's store finished: it may now be loaded and evicted (and, with a remote tier,
@@ -376,17 +306,14 @@ class Bank(DiskSpillMixin):
         entry = self._entry(key)
         entry.ready = True
         if self.remote is not None:
-            self.remote.write_entry(key, entry, self._slab[entry.slot, :, :, : entry.num_tokens])
+            self.remote.write_entry(key, entry, self._payload(entry))
 
     def touch(self, key: BankKey) -> None:
         """Record a retrieval of ``key`` (moves it to the young end of LRU, of its own tier)."""
         entry = self._entry(key)
-        self._clock += 1
-        entry.last_used = self._clock
+        self._table.touch(key)
         if entry.tier == DISK:
-            self.disk.touch(key)  # type: ignore[union-attr]
-        else:
-            self._policy.on_touch(key)
+            self._spill.touch(key)  # type: ignore[union-attr]
 
     def pin(self, key: BankKey) -> None:
         self._entry(key).pins += 1
@@ -398,16 +325,16 @@ class Bank(DiskSpillMixin):
         entry.pins -= 1
 
     def get(self, key: BankKey) -> BankEntry | None:
-        return self._entries.get(key)
+        return self._table.get(key)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._entries
+        return key in self._table
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._table)
 
     def keys(self) -> Iterator[BankKey]:
-        return iter(list(self._entries))
+        return iter(self._table.keys())
 
     def add_evict_listener(self, fn: Callable[[BankKey, BankEntry], None]) -> None:
         """Call ``fn(key, entry)`` after each eviction, i.e. when an entry leaves the bank without
@@ -415,6 +342,9 @@ class Bank(DiskSpillMixin):
         self._listeners.append(fn)
 
     # --- payload views -------------------------------------------------------------------------
+    def _payload(self, entry: BankEntry) -> torch.Tensor:
+        return self._slab[entry.slot, :, :, : entry.num_tokens]
+
     def slot_view(self, slot: int) -> torch.Tensor:
         """``[num_layers, 2, slot_tokens, H, D]`` view of one slot, bank dtype, bank device."""
         self._check_open()
@@ -428,7 +358,7 @@ class Bank(DiskSpillMixin):
         entry = self._entry(key)
         if entry.tier == DISK:
             raise NotResidentError(f"bank key {key!r} is on the disk tier: call ensure_resident(key) first")
-        return self._slab[entry.slot, :, :, : entry.num_tokens]
+        return self._payload(entry)
 
     def attach_remote(self, remote: RemoteTier) -> None:
         """Replace the remote tier (closing the previous one), e.g. with a rank's own tier; its
@@ -444,30 +374,7 @@ class Bank(DiskSpillMixin):
     def stats(self) -> dict:
         """Counters. ``bytes_used``/``capacity_bytes`` are the host/GPU tier's; ``entries`` and
         ``total_bytes_used`` cover every tier; ``tiers`` breaks them down per tier."""
-        disk_cap = self.disk.capacity_bytes if self.disk is not None else 0
-        disk_entries = len(self._entries) - self.host_entries
-        return {
-            "bytes_used": self.bytes_used,
-            "entries": len(self._entries),
-            "capacity_bytes": self.capacity_bytes,
-            "slot_bytes": self.slot_bytes,
-            "num_slots": self.num_slots,
-            "free_slots": len(self._free),
-            "evictions": self.evictions,
-            "tier": self.tier,
-            "pinned": self.pinned,
-            "total_bytes_used": self.total_bytes_used,
-            "disk_bytes_used": self.disk_bytes_used,
-            "disk_entries": disk_entries,
-            "spills": self.spills,
-            "restores": self.restores,
-            "disk_errors": self.disk_errors,
-            "tiers": {
-                self.tier: {"entries": self.host_entries, "bytes_used": self.bytes_used, "capacity_bytes": self.capacity_bytes},
-                DISK: {"entries": disk_entries, "bytes_used": self.disk_bytes_used, "capacity_bytes": disk_cap},
-            },
-            **({"remote": self.remote.stats()} if self.remote is not None else {}),
-        }
+        return bank_stats(self)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -482,17 +389,15 @@ class Bank(DiskSpillMixin):
         transfers finished). Idempotent; any later use raises ``RuntimeError``."""
         if self._closed:
             return
-        pinned = sum(1 for e in self._entries.values() if e.pins)
+        pinned = sum(1 for e in self._table.values() if e.pins)
         if pinned:
             logger.warning("closing a bank with %d entries pinned by in-flight transfers", pinned)
         self._closed = True
-        self._entries.clear()
-        self._free.clear()
-        self.bytes_used = 0
+        self._table.clear()
         self._slab = None  # type: ignore[assignment]
         self._finalizer()
-        if self.disk is not None:
-            self.disk.close()
+        if self._spill is not None:
+            self._spill.close()
         if self.remote is not None:
             self.remote.close()
 
@@ -505,6 +410,6 @@ class Bank(DiskSpillMixin):
     def __repr__(self) -> str:
         return (
             f"Bank(tier={self.tier!r}, slots={self.num_slots} x {self.slot_bytes} B, "
-            f"entries={len(self._entries)}, bytes_used={self.bytes_used}, disk_bytes_used={self.disk_bytes_used}, "
+            f"entries={len(self._table)}, bytes_used={self.bytes_used}, disk_bytes_used={self.disk_bytes_used}, "
             f"eviction={self.eviction!r})"
         )

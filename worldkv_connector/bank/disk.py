@@ -30,7 +30,7 @@ import torch
 
 from worldkv_connector.config import WorldKVConfig
 
-__all__ = ["DiskTier", "DiskTierConfig", "DiskTierError", "DiskSpillMixin", "NotResidentError", "DISK"]
+__all__ = ["DiskTier", "DiskTierConfig", "DiskTierError", "NotResidentError", "DISK"]
 
 logger = logging.getLogger(__name__)
 
@@ -243,101 +243,3 @@ DISK = "disk"  # BankEntry.tier of an entry spilled to the disk tier
 
 class NotResidentError(RuntimeError):
     """The entry's payload is on the disk tier: ``ensure_resident(key)`` first."""
-
-
-class DiskSpillMixin:
-    """The bank's side of the disk tier: moving entries between a slot and a spill file.
-
-    Mixed into ``Bank`` (kept here so everything about the disk tier reads in one place); it uses
-    the bank's slab, entries, free list, policy and counters. Only ready, unpinned entries move;
-    the policy only ever knows resident keys (a spilled key leaves its order), and the disk tier
-    keeps its own LRU.
-    """
-
-    # provided by Bank
-    disk: "DiskTier | None"
-    _entries: dict
-    _free: list
-    _slab: torch.Tensor
-    _protected: Hashable | None
-
-    def _spill(self, key: Hashable) -> bool:
-        if self.disk is None:
-            return False
-        entry = self._entries[key]
-        stored, dropped = self.disk.put(key, self._slab[entry.slot, :, :, : entry.num_tokens], can_evict=self._disk_evictable)
-        for gone in dropped:  # the disk tier made room: those entries leave the bank entirely
-            self._evict(gone)
-        if not stored:
-            return False
-        self._policy.on_remove(key)
-        self._free.append(entry.slot)
-        self.bytes_used -= entry.nbytes
-        entry.slot, entry.tier = -1, DISK
-        self.spills += 1
-        logger.debug("bank spilled %r to disk (%d bytes)", key, entry.nbytes)
-        return True
-
-    def _disk_evictable(self, key: Hashable) -> bool:
-        entry = self._entries.get(key)
-        return entry is not None and entry.pins == 0 and key != self._protected
-
-    def is_resident(self, key: Hashable) -> bool:
-        """True when ``key``'s payload is in a slot (``view`` works)."""
-        return self._entry(key).tier != DISK
-
-    def spill(self, key: Hashable) -> bool:
-        """Move a ready, unpinned host entry to the disk tier now. False when there is no disk
-        tier, the entry is not resident, not ready or pinned, or the disk tier has no room."""
-        entry = self._entry(key)
-        if entry.tier == DISK or not entry.ready or entry.pins:
-            return False
-        return self._spill(key)
-
-    def ensure_resident(self, key: Hashable) -> bool:
-        """Bring a spilled entry back into a slot (demoting a policy victim if the tier is full).
-
-        True when ``key`` is resident afterwards. False when there is no room right now (every
-        slot is unready or pinned), or when its file was missing or damaged: the entry is then
-        dropped from the bank (listeners are told, ``disk_errors`` counts it) rather than ever
-        serving wrong bytes.
-        """
-        entry = self._entry(key)
-        if entry.tier != DISK:
-            return True
-        if not self._free and self._policy.choose_victim(self._entries) is None:
-            return False  # no room right now: nothing was moved
-        try:
-            # read and verified before anything moves: a damaged file must not cost a resident entry
-            data = self.read_payload(key)
-        except DiskTierError as exc:
-            self.disk_errors += 1
-            logger.warning("dropping bank entry %r: %s", key, exc)
-            self._evict(key)
-            return False
-        self._protected = key  # spilling a victim may evict disk entries: never this one
-        try:
-            if not self._make_room():
-                return False
-        finally:
-            self._protected = None
-        slot = self._free.pop()
-        self._slab[slot, :, :, : entry.num_tokens].copy_(data)
-        self.disk.remove(key)  # type: ignore[union-attr]
-        self._clock += 1
-        entry.slot, entry.tier, entry.last_used = slot, self.tier, self._clock
-        self.bytes_used += entry.nbytes
-        self._policy.on_insert(key)
-        self.restores += 1
-        return True
-
-    def read_payload(self, key: Hashable) -> torch.Tensor:
-        """A contiguous CPU copy ``[num_layers, 2, num_tokens, H, D]`` (bank dtype) of ``key``'s
-        payload from whichever tier holds it; the entry does not move. ``DiskTierError`` if its
-        file is damaged."""
-        entry = self._entry(key)
-        if entry.tier != DISK:
-            return self.view(key).to("cpu", copy=True).contiguous()
-        out = torch.empty((self.num_layers, 2, entry.num_tokens, self.num_kv_heads, self.head_dim), dtype=self.dtype)
-        self.disk.read(key, out)  # type: ignore[union-attr]
-        return out

@@ -6,9 +6,8 @@ Layout of a saved bank (a directory)::
     kv-<token>.safetensors per entry i: "e{i}.kv" [L, 2, T_i, H, D] (bank dtype) and, when the
                            entry has kept token ids, "e{i}.indices" [L, T_i] int64
 
-Keys are serialised as JSON: tuples become lists (keys are hashable, so they never hold lists and
-the reverse mapping is exact), ``bytes`` become ``{"bytes": hex}``; str, int, float, bool and None
-stay as they are. Any other key type is refused with a ``ValueError`` naming the key.
+Keys are serialised as JSON (``manifest.encode_key``); reading and checking the manifest is
+``manifest``'s part, the files and the saver's lock are ``files``'.
 
 Writes are atomic: the data file gets a fresh name, is written to a temporary file and renamed;
 the manifest (which names the data file) is written the same way last, so it is the commit point.
@@ -35,7 +34,7 @@ import secrets
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Hashable
+from typing import Hashable
 
 import numpy as np
 import torch
@@ -44,6 +43,8 @@ from worldkv_connector.bank.bank import Bank
 from worldkv_connector.bank.files import LOCK, BankLockedError, bank_lock
 from worldkv_connector.bank.files import bank_dir as _bank_dir
 from worldkv_connector.bank.files import clean_stale as _clean_stale
+from worldkv_connector.bank.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, check_compat, decode_key, encode_key,
+                                             manifest_shape, read_manifest, shape_record)
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.shapes import KVShape
 
@@ -51,12 +52,6 @@ __all__ = ["save_bank", "load_bank", "read_manifest", "verify_bank", "encode_key
            "FORMAT_VERSION", "BankLockedError", "bank_lock", "LOCK"]
 
 logger = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-FORMAT = "worldkv-bank"
-FORMAT_VERSION = 1
-_SHAPE_FIELDS = ("num_layers", "num_kv_heads", "head_dim", "dtype", "frame_tokens")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # KVShape.dtype names
 
 
 def _current_data_file(p: Path) -> set[str]:
@@ -66,35 +61,7 @@ def _current_data_file(p: Path) -> set[str]:
         return set()
 
 
-# --- keys ------------------------------------------------------------------------------------------
-def encode_key(key: Hashable) -> Any:
-    """JSON-able form of a bank key (tuples -> lists, bytes -> {"bytes": hex})."""
-    if key is None or isinstance(key, (str, bool, int, float)):
-        return key
-    if isinstance(key, tuple):
-        return [encode_key(k) for k in key]
-    if isinstance(key, bytes):
-        return {"bytes": key.hex()}
-    raise ValueError(f"bank key {key!r} of type {type(key).__name__} cannot be saved: "
-                     "keys must be str, int, float, bool, None, bytes or tuples of those")
-
-
-def decode_key(data: Any) -> Hashable:
-    """Inverse of ``encode_key``."""
-    if isinstance(data, list):
-        return tuple(decode_key(d) for d in data)
-    if isinstance(data, dict):
-        if set(data) != {"bytes"} or not isinstance(data["bytes"], str):
-            raise ValueError(f"saved key {data!r} is not a valid encoded key")
-        return bytes.fromhex(data["bytes"])
-    return data
-
-
 # --- helpers ---------------------------------------------------------------------------------------
-def _shape_record(kv_shape: KVShape) -> dict:
-    return {f: getattr(kv_shape, f) for f in _SHAPE_FIELDS}
-
-
 def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
 
@@ -200,7 +167,7 @@ def _save_locked(bank: Bank, out: Path, session_id, config: WorldKVConfig, kv_sh
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "fingerprint": config.fingerprint(),
-        "kv_shape": _shape_record(kv_shape),
+        "kv_shape": shape_record(kv_shape),
         "config": config.to_dict(),
         "session_id": session_id,
         "created_unix": time.time(),
@@ -215,100 +182,6 @@ def _save_locked(bank: Bank, out: Path, session_id, config: WorldKVConfig, kv_sh
         (out / previous).unlink()  # only after the new manifest committed
     logger.info("saved %d bank entries (%d bytes) to %s", len(records), manifest["total_bytes"], out)
     return manifest
-
-
-# --- read and verify -------------------------------------------------------------------------------
-def read_manifest(path: str | os.PathLike) -> dict:
-    """The manifest of the bank saved in directory ``path``, after checking its format and version.
-    FileNotFoundError if there is none; ValueError if it is not a WorldKV bank manifest."""
-    file = _bank_dir(path, create=False) / MANIFEST
-    if not file.is_file():
-        raise FileNotFoundError(f"{path}: no saved bank here ({MANIFEST} not found)")
-    try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{file}: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{file}: format={manifest.get('format') if isinstance(manifest, dict) else None!r}, "
-                         f"expected {FORMAT!r}")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{file}: version: saved {manifest.get('version')!r}, expected {FORMAT_VERSION}")
-    for name, kind in (("entries", list), ("kv_shape", dict), ("data_file", str), ("fingerprint", str)):
-        if not isinstance(manifest.get(name), kind):
-            raise ValueError(f"{file}: field {name!r} is missing or not a {kind.__name__}")
-    shape = manifest["kv_shape"]
-    for name in ("num_layers", "num_kv_heads", "head_dim", "frame_tokens"):
-        value = shape.get(name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{file}: kv_shape.{name}={value!r}: expected a positive int")
-    if shape.get("dtype") not in _DTYPES:
-        raise ValueError(f"{file}: kv_shape.dtype={shape.get('dtype')!r}: expected one of {sorted(set(_DTYPES))}")
-    seen: dict = {}
-    names: set = set()
-    for i, rec in enumerate(manifest["entries"]):
-        _check_record(file, i, rec, shape)
-        try:
-            key = decode_key(rec["key"])
-            hash(key)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"{file}: entry #{i} ({rec.get('name')!r}) key {rec['key']!r} is not a valid key ({exc})") from None
-        if key in seen:
-            raise ValueError(f"{file}: entries #{seen[key]} and #{i} have the same key {key!r}")
-        if rec["name"] in names:
-            raise ValueError(f"{file}: entry #{i}: name {rec['name']!r} is used twice")
-        seen[key] = i
-        names.add(rec["name"])
-    if Path(manifest["data_file"]).name != manifest["data_file"]:
-        raise ValueError(f"{file}: data_file {manifest['data_file']!r} must be a plain file name")
-    return manifest
-
-
-_RECORD = {"name": str, "num_tokens": int, "nbytes": int, "has_indices": bool, "sha256": str, "meta": dict}
-
-
-def _check_record(file: Path, i: int, rec: Any, shape: dict) -> None:
-    if not isinstance(rec, dict) or "key" not in rec:
-        raise ValueError(f"{file}: entry #{i} is not a record with a key")
-    for name, kind in _RECORD.items():
-        value = rec.get(name)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ValueError(f"{file}: entry #{i} ({rec.get('name')!r}) field {name!r}={value!r}: expected {kind.__name__}")
-    label = f"{file}: entry #{i} ({rec['name']!r})"
-    if rec["num_tokens"] < 1:
-        raise ValueError(f"{label}: num_tokens={rec['num_tokens']}: expected >= 1")
-    itemsize = torch.empty((), dtype=_DTYPES[shape["dtype"]]).element_size()
-    want = 2 * shape["num_layers"] * rec["num_tokens"] * shape["num_kv_heads"] * shape["head_dim"] * itemsize
-    if rec["nbytes"] != want:
-        raise ValueError(f"{label}: nbytes={rec['nbytes']} does not match num_tokens={rec['num_tokens']} and the "
-                         f"kv_shape ({want} bytes)")
-    pose = rec.get("pose")
-    if pose is not None:
-        try:
-            arr = np.asarray(pose, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise ValueError(f"{label}: pose is not a numeric array") from None
-        if arr.ndim not in (2, 3) or arr.shape[-2:] != (4, 4):
-            raise ValueError(f"{label}: pose of shape {list(arr.shape)}, expected [4, 4] or [F, 4, 4]")
-        if not np.isfinite(arr).all():
-            raise ValueError(f"{label}: pose holds NaN or inf: not a finite number")
-
-
-def _check_compat(manifest: dict, config: WorldKVConfig, kv_shape: KVShape) -> None:
-    if manifest["fingerprint"] != config.fingerprint():
-        raise ValueError(f"fingerprint: saved {manifest['fingerprint']}, expected {config.fingerprint()} "
-                         "(the bank was saved with different frames_per_chunk/keep_ratio/pooled/page_size)")
-    want = _shape_record(kv_shape)
-    for name in _SHAPE_FIELDS:
-        saved = manifest["kv_shape"].get(name)
-        if saved != want[name]:
-            extra = manifest.get("extra") if isinstance(manifest.get("extra"), dict) else {}
-            saved_model = extra.get("model") if isinstance(extra.get("model"), str) else None
-            if saved_model is not None and saved_model == kv_shape.name:  # same model, other dtype or layout
-                why = f"the bank was saved for {saved_model!r} with another KV {name} (e.g. another --dtype)"
-            else:
-                model = f" ({saved_model!r})" if saved_model is not None else ""
-                why = f"the bank was saved for another model{model} than {kv_shape.name!r}, whose KV it cannot hold"
-            raise ValueError(f"kv_shape.{name}: saved {saved!r}, expected {want[name]!r}: {why}")
 
 
 def _damaged_names(data: Path) -> str:
@@ -366,14 +239,6 @@ def _verified(f, rec: dict, kv_shape: KVShape | None) -> tuple[torch.Tensor, tor
     return kv, indices
 
 
-def _manifest_shape(manifest: dict) -> KVShape:
-    """The KV shape a manifest declares (checked by read_manifest), to verify tensors against."""
-    s = manifest["kv_shape"]
-    name = (manifest.get("extra") or {}).get("kv_shape") if isinstance(manifest.get("extra"), dict) else None
-    return KVShape(name=str(name or "saved"), num_layers=s["num_layers"], num_kv_heads=s["num_kv_heads"],
-                   head_dim=s["head_dim"], dtype=s["dtype"], frame_tokens=s["frame_tokens"])
-
-
 def verify_bank(path: str | os.PathLike) -> list[str]:
     """Check every entry of a saved bank against its checksum without loading it into a bank.
     Returns the problems found (empty when the bank is intact); each names the entry or file."""
@@ -384,7 +249,7 @@ def verify_bank(path: str | os.PathLike) -> list[str]:
     except ValueError as exc:
         return [str(exc)]
     problems = []
-    shape = _manifest_shape(manifest)
+    shape = manifest_shape(manifest)
     with handle as f:
         for rec in manifest["entries"]:  # keep going after a bad entry: report every damaged one
             try:
@@ -409,7 +274,7 @@ def load_bank(path: str | os.PathLike, bank: Bank, *, config: WorldKVConfig, kv_
             _clean_stale(p, _current_data_file(p))
     except (BankLockedError, OSError, ValueError):
         pass
-    _check_compat(manifest, config, kv_shape)
+    check_compat(manifest, config, kv_shape)
     _check_bank_shape(bank, kv_shape)
     keys = []
     for rec in manifest["entries"]:

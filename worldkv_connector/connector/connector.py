@@ -190,10 +190,13 @@ class WorldKVConnector(VideoKVConnector):
     def get_finished(self, finished_req_ids: set) -> tuple[set | None, set | None]:
         """Poll the copies; hand the report to the scheduler half. Returns (store keys that ended
         and finished sessions whose stores all ended, load keys that completed)."""
-        done, loads_done = self._collect(finished_req_ids)
+        done, loads_done = self.collect(finished_req_ids)
         return (done or None), (set(loads_done) or None)
 
-    def _collect(self, finished_req_ids: set | None) -> tuple[set, list[ChunkKey]]:
+    def collect(self, finished_req_ids: set | None = None) -> tuple[set, list[ChunkKey]]:
+        """Poll the worker's copies and hand the report to the scheduler half: completed stores
+        become ready entries, ended sessions are released. Returns (store keys that ended and
+        finished sessions whose stores all ended, load keys that completed)."""
         report = self.worker.poll()
         self.scheduler.update_connector_output(report)
         done = self.scheduler.finished(finished_req_ids)

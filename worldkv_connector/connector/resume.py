@@ -46,7 +46,7 @@ def save_connector_bank(connector, path: str | os.PathLike, session_id: str | No
     deadline = time.monotonic() + timeout_s
     while True:
         connector.worker.transfer.wait_all()  # the data must be in the bank before it is read
-        connector._collect(None)  # completed stores become ready entries
+        connector.collect()  # completed stores become ready entries
         pending = connector.scheduler.pending_stores(session_id)
         if not pending or time.monotonic() >= deadline:
             break
