@@ -60,6 +60,10 @@ def test_the_built_in_policies_build_themselves_from_the_config():
     fov = POLICIES.get("fov").from_config(config)
     assert (fov.fov_degrees, fov.near, fov.far) == (50.0, 0.3, 3.0)
     assert POLICIES.get("pose").from_config(config) == POLICIES.get("pose")()
+    index = PoseIndex(fov)  # an instance is used as is, under its registered name
+    assert index.policy is fov and index.policy_name == "fov"
+    with pytest.raises(ValueError, match=r"policy_kwargs \['near'\] are for a policy name"):
+        PoseIndex(fov, near=1.0)
 
 
 def test_a_registered_eviction_and_compression_are_valid_config_names():

@@ -118,7 +118,7 @@ class PoseIndex:
     mean of its frames' poses (``chunk_mean_pose``).
     """
 
-    def __init__(self, policy="pose", **policy_kwargs) -> None:
+    def __init__(self, policy: str | object = "pose", **policy_kwargs) -> None:
         if isinstance(policy, str):
             self.policy_name = policy
             self.policy = get_policy(policy, **policy_kwargs)
