@@ -151,14 +151,6 @@ def test_bench_imports_nothing_from_cli():
     assert bad == [], "bench imports the cli:\n" + "\n".join(bad)
 
 
-# Files still over the limit on this branch because another change splits them (bank/ and the
-# retrieval modules): the merge of those changes empties this set.
-PENDING_SPLIT = {
-    "worldkv_connector/bank/bank.py",
-    "worldkv_connector/bank/persist.py",
-    "worldkv_connector/poses.py",
-    "worldkv_connector/policies.py",
-}
 MAX_LINES = 420  # STYLE.md: "aim for files under about 400 lines"
 
 
@@ -183,7 +175,5 @@ def test_every_package_exports_its_entry_points_with_all():
 
 def test_no_shipped_file_is_over_the_limit():
     sizes = _shipped_files()
-    too_long = sorted(f"{path}: {n} lines" for path, n in sizes.items() if n > MAX_LINES and path not in PENDING_SPLIT)
+    too_long = sorted(f"{path}: {n} lines" for path, n in sizes.items() if n > MAX_LINES)
     assert too_long == [], f"files over {MAX_LINES} lines (split them by role):\n" + "\n".join(too_long)
-    done = sorted(path for path in PENDING_SPLIT if sizes.get(path, 0) <= MAX_LINES)
-    assert done == [], "split or gone: remove from PENDING_SPLIT:\n" + "\n".join(done)

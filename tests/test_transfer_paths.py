@@ -6,7 +6,7 @@ from worldkv_connector.bank import Bank
 from worldkv_connector import cuda_copy
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.transfer import (
-    PathOptions, TransferEngine, choose_path, page_fragments, plan_fragments,
+    PATHS, PathOptions, TransferEngine, choose_path, page_fragments, plan_fragments,
 )
 from worldkv_connector.transfer.paths import kernel_fragments
 from worldkv_connector.transfer.runs import plan_runs
@@ -69,6 +69,17 @@ def test_fallbacks_when_a_mechanism_is_missing():
     assert choose_path([], GPU_ALL, host_pinned=True, host_mapped=True) == "dma-batch"
     # without CUDA there is one path whatever the sizes
     assert choose_path(small, PathOptions("cpu"), host_pinned=False, host_mapped=False) == "cpu-sync"
+
+
+def test_every_chosen_path_is_a_registered_name_and_the_engine_counts_each():
+    sizes = ([4 * KIB] * 10, [64 * KIB] * 10, [])
+    options = (GPU_ALL, PathOptions("cuda"), PathOptions("cuda", batch_dma=True), PathOptions("cpu"))
+    chosen = {choose_path(s, o, host_pinned=p, host_mapped=p) for s in sizes for o in options for p in (True, False)}
+    assert chosen == set(PATHS) == {"cpu-sync", "dma-batch", "dma-loop", "sm-kernel"}
+    assert PATHS.get("sm-kernel")  # each name says what the path is
+    with pytest.raises(ValueError, match=r"unknown copy path 'dma': choose one of \['cpu-sync'"):
+        PATHS.get("dma")
+    assert set(TransferEngine(device="cpu").stats()["paths"]) == set(PATHS)
 
 
 def test_path_options_and_engine_knobs_are_validated():

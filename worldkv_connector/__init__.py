@@ -16,8 +16,7 @@ The video backend lives in ``worldkv_connector.integration.video``; the connecto
 from worldkv_connector.bank import Bank
 from worldkv_connector.compression import compress_chunk
 from worldkv_connector.config import WorldKVConfig, kept_tokens_per_chunk
-from worldkv_connector.index import PoseIndex
-from worldkv_connector.poses import integrate_actions, parse_trajectory, validate_poses
+from worldkv_connector.retrieval import PoseIndex, integrate_actions, parse_trajectory, validate_poses
 from worldkv_connector.shapes import PRESETS, KVShape, get_preset
 from worldkv_connector.transfer import TransferEngine
 

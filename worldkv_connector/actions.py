@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from worldkv_connector.poses import VAE_TEMPORAL_STRIDE, _positive, integrate_actions, resample_video_poses
+from worldkv_connector.retrieval.poses import VAE_TEMPORAL_STRIDE, _positive, resample_video_poses
+from worldkv_connector.retrieval.trajectory import integrate_actions
 
 __all__ = ["MOUSE_DEGREES", "action_poses", "load_actions"]
 

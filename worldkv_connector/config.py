@@ -17,6 +17,8 @@ from typing import Any, Mapping
 
 from worldkv_connector.compression import COMPRESSIONS, kept_tokens_per_chunk
 from worldkv_connector.machine import available_host_memory
+from worldkv_connector.registry import Registry
+from worldkv_connector.retrieval.policy import POLICIES
 
 __all__ = ["WorldKVConfig", "kept_tokens_per_chunk", "default_bank_bytes", "AUTO_BANK_SHARE"]
 
@@ -63,7 +65,7 @@ class WorldKVConfig:
     sink_frames: int = 3  # latent frames kept at the start of the window, never retrieval candidates
     recent_frames: int = 6  # latent frames of the sliding recent window, never retrieval candidates
     frames_per_chunk: int = 3  # latent frames generated per chunk
-    policy: str = "pose"  # retrieval scoring policy: "pose" (WorldKV score) or "fov"
+    policy: str = "pose"  # registered retrieval scoring policy: "pose" (WorldKV score) or "fov"
     fov_degrees: float = 90.0  # horizontal field of view used by the "fov" policy
     fov_near: float = 0.1  # depth range sampled by the "fov" policy
     fov_far: float = 10.0
@@ -79,7 +81,7 @@ class WorldKVConfig:
     bank: str = "cpu"  # tier of the bank: "cpu" (pinned host memory when CUDA exists) or "gpu"
     # capacity of that tier in bytes; None (the default): a share of the machine (default_bank_bytes)
     bank_bytes: int | None = None
-    eviction: str = "lru"  # bank eviction policy when full: "lru" (least recently retrieved)
+    eviction: str = "lru"  # registered bank eviction policy when full: "lru" (least recently retrieved) or "fifo"
     bank_dir: str | None = None  # optional disk tier directory for entries spilled from a full bank
     disk_bytes: int = 64 * _GiB  # capacity of the disk tier in bytes
     # --- transfers ----------------------------------------------------------------------
@@ -103,9 +105,7 @@ class WorldKVConfig:
         "copy_kernel_threshold_bytes": (0, 1 << 40),
     }
     _CHOICES = {
-        "policy": ("pose", "fov"),
         "bank": ("cpu", "gpu"),
-        "eviction": ("lru", "fifo"),
     }
 
     def __post_init__(self) -> None:
@@ -122,13 +122,14 @@ class WorldKVConfig:
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"WorldKVConfig.{name}={value!r} is not allowed: choose one of {list(allowed)}")
+        for name, registry in _name_registries().items():  # a registered class is a valid name
+            registry.check(getattr(self, name), f"WorldKVConfig.{name}")
         for name in ("sink_frames", "recent_frames"):
             value = getattr(self, name)
             if value % self.frames_per_chunk:
                 raise ValueError(
                     f"WorldKVConfig.{name}={value} must be a multiple of frames_per_chunk={self.frames_per_chunk}"
                 )
-        COMPRESSIONS.check(self.compression, "WorldKVConfig.compression")
         if self.fov_far <= self.fov_near:
             raise ValueError(f"WorldKVConfig.fov_far={self.fov_far} must be greater than fov_near={self.fov_near}")
         if self.remote is not None:
@@ -196,6 +197,14 @@ class WorldKVConfig:
             keys += ("compression",)
         blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _name_registries() -> dict[str, Registry]:
+    """Config field -> the registry its value must name."""
+    # imported here, not at the top: the bank package imports this module (Bank takes a config)
+    from worldkv_connector.bank.eviction import EVICTIONS
+
+    return {"policy": POLICIES, "eviction": EVICTIONS, "compression": COMPRESSIONS}
 
 
 _TYPES = {"int": (int,), "float": (float, int), "bool": (bool,), "str": (str,), "str | None": (str, type(None)),

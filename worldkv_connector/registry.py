@@ -39,6 +39,10 @@ class Registry(Generic[T]):
 
         return add
 
+    def unregister(self, name: str) -> None:
+        """Drop ``name`` if registered (a test's or a plug-in's own entry; the built-ins stay)."""
+        self._items.pop(name, None)
+
     def get(self, name: str) -> T:
         try:
             return self._items[name]

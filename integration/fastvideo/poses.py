@@ -5,7 +5,7 @@
   conditioning; ``lingbot_latent_poses`` does the same resampling but keeps them absolute.
 - Matrix-Game-2 only has actions: keyboard ``[T, 4]`` (W, S, A, D) and mouse ``[T, 2]`` (pitch,
   yaw) per video frame; ``matrixgame2_latent_poses`` integrates them into poses
-  (``worldkv_connector.poses.integrate_actions``, the paper's action-based retrieval).
+  (``worldkv_connector.retrieval.integrate_actions``, the paper's action-based retrieval).
 - CausalWan (Self-Forcing / CausVid) has no camera: every chunk gets the identity unless the
   user gives poses.
 
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from worldkv_connector.poses import integrate_actions, validate_poses
+from worldkv_connector.retrieval.poses import validate_poses
+from worldkv_connector.retrieval.trajectory import integrate_actions
 
 __all__ = ["matrixgame2_latent_poses", "lingbot_latent_poses", "VAE_STRIDE"]
 

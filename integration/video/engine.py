@@ -33,7 +33,8 @@ from worldkv_connector.integration.video.scheduler import (
 )
 from worldkv_connector.integration.video.block_manager import KVCacheOutOfPages
 from worldkv_connector.actions import action_poses
-from worldkv_connector.poses import chunk_mean_pose, trajectory_poses, validate_poses
+from worldkv_connector.retrieval.poses import chunk_mean_pose, validate_poses
+from worldkv_connector.retrieval.trajectory import trajectory_poses
 
 __all__ = ["VideoEngine", "mean_pose_matrix", "resolve_window", "check_kv_capacity"]
 

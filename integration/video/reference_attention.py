@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from worldkv_connector.compression import compress_chunk
 from worldkv_connector.config import WorldKVConfig
-from worldkv_connector.index import PoseIndex
+from worldkv_connector.retrieval import PoseIndex
 from worldkv_connector.integration.video.attention import PagedAttention, WindowPlan, write_current_kv
 from worldkv_connector.rope import rotate_temporal
 

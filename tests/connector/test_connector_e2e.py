@@ -13,7 +13,8 @@ from worldkv_connector.integration.video import VideoEngine
 from worldkv_connector.integration.video.model_runner import RowInput
 from worldkv_connector.integration.video.scheduler import CONNECTOR_OWNER, EVICTED_OWNER
 from worldkv_connector.kernels.paged_attention import paged_attention_torch
-from worldkv_connector.poses import chunk_poses, parse_trajectory, trajectory_poses
+from worldkv_connector.retrieval.poses import chunk_poses
+from worldkv_connector.retrieval.trajectory import parse_trajectory, trajectory_poses
 from worldkv_connector.rope import rotate_temporal
 from worldkv_connector.transfer import TransferEngine
 

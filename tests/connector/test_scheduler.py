@@ -11,7 +11,8 @@ from worldkv_connector.connector import resolve_config
 from worldkv_connector.connector.meta import StoreResult, WorkerReport
 from worldkv_connector.connector.scheduler import WorldKVScheduler
 from worldkv_connector.connector.api import ChunkRequest, CommittedChunk, EngineView, SchedulerOutput
-from worldkv_connector.poses import chunk_poses, parse_trajectory
+from worldkv_connector.retrieval.poses import chunk_poses
+from worldkv_connector.retrieval.trajectory import parse_trajectory
 from worldkv_connector.shapes import PRESETS
 
 FT, PS = 16, 16  # tokens per frame, page size: a whole chunk is 3 pages

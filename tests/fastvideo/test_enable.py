@@ -17,8 +17,8 @@ from worldkv_connector.integration.fastvideo import (
     FastVideoWorldKVConfig, disable_worldkv, enable_worldkv, install_in_worker, lingbot_latent_poses, worldkv_binding,
 )
 from worldkv_connector.integration.fastvideo.adapter import _lingbot_poses
-from worldkv_connector.index import PoseIndex
-from worldkv_connector.poses import yaw_matrix
+from worldkv_connector.retrieval.index import PoseIndex
+from worldkv_connector.retrieval.poses import yaw_matrix
 
 
 class _Pipeline:

@@ -13,7 +13,7 @@ import torch
 import fastvideo_drive as drive
 import fastvideo_tiny as tiny
 from worldkv_connector.integration.fastvideo import enable_worldkv, worldkv_binding
-from worldkv_connector.poses import yaw_matrix
+from worldkv_connector.retrieval.poses import yaw_matrix
 
 VIDEO_FRAMES = 73  # -> 19 latent frames -> 18 = 6 chunks
 

@@ -10,9 +10,9 @@ import torch
 
 import fastvideo_drive as drive
 import fastvideo_tiny as tiny
-from worldkv_connector.index import PoseIndex
+from worldkv_connector.retrieval.index import PoseIndex
 from worldkv_connector.integration.fastvideo import enable_worldkv, worldkv_binding
-from worldkv_connector.poses import yaw_matrix
+from worldkv_connector.retrieval.poses import yaw_matrix
 
 YAW_SPEED = 20.0  # degrees per mouse unit per video frame
 RIGHT, LEFT = 6, 10  # chunks turning right, then left (back past the start)

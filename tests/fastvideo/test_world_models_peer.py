@@ -22,7 +22,8 @@ from worldkv_connector.integration.video import VideoEngine
 from worldkv_connector.integration.video.checkpoint import load_checkpoint, save_checkpoint
 from worldkv_connector.integration.video.models import build_model
 from worldkv_connector.integration.video.model_config import get_model_config
-from worldkv_connector.poses import parse_trajectory, resample_video_poses
+from worldkv_connector.retrieval.poses import resample_video_poses
+from worldkv_connector.retrieval.trajectory import parse_trajectory
 
 TOL = 1e-4
 MG2, LB = get_model_config("tiny-mg2"), get_model_config("tiny-lingbot")

@@ -10,7 +10,7 @@ import torch
 
 from worldkv_connector.testing import FaultyTransferEngine
 from worldkv_connector.integration.video import VideoEngine
-from worldkv_connector.poses import trajectory_poses
+from worldkv_connector.retrieval.trajectory import trajectory_poses
 
 PS = 20
 N = 30  # chunks per session

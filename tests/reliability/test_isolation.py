@@ -19,7 +19,8 @@ from worldkv_connector.integration.video import VideoEngine
 from worldkv_connector.connector.api import (
     ChunkRequest, CommittedChunk, EngineView, SchedulerOutput,
 )
-from worldkv_connector.poses import chunk_poses, parse_trajectory
+from worldkv_connector.retrieval.poses import chunk_poses
+from worldkv_connector.retrieval.trajectory import parse_trajectory
 from worldkv_connector.shapes import PRESETS
 
 PS = 20  # page size: a whole tiny chunk (48 tokens) is 3 pages, a compressed one (keep 0.5: 32) 2

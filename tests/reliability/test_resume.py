@@ -24,7 +24,7 @@ COMMON = textwrap.dedent(f"""
     import torch
     from safetensors.torch import save_file
     from worldkv_connector.integration.video import VideoEngine
-    from worldkv_connector.poses import trajectory_poses
+    from worldkv_connector.retrieval.trajectory import trajectory_poses
 
     torch.set_num_threads(1)
     out = sys.argv[1]

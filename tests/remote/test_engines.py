@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from worldkv_connector.integration.video import VideoEngine
-from worldkv_connector.poses import parse_trajectory
+from worldkv_connector.retrieval.trajectory import parse_trajectory
 from worldkv_connector.remote import RemoteWriterError
 
 PS = 20
@@ -37,7 +37,7 @@ COMMON = textwrap.dedent(f"""
     import torch
     from safetensors.torch import save_file
     from worldkv_connector.integration.video import VideoEngine
-    from worldkv_connector.poses import parse_trajectory
+    from worldkv_connector.retrieval.trajectory import parse_trajectory
 
     torch.set_num_threads(1)
     out, remote = sys.argv[1], json.loads(sys.argv[2])

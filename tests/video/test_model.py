@@ -285,7 +285,7 @@ def test_plucker_rays_geometry():
 
 
 def _np_pose(yaw, t):
-    from worldkv_connector.poses import yaw_matrix
+    from worldkv_connector.retrieval.poses import yaw_matrix
 
     p = np.eye(4)
     p[:3, :3], p[:3, 3] = yaw_matrix(yaw), t

@@ -14,7 +14,7 @@ from worldkv_connector.integration.video import VideoEngine
 from worldkv_connector.integration.video.attention import Segment, WindowPlan
 from worldkv_connector.connector.api import CommittedChunk
 from worldkv_connector.integration.video.recall import RecallTracker, attention_mass, recall_summary, revisit_sources
-from worldkv_connector.poses import yaw_matrix
+from worldkv_connector.retrieval.poses import yaw_matrix
 
 
 def test_attention_mass_by_hand():

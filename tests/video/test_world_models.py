@@ -17,7 +17,7 @@ from worldkv_connector.integration.video.attention import Segment, WindowPlan
 from worldkv_connector.connector.api import CommittedChunk
 from worldkv_connector.integration.video.models.action_cache import ActionKVStore
 from worldkv_connector.actions import action_poses, load_actions
-from worldkv_connector.poses import yaw_pitch_degrees
+from worldkv_connector.retrieval.poses import yaw_pitch_degrees
 
 
 def _plan(rows):

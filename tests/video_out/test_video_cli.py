@@ -14,7 +14,7 @@ from worldkv_connector.cli import main
 from worldkv_connector.cli.video_outputs import VideoOutputs, add_video_arguments
 from worldkv_connector.cli.video_writers import Mp4Writer, read_mp4
 from worldkv_connector.integration.video.model_config import get_model_config
-from worldkv_connector.poses import parse_trajectory
+from worldkv_connector.retrieval.trajectory import parse_trajectory
 
 
 def run_cli(capsys, *argv):

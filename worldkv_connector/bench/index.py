@@ -15,9 +15,8 @@ import time
 
 import numpy as np
 
-from worldkv_connector.index import PoseIndex
-from worldkv_connector.policies import POLICIES
-from worldkv_connector.poses import pitch_matrix, yaw_matrix
+from worldkv_connector.retrieval import POLICIES, PoseIndex
+from worldkv_connector.retrieval.poses import pitch_matrix, yaw_matrix
 
 __all__ = ["HELP", "add_arguments", "run", "random_chunk_poses"]
 

@@ -157,7 +157,7 @@ def _verify(args: argparse.Namespace) -> int:
 # --- save -----------------------------------------------------------------------------------------
 def _save(args: argparse.Namespace) -> int:
     from worldkv_connector.config import WorldKVConfig
-    from worldkv_connector.poses import trajectory_poses
+    from worldkv_connector.retrieval.trajectory import trajectory_poses
 
     if not isinstance(args.num_chunks, int) or args.num_chunks < 1:
         raise ValueError(f"--num-chunks {args.num_chunks}: expected an int >= 1")
@@ -208,7 +208,7 @@ def _save_synthetic(args, config, shape, frames: np.ndarray, extra: dict) -> dic
     from worldkv_connector.bank import Bank
     from worldkv_connector.compression import compress_chunk
     from worldkv_connector.bank.persist import save_bank
-    from worldkv_connector.poses import chunk_poses
+    from worldkv_connector.retrieval.poses import chunk_poses
 
     kept = config.kept_tokens(shape.frame_tokens)
     poses = chunk_poses(frames, shape.frames_per_chunk, args.num_chunks)  # [C, F, 4, 4]

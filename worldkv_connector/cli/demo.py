@@ -90,7 +90,7 @@ def _rollout(mode: str, args: argparse.Namespace, poses: np.ndarray) -> dict:
     from tqdm import tqdm
 
     from worldkv_connector.integration.video.engine import VideoEngine
-    from worldkv_connector.poses import yaw_pitch_degrees
+    from worldkv_connector.retrieval.poses import yaw_pitch_degrees
 
     with VideoEngine(_mode_args(mode, args)) as engine:
         engine.add_session("demo", poses=poses, num_chunks=args.num_chunks, seed=args.seed)
@@ -219,7 +219,7 @@ def _plot(path: str, runs: dict, title: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from worldkv_connector.integration.video.model_config import get_model_config
-    from worldkv_connector.poses import trajectory_poses
+    from worldkv_connector.retrieval.trajectory import trajectory_poses
 
     if args.num_chunks is not None and args.num_chunks < 1:
         raise ValueError(f"--num-chunks {args.num_chunks}: expected >= 1")

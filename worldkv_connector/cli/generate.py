@@ -144,7 +144,7 @@ PER_CHUNK_HEADER = f"{'session':>8} {'chunk':>5} {'x':>7} {'z':>7} {'yaw':>7}  {
 def per_chunk_row(r) -> str:
     """One ``--per-chunk`` row of a ChunkResult: where the camera was (mean pose of the chunk,
     yaw in degrees) and which banked chunks the connector put back into its window."""
-    from worldkv_connector.poses import yaw_pitch_degrees
+    from worldkv_connector.retrieval.poses import yaw_pitch_degrees
 
     pose = np.asarray(r.pose, dtype=np.float64)
     yaw = float(yaw_pitch_degrees(pose[None])[0][0])
@@ -225,7 +225,8 @@ def _check_inputs(args: argparse.Namespace):
     from worldkv_connector.integration.video.engine import check_kv_capacity
     from worldkv_connector.integration.video.engine_args import MAX_CHUNKS
     from worldkv_connector.integration.video.model_config import get_model_config
-    from worldkv_connector.poses import trajectory_poses, validate_poses
+    from worldkv_connector.retrieval.poses import validate_poses
+    from worldkv_connector.retrieval.trajectory import trajectory_poses
 
     if not 1 <= args.sessions <= 1024:
         raise ValueError(f"--sessions {args.sessions}: allowed 1 <= sessions <= 1024")

@@ -23,7 +23,7 @@ import numpy as np
 
 from worldkv_connector.bank import persist
 from worldkv_connector.connector.meta import ChunkKey
-from worldkv_connector.poses import validate_poses
+from worldkv_connector.retrieval.poses import validate_poses
 
 __all__ = ["save_connector_bank", "load_connector_bank"]
 

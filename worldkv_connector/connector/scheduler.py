@@ -43,7 +43,7 @@ import numpy as np
 
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.connector.meta import ChunkKey, LoadSpec, RopeDelta, StoreSpec, WorkerReport, WorldKVMetadata
-from worldkv_connector.index import PoseIndex
+from worldkv_connector.retrieval import PoseIndex
 from worldkv_connector.connector.api import ChunkRequest, ExternalChunk, SchedulerOutput
 from worldkv_connector.metrics import ConnectorMetrics
 

@@ -21,7 +21,7 @@ import logging
 
 import torch
 
-from worldkv_connector.poses import validate_poses
+from worldkv_connector.retrieval.poses import validate_poses
 
 __all__ = ["resume_remote", "TierIO"]
 

@@ -22,13 +22,19 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from worldkv_connector.registry import Registry
 from worldkv_connector.transfer.runs import Run
 
 __all__ = ["PATHS", "PathOptions", "choose_path", "median_run_bytes", "host_device_pointers", "kernel_fragments"]
 
 logger = logging.getLogger(__name__)
 
-PATHS = ("cpu-sync", "dma-batch", "dma-loop", "sm-kernel")
+# the paths by name, each with what it is (``choose_path`` picks one per job; job.path holds its name)
+PATHS: Registry[str] = Registry("copy path")
+PATHS.register("cpu-sync")("no CUDA: one synchronous copy_ per run")
+PATHS.register("dma-batch")("the copy engines through one cuMemcpyBatchAsync (pinned host memory)")
+PATHS.register("dma-loop")("one async copy_ per run (old driver, pageable host memory)")
+PATHS.register("sm-kernel")("one CUDA kernel over the descriptor table (mapped pinned host memory, small runs)")
 DEFAULT_KERNEL_THRESHOLD = 28 * 1024  # DESIGN §2: batched DMA collapses under ~28 KiB fragments
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from worldkv_connector.poses import parse_trajectory
+from worldkv_connector.retrieval.trajectory import parse_trajectory
 from worldkv_connector.world.panorama import yaw_pose
 
 __all__ = ["TrajectoryConfig", "sample_training_poses", "REVISIT_TRAJECTORIES", "revisit_poses", "yaw_poses_torch"]

@@ -8,17 +8,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worldkv_connector.poses import (
+from worldkv_connector.retrieval.poses import (
     chunk_mean_pose,
     chunk_poses,
-    integrate_actions,
-    parse_trajectory,
     pitch_matrix,
     pose_for_frames,
     validate_poses,
     yaw_matrix,
     yaw_pitch_degrees,
 )
+from worldkv_connector.retrieval.trajectory import integrate_actions, parse_trajectory
 
 
 def _pose(yaw=0.0, pitch=0.0, t=(0.0, 0.0, 0.0)) -> np.ndarray:

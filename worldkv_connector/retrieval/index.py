@@ -10,8 +10,8 @@ from typing import Iterable
 
 import numpy as np
 
-from worldkv_connector.poses import chunk_mean_pose, validate_poses
-from worldkv_connector.policies import get_policy, orthonormalize
+from worldkv_connector.retrieval.policy import POLICIES, get_policy, orthonormalize
+from worldkv_connector.retrieval.poses import chunk_mean_pose, validate_poses
 
 __all__ = ["PoseIndex"]
 
@@ -112,24 +112,29 @@ def _check_session(session_id) -> str:
 class PoseIndex:
     """Chunk poses per session with top-k retrieval by a registered scoring policy.
 
-    policy: a name in ``worldkv_connector.policies.POLICIES`` (``"pose"``: the WorldKV distance,
-    ``"fov"``: frustum overlap); ``policy_kwargs`` go to its constructor.
+    policy: a name in ``worldkv_connector.retrieval.POLICIES`` (``"pose"``: the WorldKV distance,
+    ``"fov"``: frustum overlap), built with ``policy_kwargs``; or a policy instance, used as is.
     Poses are camera-to-world ``[F, 4, 4]`` float (OpenCV axes); a chunk is labelled with the
     mean of its frames' poses (``chunk_mean_pose``).
     """
 
-    def __init__(self, policy: str = "pose", **policy_kwargs) -> None:
-        self.policy_name = policy
-        self.policy = get_policy(policy, **policy_kwargs)
+    def __init__(self, policy: str | object = "pose", **policy_kwargs) -> None:
+        if isinstance(policy, str):
+            self.policy_name = policy
+            self.policy = get_policy(policy, **policy_kwargs)
+        else:
+            if policy_kwargs:
+                raise ValueError(f"policy_kwargs {sorted(policy_kwargs)} are for a policy name, not an instance")
+            self.policy_name = getattr(type(policy), "name", type(policy).__name__)
+            self.policy = policy
         self._sessions: dict[str, _Session] = {}
         self._count = 0
 
     @classmethod
     def from_config(cls, config) -> "PoseIndex":
-        """The index a ``WorldKVConfig`` asks for (its ``policy`` and ``fov_*`` knobs)."""
-        if config.policy == "fov":
-            return cls("fov", fov_degrees=config.fov_degrees, near=config.fov_near, far=config.fov_far)
-        return cls(config.policy)
+        """The index a ``WorldKVConfig`` asks for: its ``policy``, built by that class's
+        ``from_config(config)`` (the ``fov`` policy reads the ``fov_*`` knobs)."""
+        return cls(POLICIES.get(config.policy).from_config(config))
 
     # --- bookkeeping -----------------------------------------------------------------------
 

@@ -7,15 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worldkv_connector.poses import (
+from worldkv_connector.retrieval.poses import (
     chunk_poses,
     interpolate_poses,
-    parse_trajectory,
     resample_video_poses,
-    trajectory_poses,
     yaw_matrix,
     yaw_pitch_degrees,
 )
+from worldkv_connector.retrieval.trajectory import parse_trajectory, trajectory_poses
 
 
 def _yaw(poses) -> np.ndarray:

@@ -1,155 +1,20 @@
-"""Retrieval scoring policies behind a name registry (``pose``, ``fov``).
-
-A policy scores candidate chunks against the query chunk; **lower is better**. Interface::
-
-    score(cand_t [N, 3], cand_R [N, 3, 3], q_t [3], q_R [3, 3], valid=None) -> [N] float64
-
-All arrays are float64 numpy (camera-to-world, OpenCV axes, see ``worldkv_connector.poses``).
-``valid`` is an optional ``[N]`` bool mask: rows outside it score ``+inf`` and take no part in
-any normalisation over the candidates (the index uses it for sink/recent exclusion without
-copying the candidate arrays). A policy may also offer
-``shortlist(cand_t, cand_R, q_t, q_R, k, valid=None) -> (rows, dist)``, a subset of rows holding
-the k best with their exact scores, which ``PoseIndex.query`` then uses instead of ``score``; and
-``prepare(cand_t, cand_R) -> [..., N]``, per-chunk data the index computes once at insert, keeps
-beside the poses and passes to ``shortlist`` as ``prepared=``.
-A policy whose ``orthonormal`` attribute is true wants proper
-rotations in ``cand_R`` (``PoseIndex`` passes the SVD-orthonormalised chunk means); otherwise it
-gets the raw element-wise mean rotation, as the WorldKV reference uses. A new policy is one class
-decorated with ``@register_policy("name")``.
-"""
+"""The ``fov`` retrieval policy: frustum overlap of the query's view samples with each candidate
+camera, with a branch-and-bound shortlist over tiles of the samples for top-k queries."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
-__all__ = ["POLICIES", "register_policy", "get_policy", "PosePolicy", "FovPolicy", "orthonormalize"]
+from worldkv_connector.retrieval.policy import RetrievalPolicy, check_valid, orthonormalize, register_policy
 
-POLICIES: dict[str, type] = {}
-
-
-def register_policy(name: str) -> Callable[[type], type]:
-    """Class decorator adding a scoring policy to ``POLICIES`` under ``name``."""
-
-    def deco(cls: type) -> type:
-        if name in POLICIES:
-            raise ValueError(f"scoring policy {name!r} is already registered ({POLICIES[name].__name__})")
-        POLICIES[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
-
-
-def get_policy(name: str, **kwargs):
-    """An instance of the registered policy ``name`` built with ``kwargs``."""
-    if name not in POLICIES:
-        raise ValueError(f"unknown scoring policy {name!r}: choose one of {sorted(POLICIES)}")
-    return POLICIES[name](**kwargs)
-
-
-def orthonormalize(rot: np.ndarray) -> np.ndarray:
-    """Nearest proper rotation (SVD, det +1) of each matrix. rot: [..., 3, 3] -> same shape."""
-    u, _, vt = np.linalg.svd(np.asarray(rot, dtype=np.float64))
-    d = np.sign(np.linalg.det(u @ vt))
-    d = np.where(d == 0, 1.0, d)  # degenerate mean (e.g. opposite views averaged): keep U V^T
-    u = u.copy()
-    u[..., :, 2] *= d[..., None]
-    return u @ vt
-
-
-def _mask_inputs(n: int, valid) -> np.ndarray | None:
-    if valid is None:
-        return None
-    valid = np.asarray(valid, dtype=bool)
-    if valid.shape != (n,):
-        raise ValueError(f"valid must have shape [{n}], got {list(valid.shape)}")
-    return valid
-
-
-@register_policy("pose")
-@dataclass(frozen=True)
-class PosePolicy:
-    """The WorldKV retrieval distance, exactly as the reference computes it.
-
-    ``trans = ||t_c - t_q||^2``, ``rot = arccos(clamp((trace(R_c^T R_q) - 1) / 2, -1, 1))``;
-    each is divided by its maximum over the (valid) candidates when that maximum is > 0;
-    ``dist = 0.5 * trans + 0.5 * rot``. ``R_c`` is the non-orthonormalised mean rotation.
-    """
-
-    orthonormal = False
-
-    def _parts(self, cand_t, cand_R, q_t, q_R, valid):
-        """Raw ``trans [N]``, clamped cosine ``cos [N]`` and the scales ``a``, ``b`` such that
-        ``dist = trans * a + arccos(cos) * b`` (0.5 over each term's maximum, or 0.5 if that is 0)."""
-        n = cand_t.shape[0]
-        q_t = np.asarray(q_t, dtype=np.float64)
-        # trans = ||t_c - t_q||^2 as [3, N] (contiguous rows when cand_t is a transposed [3, N]
-        # store, as PoseIndex keeps it) and one fused einsum reduction
-        diff = cand_t.T - q_t[:, None]
-        trans = np.einsum("ij,ij->j", diff, diff)
-        # trace(R_c^T R_q) = sum_ij R_c[i, j] * R_q[i, j]: one mat-vec over the flattened blocks
-        # (einsum, not BLAS: see PoseIndex's store layout)
-        cos = np.einsum("ij,j->i", cand_R.reshape(n, 9), np.asarray(q_R, dtype=np.float64).reshape(9))
-        cos -= 1.0
-        cos *= 0.5
-        np.clip(cos, -1.0, 1.0, out=cos)
-        peak_t = trans.max(initial=0.0, where=True if valid is None else valid)
-        # arccos is decreasing, so the largest angle is the angle of the smallest cosine
-        peak_r = float(np.arccos(cos.min(initial=1.0, where=True if valid is None else valid)))
-        a = 0.5 / peak_t if peak_t > 0 else 0.5
-        b = 0.5 / peak_r if peak_r > 0 else 0.5
-        return trans, cos, a, b
-
-    def score(self, cand_t, cand_R, q_t, q_R, valid=None) -> np.ndarray:
-        valid = _mask_inputs(cand_t.shape[0], valid)
-        trans, cos, a, b = self._parts(cand_t, cand_R, q_t, q_R, valid)
-        dist = np.arccos(cos, out=cos)
-        dist *= b
-        trans *= a
-        dist += trans
-        if valid is not None:
-            dist[~valid] = np.inf
-        return dist
-
-    def shortlist(self, cand_t, cand_R, q_t, q_R, k: int, valid=None) -> tuple[np.ndarray, np.ndarray]:
-        """``(rows [m], dist [m])``: a subset of the valid rows that holds every row whose score is
-        at most the k-th smallest (ties included), with the exact scores of ``score``.
-
-        Why: arccos over every candidate dominates a query. Since ``theta >= 2 sin(theta / 2)
-        = sqrt(2 (1 - cos theta))``, ``low = trans * a + sqrt(2 (1 - cos)) * b`` is a cheap lower
-        bound of the score. ``tau`` = the largest exact score of the k rows with the lowest bound
-        is >= the k-th best score, so only rows with ``low <= tau`` can be in the top k and only
-        they get an arccos.
-        """
-        n = cand_t.shape[0]
-        valid = _mask_inputs(n, valid)
-        trans, cos, a, b = self._parts(cand_t, cand_R, q_t, q_R, valid)
-        trans *= a
-        live = n if valid is None else int(np.count_nonzero(valid))
-        if 0 < k < live:
-            low = np.subtract(1.0, cos)
-            low *= 2.0
-            np.sqrt(low, out=low)
-            low *= b
-            low += trans
-            if valid is not None:
-                low[~valid] = np.inf
-            seed = np.argpartition(low, k - 1)[:k]
-            tau = float((np.arccos(cos[seed]) * b + trans[seed]).max())
-            # slack: where the bound is tight (tiny angles) rounding may put low an ulp above dist
-            rows = np.flatnonzero(low <= tau * (1 + 1e-9) + 1e-12)
-        else:
-            rows = np.arange(n) if valid is None else np.flatnonzero(valid)
-        dist = np.arccos(cos[rows]) * b + trans[rows]
-        return rows, dist
+__all__ = ["FovPolicy"]
 
 
 @register_policy("fov")
 @dataclass(frozen=True)
-class FovPolicy:
+class FovPolicy(RetrievalPolicy):
     """Frustum overlap: ``1 - fraction of the query's view samples inside the candidate frustum``.
 
     A fixed, seeded set of ``rays`` view rays (uniform over the image plane) times ``depths``
@@ -171,6 +36,11 @@ class FovPolicy:
     _points: np.ndarray = field(init=False, repr=False, compare=False)
 
     orthonormal = True
+
+    @classmethod
+    def from_config(cls, config) -> "FovPolicy":
+        """The policy of a ``WorldKVConfig``: its ``fov_degrees``, ``fov_near`` and ``fov_far``."""
+        return cls(fov_degrees=config.fov_degrees, near=config.fov_near, far=config.fov_far)
 
     def __post_init__(self) -> None:
         checks = {
@@ -282,7 +152,7 @@ class FovPolicy:
 
     def score(self, cand_t, cand_R, q_t, q_R, valid=None) -> np.ndarray:
         n = cand_t.shape[0]
-        valid = _mask_inputs(n, valid)
+        valid = check_valid(n, valid)
         world, _ = self._world_samples(q_t, q_R)
         out = np.ones(n)
         rows = self._near_rows(cand_t, world, valid)
@@ -347,7 +217,7 @@ class FovPolicy:
         best, so the returned rows hold the true top k with all its ties. When fewer than k
         candidates see a sample, every valid row is returned (ties at 1 break by id)."""
         n = cand_t.shape[0]
-        valid = _mask_inputs(n, valid)
+        valid = check_valid(n, valid)
         every = (lambda: np.arange(n)) if valid is None else (lambda: np.flatnonzero(valid))
         if k <= 0:
             return every(), self.score(cand_t, cand_R, q_t, q_R, valid)[every()]

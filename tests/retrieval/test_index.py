@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 from worldkv_connector.bench import BENCHES
 from worldkv_connector.bench import index as bench_index
 from worldkv_connector.config import WorldKVConfig
-from worldkv_connector.index import PoseIndex
-from worldkv_connector.policies import POLICIES, FovPolicy, PosePolicy, get_policy, orthonormalize, register_policy
-from worldkv_connector.poses import pitch_matrix, yaw_matrix
+from worldkv_connector.retrieval import (
+    POLICIES, FovPolicy, PoseIndex, PosePolicy, get_policy, orthonormalize, register_policy,
+)
+from worldkv_connector.retrieval.poses import pitch_matrix, yaw_matrix
 
 
 def _pose(yaw=0.0, t=(0.0, 0.0, 0.0), pitch=0.0) -> np.ndarray:
@@ -350,7 +351,7 @@ def test_a_registered_policy_without_shortlist_is_used_by_the_index():
         assert index.query("s", _chunk(), k=3, exclude=[1]) == [3, 2, 0]
         assert isinstance(get_policy("test-x"), XPolicy)
     finally:
-        POLICIES.pop("test-x", None)
+        POLICIES.unregister("test-x")
 
 
 # --- bench -------------------------------------------------------------------------------------
@@ -397,7 +398,7 @@ def test_fov_separation_prefilter_keeps_the_exact_top_k():
     on dense random banks its top-k (ties by id) equals ranking the full ``score`` pass, and
     every skipped candidate scores exactly 1."""
     from worldkv_connector.bench.index import random_chunk_poses
-    from worldkv_connector.poses import chunk_mean_pose
+    from worldkv_connector.retrieval.poses import chunk_mean_pose
 
     rng = np.random.default_rng(11)
     for n, k in ((3000, 6), (400, 6), (50, 40)):
@@ -419,7 +420,7 @@ def test_fov_branch_and_bound_keeps_the_exact_top_k_with_ties_and_removals():
     the same top-k, ties by id, as ranking the full ``score`` pass; so does a direct call that
     computes the planes itself, and on a coarse sample set where many counts tie."""
     from worldkv_connector.bench.index import random_chunk_poses
-    from worldkv_connector.poses import chunk_mean_pose
+    from worldkv_connector.retrieval.poses import chunk_mean_pose
 
     rng = np.random.default_rng(23)
     for n, k, kwargs in ((2000, 6, {}), (300, 10, {"rays": 8, "depths": 2}), (500, 6, {"fov_degrees": 40.0, "far": 4.0})):

@@ -1,0 +1,89 @@
+"""The ``pose`` retrieval policy: the WorldKV reference's distance (translation + rotation angle,
+each normalised over the candidates), with an exact lower-bound shortlist for top-k queries."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from worldkv_connector.retrieval.policy import RetrievalPolicy, check_valid, register_policy
+
+__all__ = ["PosePolicy"]
+
+
+@register_policy("pose")
+@dataclass(frozen=True)
+class PosePolicy(RetrievalPolicy):
+    """The WorldKV retrieval distance, exactly as the reference computes it.
+
+    ``trans = ||t_c - t_q||^2``, ``rot = arccos(clamp((trace(R_c^T R_q) - 1) / 2, -1, 1))``;
+    each is divided by its maximum over the (valid) candidates when that maximum is > 0;
+    ``dist = 0.5 * trans + 0.5 * rot``. ``R_c`` is the non-orthonormalised mean rotation.
+    """
+
+    orthonormal = False
+
+    def _parts(self, cand_t, cand_R, q_t, q_R, valid):
+        """Raw ``trans [N]``, clamped cosine ``cos [N]`` and the scales ``a``, ``b`` such that
+        ``dist = trans * a + arccos(cos) * b`` (0.5 over each term's maximum, or 0.5 if that is 0)."""
+        n = cand_t.shape[0]
+        q_t = np.asarray(q_t, dtype=np.float64)
+        # trans = ||t_c - t_q||^2 as [3, N] (contiguous rows when cand_t is a transposed [3, N]
+        # store, as PoseIndex keeps it) and one fused einsum reduction
+        diff = cand_t.T - q_t[:, None]
+        trans = np.einsum("ij,ij->j", diff, diff)
+        # trace(R_c^T R_q) = sum_ij R_c[i, j] * R_q[i, j]: one mat-vec over the flattened blocks
+        # (einsum, not BLAS: see PoseIndex's store layout)
+        cos = np.einsum("ij,j->i", cand_R.reshape(n, 9), np.asarray(q_R, dtype=np.float64).reshape(9))
+        cos -= 1.0
+        cos *= 0.5
+        np.clip(cos, -1.0, 1.0, out=cos)
+        peak_t = trans.max(initial=0.0, where=True if valid is None else valid)
+        # arccos is decreasing, so the largest angle is the angle of the smallest cosine
+        peak_r = float(np.arccos(cos.min(initial=1.0, where=True if valid is None else valid)))
+        a = 0.5 / peak_t if peak_t > 0 else 0.5
+        b = 0.5 / peak_r if peak_r > 0 else 0.5
+        return trans, cos, a, b
+
+    def score(self, cand_t, cand_R, q_t, q_R, valid=None) -> np.ndarray:
+        valid = check_valid(cand_t.shape[0], valid)
+        trans, cos, a, b = self._parts(cand_t, cand_R, q_t, q_R, valid)
+        dist = np.arccos(cos, out=cos)
+        dist *= b
+        trans *= a
+        dist += trans
+        if valid is not None:
+            dist[~valid] = np.inf
+        return dist
+
+    def shortlist(self, cand_t, cand_R, q_t, q_R, k: int, valid=None) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows [m], dist [m])``: a subset of the valid rows that holds every row whose score is
+        at most the k-th smallest (ties included), with the exact scores of ``score``.
+
+        Why: arccos over every candidate dominates a query. Since ``theta >= 2 sin(theta / 2)
+        = sqrt(2 (1 - cos theta))``, ``low = trans * a + sqrt(2 (1 - cos)) * b`` is a cheap lower
+        bound of the score. ``tau`` = the largest exact score of the k rows with the lowest bound
+        is >= the k-th best score, so only rows with ``low <= tau`` can be in the top k and only
+        they get an arccos.
+        """
+        n = cand_t.shape[0]
+        valid = check_valid(n, valid)
+        trans, cos, a, b = self._parts(cand_t, cand_R, q_t, q_R, valid)
+        trans *= a
+        live = n if valid is None else int(np.count_nonzero(valid))
+        if 0 < k < live:
+            low = np.subtract(1.0, cos)
+            low *= 2.0
+            np.sqrt(low, out=low)
+            low *= b
+            low += trans
+            if valid is not None:
+                low[~valid] = np.inf
+            seed = np.argpartition(low, k - 1)[:k]
+            tau = float((np.arccos(cos[seed]) * b + trans[seed]).max())
+            # slack: where the bound is tight (tiny angles) rounding may put low an ulp above dist
+            rows = np.flatnonzero(low <= tau * (1 + 1e-9) + 1e-12)
+        else:
+            rows = np.arange(n) if valid is None else np.flatnonzero(valid)
+        dist = np.arccos(cos[rows]) * b + trans[rows]
+        return rows, dist
