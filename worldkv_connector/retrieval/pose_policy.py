@@ -10,6 +10,8 @@ from worldkv_connector.retrieval.policy import RetrievalPolicy, check_valid, reg
 
 __all__ = ["PosePolicy"]
 
+EXACT_ROWS = 64  # shortlists of at most this many candidates score every row exactly
+
 
 @register_policy("pose")
 @dataclass(frozen=True)
@@ -64,14 +66,15 @@ class PosePolicy(RetrievalPolicy):
         = sqrt(2 (1 - cos theta))``, ``low = trans * a + sqrt(2 (1 - cos)) * b`` is a cheap lower
         bound of the score. ``tau`` = the largest exact score of the k rows with the lowest bound
         is >= the k-th best score, so only rows with ``low <= tau`` can be in the top k and only
-        they get an arccos.
+        they get an arccos. Up to ``EXACT_ROWS`` candidates every row gets its exact score: the
+        bound's extra passes cost more than the arccos they save there.
         """
         n = cand_t.shape[0]
         valid = check_valid(n, valid)
         trans, cos, a, b = self._parts(cand_t, cand_R, q_t, q_R, valid)
         trans *= a
         live = n if valid is None else int(np.count_nonzero(valid))
-        if 0 < k < live:
+        if 0 < k < live and n > EXACT_ROWS:
             low = np.subtract(1.0, cos)
             low *= 2.0
             np.sqrt(low, out=low)

@@ -73,15 +73,30 @@ def validate_poses(poses, name: str = "poses", *, atol: float = 1e-4) -> np.ndar
         raise ValueError(f"{name} must be a numeric [F, 4, 4] array: {exc}") from None
     if arr.ndim != 3 or arr.shape[1:] != (4, 4) or arr.shape[0] < 1:
         raise ValueError(f"{name} must have shape [F, 4, 4] with F >= 1, got {list(arr.shape)}")
-    bad = ~np.isfinite(arr).all(axis=(1, 2))
-    if bad.any():
+    # one pass for the usual case (every frame a pose); the per-frame checks name the first bad
+    # frame when anything is off
+    if not np.isfinite(arr).all():
+        bad = ~np.isfinite(arr).all(axis=(1, 2))
         raise ValueError(f"{name}[{int(np.argmax(bad))}] contains NaN or inf")
-    bad = np.abs(arr[:, 3, :] - np.array([0.0, 0.0, 0.0, 1.0])).max(axis=1) > atol
+    rot = arr[:, :3, :3]
+    det = np.linalg.det(rot)
+    err = np.abs(np.swapaxes(rot, 1, 2) @ rot - _EYE3).max(axis=(1, 2))
+    if not (np.abs(arr[:, 3, :] - _BOTTOM).max() <= atol and err.max() <= atol and np.abs(det - 1.0).max() <= atol):
+        _first_bad_frame(arr, err, det, name, atol)
+    return arr
+
+
+_EYE3 = np.eye(3)
+_BOTTOM = np.array([0.0, 0.0, 0.0, 1.0])
+
+
+def _first_bad_frame(arr: np.ndarray, err: np.ndarray, det: np.ndarray, name: str, atol: float) -> None:
+    """Raise the ``ValueError`` of ``validate_poses`` for the first frame that is not a pose.
+    arr: finite; err: [F] max |R^T R - I|; det: [F] det(R)."""
+    bad = np.abs(arr[:, 3, :] - _BOTTOM).max(axis=1) > atol
     if bad.any():
         i = int(np.argmax(bad))
         raise ValueError(f"{name}[{i}] bottom row must be [0, 0, 0, 1], got {arr[i, 3].tolist()}")
-    rot = arr[:, :3, :3]
-    err = np.abs(np.swapaxes(rot, 1, 2) @ rot - np.eye(3)).max(axis=(1, 2))
     bad = err > atol
     if bad.any():
         i = int(np.argmax(bad))
@@ -89,12 +104,8 @@ def validate_poses(poses, name: str = "poses", *, atol: float = 1e-4) -> np.ndar
             f"{name}[{i}] rotation block is not orthonormal (max |R^T R - I| = {err[i]:.3g} > {atol}): "
             "shear or scale is not a camera pose"
         )
-    det = np.linalg.det(rot)
-    bad = np.abs(det - 1.0) > atol
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise ValueError(f"{name}[{i}] rotation block has det {det[i]:.6g}, expected +1 (a reflection is not a pose)")
-    return arr
+    i = int(np.argmax(np.abs(det - 1.0) > atol))
+    raise ValueError(f"{name}[{i}] rotation block has det {det[i]:.6g}, expected +1 (a reflection is not a pose)")
 
 
 def chunk_mean_pose(poses) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +118,8 @@ def chunk_mean_pose(poses) -> tuple[np.ndarray, np.ndarray]:
     arr = np.asarray(poses, dtype=np.float64)
     if arr.ndim != 3 or arr.shape[1:] != (4, 4) or arr.shape[0] < 1:
         raise ValueError(f"poses must have shape [F, 4, 4] with F >= 1, got {list(arr.shape)}")
-    return arr[:, :3, 3].mean(axis=0), arr[:, :3, :3].mean(axis=0)
+    n = arr.shape[0]  # sum / n: the arithmetic of np.mean, without its Python wrapper
+    return arr[:, :3, 3].sum(axis=0) / n, arr[:, :3, :3].sum(axis=0) / n
 
 
 def pose_for_frames(traj, num_frames: int) -> np.ndarray:
