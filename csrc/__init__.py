@@ -1,5 +1,5 @@
 """CUDA C++ sources of the copy engine, compiled at run time through CuPy NVRTC
-(``worldkv_connector.cuda_copy``); they also compile with plain ``nvcc`` (tests check it)."""
+(``worldkv_connector.transfer.cuda_copy``); they also compile with plain ``nvcc`` (tests check it)."""
 from __future__ import annotations
 
 from importlib import resources

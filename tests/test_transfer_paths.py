@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from worldkv_connector.bank import Bank
-from worldkv_connector import cuda_copy
+from worldkv_connector.transfer import cuda_copy
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.transfer import (
     PATHS, PathOptions, TransferEngine, choose_path, page_fragments, plan_fragments,

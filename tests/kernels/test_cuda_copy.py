@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worldkv_connector import cuda_copy
-from worldkv_connector.cuda_copy import CopyKernelConfig, copy_fragments, merge_fragments
+from worldkv_connector.transfer import cuda_copy
+from worldkv_connector.transfer.cuda_copy import CopyKernelConfig, copy_fragments, merge_fragments
 from worldkv_connector.transfer import plan_layer_copies
 
 HAS_CUPY = cuda_copy._cupy() is not None

@@ -162,7 +162,7 @@ def test_kernels_import_and_references_run_without_triton_or_cupy():
         sys.modules["cupy"] = None
         import torch
         import worldkv_connector.kernels as k
-        from worldkv_connector import cuda_copy
+        from worldkv_connector.transfer import cuda_copy
         q, pool = torch.randn(1, 2, 2, 16), torch.randn(3, 4, 2, 16)
         bt, pl = torch.tensor([[0]]), torch.tensor([[3]])
         assert k.paged_attention_torch(q, pool, pool, bt, pl).shape == q.shape

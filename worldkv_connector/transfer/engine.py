@@ -4,7 +4,7 @@ A job is a list of (src, dst) tensor pairs. Pairs whose bytes follow each other 
 destination memory are merged into one run first: batched DMA collapses for fragments under about
 28 KiB and every descriptor costs CPU time, so fewer, larger runs are what makes PCIe bandwidth
 reachable (DESIGN §2). On CUDA each job then picks its path (``paths.choose_path``) from the median
-run size: below ``kernel_threshold_bytes`` the SM copy kernel (``worldkv_connector.cuda_copy``, when
+run size: below ``kernel_threshold_bytes`` the SM copy kernel (``worldkv_connector.transfer.cuda_copy``, when
 CuPy is there and the host memory is mapped), otherwise one ``cuMemcpyBatchAsync`` (driver >= 12.8),
 else a loop of async copies. On the CPU the copies run synchronously and a job is done when
 ``submit`` returns. ``submit_plan`` takes a ``FragmentPlan`` of addresses planned with numpy (the
@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
-from worldkv_connector import cuda_copy
+from worldkv_connector.transfer import cuda_copy
 from worldkv_connector.transfer.cuda_batch import BatchMemcpy, resolve_batch_memcpy
 from worldkv_connector.transfer.fragments import (
     FragmentPlan, copy_runs_by_view, memmove_runs, merge_fragment_arrays, translate_runs,

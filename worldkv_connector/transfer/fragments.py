@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from worldkv_connector.addresses import as_u64, run_heads
+from worldkv_connector.transfer.addresses import as_u64, run_heads
 
 __all__ = ["FragmentPlan", "plan_fragments", "merge_fragment_arrays", "memmove_runs", "copy_runs_by_view",
            "translate_runs"]

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from worldkv_connector.addresses import as_u64, run_heads
+from worldkv_connector.transfer.addresses import as_u64, run_heads
 from worldkv_connector.transfer.fragments import FragmentPlan
 
 __all__ = ["LayerPlans", "PagePools", "plan_layer_copies", "page_fragments", "page_lens_of", "SMALL_PLAN_PAGES"]

@@ -3,7 +3,7 @@
 Paths (DESIGN §2):
 - ``dma-batch``: the copy engines through one ``cuMemcpyBatchAsync``. Fast for large runs, but it
   collapses to 4-7 GB/s when fragments are under about 28 KiB.
-- ``sm-kernel``: one CUDA kernel walks the descriptor table (``worldkv_connector.cuda_copy``) and
+- ``sm-kernel``: one CUDA kernel walks the descriptor table (``worldkv_connector.transfer.cuda_copy``) and
   reads/writes mapped pinned host memory directly. It wins for many small fragments, at the price
   of a few SMs, so it is only chosen below the threshold.
 - ``dma-loop``: one async ``copy_`` per run; the fallback (old driver, pageable host memory).

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from worldkv_connector.addresses import as_u64, run_heads
+from worldkv_connector.transfer.addresses import as_u64, run_heads
 from worldkv_connector.csrc import read_source
 
 __all__ = [
