@@ -25,17 +25,19 @@ class _Session:
     component the scorer streams over is contiguous and a score pass needs no BLAS call (a
     threaded BLAS on a busy 2-core host costs milliseconds for a 100k mat-vec). ``prep`` holds
     the policy's per-chunk data (``policy.prepare``, e.g. the fov policy's face planes), computed
-    once at insert and moved with its row.
+    once at insert and moved with its row. ``R_ortho`` (an SVD per insert) is kept only for a
+    policy that reads proper rotations (``orthonormal``) or prepares per-chunk data from them.
     """
 
     __slots__ = ("n", "ids", "t", "R", "R_ortho", "row_of", "prep", "prepare")
 
-    def __init__(self, prepare=None) -> None:
+    def __init__(self, prepare=None, orthonormal: bool = True) -> None:
         self.n = 0
         self.ids = np.empty(_MIN_CAPACITY, dtype=np.int64)  # [cap]
         self.t = np.empty((3, _MIN_CAPACITY))  # [3, cap] mean translation
         self.R = np.empty((9, _MIN_CAPACITY))  # [9, cap] element-wise mean rotation, row-major 3x3
-        self.R_ortho = np.empty((9, _MIN_CAPACITY))  # [9, cap] its nearest proper rotation
+        # [9, cap] its nearest proper rotation, or None when the policy never reads it
+        self.R_ortho = np.empty((9, _MIN_CAPACITY)) if orthonormal or prepare is not None else None
         self.row_of: dict[int, int] = {}
         # the policy's per-chunk data (``policy.prepare``), ``[..., cap]``; made on first append
         self.prepare = prepare
@@ -72,8 +74,9 @@ class _Session:
         self.ids[sl] = ids
         self.t[:, sl] = t.T
         self.R[:, sl] = R.reshape(k, 9).T
-        ortho = orthonormalize(R)
-        self.R_ortho[:, sl] = ortho.reshape(k, 9).T
+        if self.R_ortho is not None:
+            ortho = orthonormalize(R)
+            self.R_ortho[:, sl] = ortho.reshape(k, 9).T
         if self.prepare is not None:
             data = self.prepare(t, ortho)
             if self.prep is None:
@@ -200,7 +203,7 @@ class PoseIndex:
     def _session(self, session_id: str) -> _Session:
         s = self._sessions.get(session_id)
         if s is None:
-            s = self._sessions[session_id] = _Session(getattr(self.policy, "prepare", None))
+            s = self._sessions[session_id] = _Session(getattr(self.policy, "prepare", None), self.policy.orthonormal)
         return s
 
     def remove(self, session_id: str, chunk_id: int) -> bool:
