@@ -65,7 +65,9 @@ class StorePath:
         self._bank_storages: tuple = ()
         self._jobs: dict[int, list[ChunkKey]] = {}  # job id -> keys it writes
         self._source_layout: tuple | None = None  # the last (k, v, ids) layout _check_sources accepted
-        self._source_steps: tuple = ()  # its row steps and row-block sizes
+        self._source_steps: list = []  # its row steps (bytes between chunks) per source
+        self._source_rows: tuple = ()  # its fragment sizes (list, array) and source storage indices
+        self._source_bytes = 0
         # one event serves every store job: the copy stream's wait_event captures the record at call
         # time, so re-recording it for the next layer cannot release an earlier wait
         self._event = torch.cuda.Event() if device.type == "cuda" else None
@@ -204,9 +206,17 @@ class StorePath:
         where = {base: j + 3 for j, base in enumerate(bases)}  # after the k, v, ids storages
         self._dst_store = [(where[w.untyped_storage().data_ptr()],) * 2 + (where[i.untyped_storage().data_ptr()],)
                            for w, i in zip(views, idx)]
+        # every layer's bank-side fragments at once (layer l: chunk-major (K, V, ids) triples), so a
+        # layer's plan reads its row instead of converting addresses again
+        triples = list(zip(self._dst0, self._dst_step))
+        self._dst_lists = [[d0[f] + layer * ds[f] for d0, ds in triples for f in range(3)]
+                           for layer in range(self.num_layers)]
+        self._dst_arr = np.array(self._dst_lists, dtype=np.uint64)  # [L, 3B]
+        self._dst_store_arr = np.array([x for d in self._dst_store for x in d], dtype=np.int64)  # [3B]
 
     def _check_sources(self, b: int, srcs: tuple) -> None:
-        """Validate one layer's (k, v, ids) against the step's stores; sets their row steps and sizes."""
+        """Validate one layer's (k, v, ids) against the step's stores; sets their row steps and the
+        fragment sizes of ``b`` chunks."""
         t, h, d = self.kept, self.bank.num_kv_heads, self.bank.head_dim
         for name, x, shape, dtype, rows in zip(("k", "v", "ids"), srcs, ((b, t, h, d), (b, t, h, d), (b, t)),
                                                (self.bank.dtype, self.bank.dtype, torch.int64),
@@ -216,8 +226,11 @@ class StorePath:
                 raise ValueError(f"store {name}: expected {shape} {dtype} with contiguous rows, got {tuple(x.shape)} "
                                  f"{x.dtype} strides {x.stride()} on {x.device}")
         k, v, _ = srcs
-        self._source_steps = ([x.stride(0) * x.element_size() for x in srcs],
-                              (t * h * d * k.element_size(), t * h * d * v.element_size(), t * 8))
+        size = (t * h * d * k.element_size(), t * h * d * v.element_size(), t * 8)
+        self._source_steps = [x.stride(0) * x.element_size() for x in srcs]
+        sizes = list(size) * b  # the fragments of b chunks: sizes, their array, source storage index
+        self._source_rows = (sizes, np.array(sizes, dtype=np.uint64), np.tile(np.arange(3, dtype=np.int64), b))
+        self._source_bytes = sum(sizes)
 
     def _layer_plan(self, layer: int, live: list[int], k: torch.Tensor, v: torch.Tensor,
                     ids: torch.Tensor) -> FragmentPlan:
@@ -233,26 +246,20 @@ class StorePath:
             self._check_sources(b, srcs)
             self._source_layout = layout
         base = [k.data_ptr(), v.data_ptr(), ids.data_ptr()]
-        step, size = self._source_steps
-        src, dst, sizes, s_store, d_store = [], [], [], [], []
-        for j, i in enumerate(live):
-            d0, dstep, dst_store = self._dst0[i], self._dst_step[i], self._dst_store[i]
-            for f in range(3):
-                a, z, n = base[f] + j * step[f], d0[f] + layer * dstep[f], size[f]
-                if src and src[-1] + sizes[-1] == a and dst[-1] + sizes[-1] == z and s_store[-1] == f \
-                        and d_store[-1] == dst_store[f]:
-                    sizes[-1] += n  # continues the previous run on both sides (K then V of one slot)
-                    continue
-                src.append(a)
-                dst.append(z)
-                sizes.append(n)
-                s_store.append(f)
-                d_store.append(dst_store[f])
+        step = self._source_steps
+        # one fragment per (chunk, source): the sources are distinct tensors, so no two continue each other
+        src = [base[f] + j * step[f] for j in range(b) for f in range(3)]
+        if b == len(self._step):
+            dst, dst_arr, d_store = self._dst_lists[layer], self._dst_arr[layer], self._dst_store_arr
+        else:  # some of the step's stores failed: their columns
+            cols = [3 * i + f for i in live for f in range(3)]
+            dst = [self._dst_lists[layer][c] for c in cols]
+            dst_arr, d_store = self._dst_arr[layer, cols], self._dst_store_arr[cols]
+        sizes, sizes_arr, s_store = self._source_rows
         storages = tuple((x.untyped_storage().data_ptr(), x.device) for x in srcs) + self._bank_storages
-        u64 = np.uint64
-        return FragmentPlan(np.array(src, dtype=u64), np.array(dst, dtype=u64), np.array(sizes, dtype=u64),
-                            (*srcs, *self._bank_keep), storages, np.array(s_store), np.array(d_store), merged=True,
-                            pairs=3 * b, total=sum(sizes), lists=(src, dst, sizes))
+        return FragmentPlan(np.array(src, dtype=np.uint64), dst_arr, sizes_arr, (*srcs, *self._bank_keep), storages,
+                            s_store, d_store, merged=True, pairs=3 * b, total=self._source_bytes,
+                            lists=(src, dst, sizes))
 
     def _compress(self, k: torch.Tensor, v: torch.Tensor):
         """k, v: [B, T, H, D] -> (k [B, T', H, D], v [B, T', H, D], ids [B, T'] int64, counts [B, T'] fp32
