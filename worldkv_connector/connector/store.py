@@ -197,7 +197,8 @@ class StorePath:
         views = [self.bank.view(st.spec.key) for st in self._step]  # [L, 2, T', H, D]
         idx = [st.entry.indices for st in self._step]  # [L, T'] int64 each
         item = views[0].element_size()
-        self._dst0 = [(w[0, 0].data_ptr(), w[0, 1].data_ptr(), i[0].data_ptr()) for w, i in zip(views, idx)]
+        # layer 0's K rows, V rows (one K/V stride on) and kept ids of each chunk
+        self._dst0 = [(w.data_ptr(), w.data_ptr() + w.stride(1) * item, i.data_ptr()) for w, i in zip(views, idx)]
         self._dst_step = [(w.stride(0) * item, w.stride(0) * item, i.stride(0) * i.element_size())
                           for w, i in zip(views, idx)]
         self._bank_keep = (*views, *idx)
@@ -208,11 +209,11 @@ class StorePath:
                            for w, i in zip(views, idx)]
         # every layer's bank-side fragments at once (layer l: chunk-major (K, V, ids) triples), so a
         # layer's plan reads its row instead of converting addresses again
-        triples = list(zip(self._dst0, self._dst_step))
-        self._dst_lists = [[d0[f] + layer * ds[f] for d0, ds in triples for f in range(3)]
-                           for layer in range(self.num_layers)]
-        self._dst_arr = np.array(self._dst_lists, dtype=np.uint64)  # [L, 3B]
-        self._dst_store_arr = np.array([x for d in self._dst_store for x in d], dtype=np.int64)  # [3B]
+        d0 = np.array(self._dst0, dtype=np.uint64).reshape(-1)  # [3B] layer 0
+        step = np.array(self._dst_step, dtype=np.uint64).reshape(-1)
+        self._dst_arr = d0 + np.arange(self.num_layers, dtype=np.uint64)[:, None] * step  # [L, 3B]
+        self._dst_lists = self._dst_arr.tolist()
+        self._dst_store_arr = np.array(self._dst_store, dtype=np.int64).reshape(-1)  # [3B]
 
     def _check_sources(self, b: int, srcs: tuple) -> None:
         """Validate one layer's (k, v, ids) against the step's stores; sets their row steps and the
