@@ -16,6 +16,7 @@ from worldkv_connector.retrieval.poses import chunk_mean_pose, validate_poses
 __all__ = ["PoseIndex"]
 
 _MIN_CAPACITY = 16
+EXACT_SELECT = 64  # top-k of at most this many scored candidates: a plain sort by (score, chunk id)
 
 
 class _Session:
@@ -228,8 +229,8 @@ class PoseIndex:
 
     def _candidates(self, session_id: str, query_poses, exclude: Iterable[int]):
         """Policy inputs of a session: ``(session, cand_t, cand_R, q_t, q_R, valid)``, or None."""
-        q = np.asarray(query_poses, dtype=np.float64) if np.ndim(query_poses) == 3 else np.asarray(query_poses)[None]
-        q_t, q_R = chunk_mean_pose(validate_poses(q, "query_poses"))
+        q = np.asarray(query_poses, dtype=np.float64)
+        q_t, q_R = chunk_mean_pose(validate_poses(q if q.ndim == 3 else q[None], "query_poses"))
         s = self._sessions.get(session_id)
         if s is None or s.n == 0:
             return None
@@ -273,6 +274,8 @@ class PoseIndex:
         k = min(int(k), rows.shape[0])
         if k == 0:
             return []
+        if rows.shape[0] <= EXACT_SELECT:  # a few candidates: one sort by (score, id) beats the passes below
+            return [cid for _, cid in sorted(zip(dist.tolist(), s.ids[rows].tolist()))[:k]]
         if k < dist.shape[0]:
             part = np.argpartition(dist, k - 1)
             kth = dist[part[k - 1]]
