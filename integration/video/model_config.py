@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from worldkv_connector.checks import check_int
 from worldkv_connector.shapes import KVShape
 
 __all__ = ["ModelConfig", "ActionConfig", "MODEL_CONFIGS", "MODEL_FAMILIES", "get_model_config"]
@@ -45,9 +46,7 @@ class ActionConfig:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("heads_num", "hidden_size", "keyboard_dim_in", "keyboard_hidden_dim", "mouse_dim_in",
                      "mouse_hidden_dim", "vae_time_compression_ratio", "windows_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"ActionConfig.{name}={v!r}: expected an int >= 1")
+            object.__setattr__(self, name, check_int(f"ActionConfig.{name}", getattr(self, name), lo=1))
         for name, width in (("mouse_hidden_dim", self.mouse_hidden_dim), ("keyboard_hidden_dim", self.keyboard_hidden_dim)):
             if width % self.heads_num:
                 raise ValueError(f"ActionConfig.{name}={width}: must be divisible by heads_num={self.heads_num}")
@@ -114,9 +113,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.image_dim={self.image_dim!r}, text_dim={self.text_dim!r}: matrix-game-2 is "
                              "image-conditioned (image_dim >= 1) and has no text (text_dim 0)")
         for field in ("text_dim", "image_dim"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"ModelConfig.{field}={value!r}: expected an int >= 0")
+            object.__setattr__(self, field, check_int(f"ModelConfig.{field}", getattr(self, field), lo=0))
         if self.family != "matrix-game-2" and self.text_dim < 1:
             raise ValueError(f"ModelConfig.text_dim={self.text_dim!r}: family {self.family!r} is text-conditioned (>= 1)")
         for field in (
@@ -124,9 +121,7 @@ class ModelConfig:
             "latent_width", "in_channels", "out_channels", "text_len", "freq_dim", "image_len",
             "frames_per_chunk",
         ):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ModelConfig.{field}={value!r}: expected an int >= 1")
+            object.__setattr__(self, field, check_int(f"ModelConfig.{field}", getattr(self, field), lo=1))
         if self.num_kv_heads != self.num_heads:
             raise ValueError(
                 f"ModelConfig.num_kv_heads={self.num_kv_heads!r}: must equal num_heads={self.num_heads} "
