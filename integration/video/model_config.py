@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worldkv_connector.checks import check_int
+from worldkv_connector.checks import check_int, is_int
 from worldkv_connector.shapes import KVShape
 
 __all__ = ["ModelConfig", "ActionConfig", "MODEL_CONFIGS", "MODEL_FAMILIES", "get_model_config"]
@@ -53,7 +53,7 @@ class ActionConfig:
         if sum(self.mouse_qk_dim_list) != self.mouse_hidden_dim // self.heads_num:
             raise ValueError(f"ActionConfig.mouse_qk_dim_list={list(self.mouse_qk_dim_list)}: must sum to the action "
                              f"head dim {self.mouse_hidden_dim // self.heads_num}")
-        if any(not isinstance(b, int) or b < 0 for b in self.blocks):
+        if any(not is_int(b) or b < 0 for b in self.blocks):
             raise ValueError(f"ActionConfig.blocks={list(self.blocks)}: expected block indices >= 0")
 
     @property
@@ -137,7 +137,7 @@ class ModelConfig:
         if self.freq_dim % 2:
             raise ValueError(f"ModelConfig.freq_dim={self.freq_dim!r}: must be even (sin and cos halves)")
         ps = self.patch_size
-        if not (isinstance(ps, tuple) and len(ps) == 3 and all(isinstance(p, int) and p >= 1 for p in ps)):
+        if not (isinstance(ps, tuple) and len(ps) == 3 and all(is_int(p) and p >= 1 for p in ps)):
             raise ValueError(f"ModelConfig.patch_size={ps!r}: expected a tuple of 3 ints >= 1")
         if ps[0] != 1:
             # the causal cache is per latent frame: a temporal patch would mix frames of two chunks
