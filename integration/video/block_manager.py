@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from worldkv_connector.checks import check_int
+from worldkv_connector.checks import check_int, is_int
 
 __all__ = ["BlockManager", "ChunkBlocks", "KVCacheOutOfPages", "CONNECTOR_OWNER", "EVICTED_OWNER"]
 
@@ -184,7 +184,7 @@ class BlockManager:
             dst_held[p] += 1
 
     def _check_allocated(self, page: int) -> None:
-        if not (isinstance(page, int) and 0 <= page < self.num_pages) or self._ref[page] == 0:
+        if not (is_int(page) and 0 <= page < self.num_pages) or self._ref[page] == 0:
             raise ValueError(f"page {page!r} is not an allocated page of this cache (0..{self.num_pages - 1})")
 
     # --- block tables (one per session) -------------------------------------------------------------
