@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from worldkv_connector.checks import check_int
 from worldkv_connector.compression import select_kept
 from worldkv_connector.config import kept_tokens_per_chunk
 
@@ -107,8 +108,7 @@ def novelty_scores_triton(k: torch.Tensor, frame_tokens: int) -> torch.Tensor:
     _check_kernel_tensor("k", k, 4)
     if k.dtype not in _FLOATS:
         raise ValueError(f"k: expected dtype bf16, fp16 or fp32, got {k.dtype}")
-    if not isinstance(frame_tokens, int) or isinstance(frame_tokens, bool) or frame_tokens < 1:
-        raise ValueError(f"frame_tokens={frame_tokens!r}: expected a positive int")
+    frame_tokens = check_int("frame_tokens", frame_tokens, lo=1)
     num_layers, tokens, heads, head_dim = k.shape
     if tokens < frame_tokens or tokens % frame_tokens:
         raise ValueError(f"k has T={tokens} tokens: expected a positive multiple of frame_tokens={frame_tokens}")
@@ -222,8 +222,7 @@ def compress_chunk_kernel(
     ``worldkv_connector.compression.compress_chunk``, anchor first, in original order.
     """
     _check_kernel_tensor("k", k, 4)
-    if not isinstance(frame_tokens, int) or isinstance(frame_tokens, bool) or frame_tokens < 1:
-        raise ValueError(f"frame_tokens={frame_tokens!r}: expected a positive int")
+    frame_tokens = check_int("frame_tokens", frame_tokens, lo=1)
     num_layers, tokens, heads, head_dim = k.shape
     if tokens < frame_tokens or tokens % frame_tokens:
         raise ValueError(f"k has T={tokens} tokens: expected a positive multiple of frame_tokens={frame_tokens}")

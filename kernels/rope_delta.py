@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from worldkv_connector.checks import check_int
+
 try:
     import triton
     import triton.language as tl
@@ -37,7 +39,8 @@ def _interpreting() -> bool:
 
 def temporal_channels(head_dim: int) -> int:
     """Channels of the temporal RoPE group of a ``head_dim``-channel head: ``d - 4*(d//6)``."""
-    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim < 2 or head_dim % 2:
+    head_dim = check_int("head_dim", head_dim, lo=2)
+    if head_dim % 2:
         raise ValueError(f"head_dim={head_dim!r}: expected an even int >= 2")
     return head_dim - 4 * (head_dim // 6)
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from worldkv_connector.checks import check_int, is_int
+
 __all__ = ["rope_split", "rope_angles", "rope_tables", "apply_rope", "apply_rope_tables", "rotate_temporal", "ROPE_THETA"]
 
 ROPE_THETA = 10000.0
@@ -23,7 +25,8 @@ ROPE_THETA = 10000.0
 
 def rope_split(head_dim: int) -> tuple[int, int, int]:
     """Channel group sizes ``(dt, dh, dw)`` of a head of ``head_dim`` channels (Wan's split)."""
-    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim < 2 or head_dim % 2:
+    head_dim = check_int("head_dim", head_dim, lo=2)
+    if head_dim % 2:
         raise ValueError(f"head_dim={head_dim!r}: expected an even int >= 2")
     third = head_dim // 6
     return head_dim - 4 * third, 2 * third, 2 * third
@@ -142,8 +145,8 @@ def rotate_temporal(k: torch.Tensor, delta: int | torch.Tensor, theta: float = R
             )
         flat = delta.reshape(-1).to(k.device)
         ang = _angles64(flat, dt, theta).view(*delta.shape, *([1] * (len(lead) - delta.dim())), 1, dt // 2)
-    elif isinstance(delta, int) and not isinstance(delta, bool):
-        ang = _angles64(torch.tensor([delta], device=k.device), dt, theta).view(*([1] * (len(lead) + 1)), dt // 2)
+    elif is_int(delta):
+        ang = _angles64(torch.tensor([int(delta)], device=k.device), dt, theta).view(*([1] * (len(lead) + 1)), dt // 2)
     else:
         raise ValueError(f"delta: expected an int or an int tensor, got {type(delta).__name__}")
     kf = k.float()

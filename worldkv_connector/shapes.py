@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from worldkv_connector.checks import check_int
+
 __all__ = ["KVShape", "PRESETS", "get_preset"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -25,9 +27,7 @@ class KVShape:
 
     def __post_init__(self) -> None:
         for field in ("num_layers", "num_kv_heads", "head_dim", "frame_tokens", "frames_per_chunk"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"KVShape.{field}={value!r}: expected a positive int")
+            object.__setattr__(self, field, check_int(f"KVShape.{field}", getattr(self, field), lo=1))
         if self.dtype not in _DTYPES:
             raise ValueError(f"KVShape.dtype={self.dtype!r}: choose one of {sorted(_DTYPES)}")
 

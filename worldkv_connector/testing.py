@@ -23,6 +23,7 @@ from typing import Any, Hashable, Sequence
 import torch
 
 from worldkv_connector.bank import Bank
+from worldkv_connector.checks import check_int
 from worldkv_connector.transfer.engine import TransferEngine, TransferJob
 from worldkv_connector.transfer.fragments import FragmentPlan
 
@@ -68,9 +69,7 @@ class FaultyTransferEngine:
     ) -> None:
         self.inner = inner
         self.fail_rate = {"load": _check_rate("fail_loads", fail_loads), "store": _check_rate("fail_stores", fail_stores)}
-        if not isinstance(delay_polls, int) or isinstance(delay_polls, bool) or not 0 <= delay_polls <= 1_000_000:
-            raise ValueError(f"FaultyTransferEngine delay_polls={delay_polls!r} is out of range: allowed 0 <= delay_polls <= 1000000")
-        self.delay_polls = delay_polls
+        self.delay_polls = check_int("FaultyTransferEngine delay_polls", delay_polls, 0, 1_000_000)
         self.fail_jobs = set(fail_jobs or ())
         self._rng = random.Random(seed)
         self._submitted = 0

@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from worldkv_connector.checks import check_int
 from worldkv_connector.config import WorldKVConfig
 
 __all__ = ["FastVideoWorldKVConfig", "MODELS"]
@@ -47,18 +48,17 @@ class FastVideoWorldKVConfig:
 
     def __post_init__(self) -> None:
         for name in ("sink_frames", "recent_frames"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v % self.frames_per_chunk:
-                raise ValueError(f"FastVideoWorldKVConfig.{name}={v!r}: expected an int >= 0, a multiple of "
+            v = check_int(f"FastVideoWorldKVConfig.{name}", getattr(self, name), lo=0)
+            if v % self.frames_per_chunk:
+                raise ValueError(f"FastVideoWorldKVConfig.{name}={v!r}: expected a multiple of "
                                  f"{self.frames_per_chunk} (frames per chunk)")
+            setattr(self, name, v)
         if self.sink_frames < self.frames_per_chunk:
             raise ValueError(f"FastVideoWorldKVConfig.sink_frames={self.sink_frames}: the WorldKV window needs a sink "
                              f"of at least one chunk ({self.frames_per_chunk} frames)")
-        if isinstance(self.page_size, bool) or not isinstance(self.page_size, int) or not 1 <= self.page_size <= 4096:
-            raise ValueError(f"FastVideoWorldKVConfig.page_size={self.page_size!r}: allowed 1..4096")
-        if self.kv_pool_bytes is not None and (isinstance(self.kv_pool_bytes, bool)
-                                               or not isinstance(self.kv_pool_bytes, int) or self.kv_pool_bytes < 1):
-            raise ValueError(f"FastVideoWorldKVConfig.kv_pool_bytes={self.kv_pool_bytes!r}: expected None or an int >= 1")
+        self.page_size = check_int("FastVideoWorldKVConfig.page_size", self.page_size, 1, 4096)
+        if self.kv_pool_bytes is not None:  # None: sized for the window
+            self.kv_pool_bytes = check_int("FastVideoWorldKVConfig.kv_pool_bytes", self.kv_pool_bytes, lo=1)
         for name in ("context_noise", "yaw_speed", "pitch_speed", "move_speed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from worldkv_connector.checks import check_int
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.integration.sglang.session import WorldKVSession
 from worldkv_connector.integration.video.block_manager import BlockManager
@@ -51,8 +52,7 @@ class PluginSettings:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"WORLDKV_CONFIG={self.config_json!r}: not JSON ({exc})") from None
             WorldKVConfig.from_json(self.config_json)  # names a bad key or value
-        if not isinstance(self.max_sessions, int) or self.max_sessions < 1:
-            raise ValueError(f"WORLDKV_MAX_SESSIONS={self.max_sessions!r}: expected an int >= 1")
+        check_int("WORLDKV_MAX_SESSIONS", self.max_sessions, lo=1)
         if self.poseless not in _POSELESS:
             raise ValueError(f"WORLDKV_POSELESS={self.poseless!r}: expected one of {_POSELESS}")
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from worldkv_connector.checks import check_int, is_int
+
 __all__ = ["BlockManager", "ChunkBlocks", "KVCacheOutOfPages", "CONNECTOR_OWNER", "EVICTED_OWNER"]
 
 # Owners of pages a KV connector decides about (the video scheduler and the SGLang plugin use both)
@@ -45,12 +47,8 @@ class BlockManager:
     """Free list + reference counts over ``num_pages`` pages of ``page_size`` tokens."""
 
     def __init__(self, num_pages: int, page_size: int, memory_flag: str = "--kv-cache-memory"):
-        if not isinstance(num_pages, int) or num_pages < 1:
-            raise ValueError(f"num_pages={num_pages!r}: expected an int >= 1")
-        if not isinstance(page_size, int) or page_size < 1:
-            raise ValueError(f"page_size={page_size!r}: expected an int >= 1")
-        self.num_pages = num_pages
-        self.page_size = page_size
+        self.num_pages = check_int("num_pages", num_pages, lo=1)
+        self.page_size = check_int("page_size", page_size, lo=1)
         self._memory_flag = memory_flag
         # pop() from the end: low page ids are handed out first, which keeps tests readable
         self._free: list[int] = list(range(num_pages - 1, -1, -1))
@@ -186,7 +184,7 @@ class BlockManager:
             dst_held[p] += 1
 
     def _check_allocated(self, page: int) -> None:
-        if not (isinstance(page, int) and 0 <= page < self.num_pages) or self._ref[page] == 0:
+        if not (is_int(page) and 0 <= page < self.num_pages) or self._ref[page] == 0:
             raise ValueError(f"page {page!r} is not an allocated page of this cache (0..{self.num_pages - 1})")
 
     # --- block tables (one per session) -------------------------------------------------------------

@@ -11,7 +11,6 @@ session in one batched forward per pass; each session has its own block table, t
 from __future__ import annotations
 
 import logging
-import numbers
 import time
 from typing import Callable
 
@@ -33,6 +32,7 @@ from worldkv_connector.integration.video.scheduler import (
 )
 from worldkv_connector.integration.video.block_manager import KVCacheOutOfPages
 from worldkv_connector.actions import action_poses
+from worldkv_connector.checks import check_int
 from worldkv_connector.retrieval.poses import chunk_mean_pose, validate_poses
 from worldkv_connector.retrieval.trajectory import trajectory_poses
 
@@ -129,11 +129,7 @@ def check_kv_capacity(args: EngineArgs, session_chunks: list[int]) -> None:
 
 def _count(name: str, value, lo: int, hi: int) -> int | None:
     """An integer argument (any integral type, numpy's too) in [lo, hi], or None."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= int(value) <= hi:
-        raise ValueError(f"{name}={value!r}: expected an int, {lo} <= {name} <= {hi}")
-    return int(value)
+    return None if value is None else check_int(name, value, lo, hi)
 
 
 class VideoEngine:

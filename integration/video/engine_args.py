@@ -7,6 +7,8 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from worldkv_connector.checks import is_int
+
 __all__ = ["EngineArgs", "ATTENTION_WINDOWS", "DTYPES", "DEFAULT_SINK_FRAMES", "DEFAULT_RECENT_FRAMES", "MAX_CHUNKS"]
 
 ATTENTION_WINDOWS = ("full", "sliding")
@@ -68,9 +70,6 @@ class EngineArgs:
                 object.__setattr__(self, "kv_connector_config", json.dumps(self.kv_connector_config))
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"EngineArgs.kv_connector_config: the dict is not JSON-serialisable ({exc})") from None
-
-        def is_int(value) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
 
         if not isinstance(self.model, str) or not self.model:
             fail("model", "expected a model config name")

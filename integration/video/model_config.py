@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from worldkv_connector.checks import check_int, is_int
 from worldkv_connector.shapes import KVShape
 
 __all__ = ["ModelConfig", "ActionConfig", "MODEL_CONFIGS", "MODEL_FAMILIES", "get_model_config"]
@@ -45,16 +46,14 @@ class ActionConfig:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("heads_num", "hidden_size", "keyboard_dim_in", "keyboard_hidden_dim", "mouse_dim_in",
                      "mouse_hidden_dim", "vae_time_compression_ratio", "windows_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"ActionConfig.{name}={v!r}: expected an int >= 1")
+            object.__setattr__(self, name, check_int(f"ActionConfig.{name}", getattr(self, name), lo=1))
         for name, width in (("mouse_hidden_dim", self.mouse_hidden_dim), ("keyboard_hidden_dim", self.keyboard_hidden_dim)):
             if width % self.heads_num:
                 raise ValueError(f"ActionConfig.{name}={width}: must be divisible by heads_num={self.heads_num}")
         if sum(self.mouse_qk_dim_list) != self.mouse_hidden_dim // self.heads_num:
             raise ValueError(f"ActionConfig.mouse_qk_dim_list={list(self.mouse_qk_dim_list)}: must sum to the action "
                              f"head dim {self.mouse_hidden_dim // self.heads_num}")
-        if any(not isinstance(b, int) or b < 0 for b in self.blocks):
+        if any(not is_int(b) or b < 0 for b in self.blocks):
             raise ValueError(f"ActionConfig.blocks={list(self.blocks)}: expected block indices >= 0")
 
     @property
@@ -114,9 +113,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.image_dim={self.image_dim!r}, text_dim={self.text_dim!r}: matrix-game-2 is "
                              "image-conditioned (image_dim >= 1) and has no text (text_dim 0)")
         for field in ("text_dim", "image_dim"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"ModelConfig.{field}={value!r}: expected an int >= 0")
+            object.__setattr__(self, field, check_int(f"ModelConfig.{field}", getattr(self, field), lo=0))
         if self.family != "matrix-game-2" and self.text_dim < 1:
             raise ValueError(f"ModelConfig.text_dim={self.text_dim!r}: family {self.family!r} is text-conditioned (>= 1)")
         for field in (
@@ -124,9 +121,7 @@ class ModelConfig:
             "latent_width", "in_channels", "out_channels", "text_len", "freq_dim", "image_len",
             "frames_per_chunk",
         ):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ModelConfig.{field}={value!r}: expected an int >= 1")
+            object.__setattr__(self, field, check_int(f"ModelConfig.{field}", getattr(self, field), lo=1))
         if self.num_kv_heads != self.num_heads:
             raise ValueError(
                 f"ModelConfig.num_kv_heads={self.num_kv_heads!r}: must equal num_heads={self.num_heads} "
@@ -142,7 +137,7 @@ class ModelConfig:
         if self.freq_dim % 2:
             raise ValueError(f"ModelConfig.freq_dim={self.freq_dim!r}: must be even (sin and cos halves)")
         ps = self.patch_size
-        if not (isinstance(ps, tuple) and len(ps) == 3 and all(isinstance(p, int) and p >= 1 for p in ps)):
+        if not (isinstance(ps, tuple) and len(ps) == 3 and all(is_int(p) and p >= 1 for p in ps)):
             raise ValueError(f"ModelConfig.patch_size={ps!r}: expected a tuple of 3 ints >= 1")
         if ps[0] != 1:
             # the causal cache is per latent frame: a temporal patch would mix frames of two chunks

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from worldkv_connector.checks import check_int
+
 __all__ = ["FlowMatchSchedule"]
 
 
@@ -24,8 +26,7 @@ class FlowMatchSchedule:
     shift: float = 5.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_steps, int) or isinstance(self.num_steps, bool) or not 1 <= self.num_steps <= 1000:
-            raise ValueError(f"FlowMatchSchedule.num_steps={self.num_steps!r}: allowed 1 <= num_steps <= 1000")
+        object.__setattr__(self, "num_steps", check_int("FlowMatchSchedule.num_steps", self.num_steps, 1, 1000))
         if not isinstance(self.shift, (int, float)) or not 0.0 < float(self.shift) <= 100.0:
             raise ValueError(f"FlowMatchSchedule.shift={self.shift!r}: allowed 0 < shift <= 100")
 

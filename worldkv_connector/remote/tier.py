@@ -44,6 +44,7 @@ from urllib.parse import quote
 import numpy as np
 import torch
 
+from worldkv_connector.checks import check_int
 from worldkv_connector.remote.backends import MISSING, RemoteBackend, make_backend
 from worldkv_connector.remote.config import RemoteConfig
 from worldkv_connector.remote.records import ChunkRecord, RemoteWriterError, dtype_name, model_fingerprint, sha256_hex
@@ -78,8 +79,8 @@ class RemoteTier:
 
     def __init__(self, config: RemoteConfig, *, fingerprint: str, rank: int = 0, num_ranks: int = 1,
                  backend: RemoteBackend | None = None) -> None:
-        if not isinstance(num_ranks, int) or num_ranks < 1 or not isinstance(rank, int) or not 0 <= rank < num_ranks:
-            raise ValueError(f"RemoteTier rank={rank!r}, num_ranks={num_ranks!r}: expected 0 <= rank < num_ranks")
+        num_ranks = check_int("RemoteTier num_ranks", num_ranks, lo=1)
+        rank = check_int("RemoteTier rank", rank, 0, num_ranks - 1)
         self.config = config
         self.fingerprint = fingerprint
         self.rank, self.num_ranks = rank, num_ranks

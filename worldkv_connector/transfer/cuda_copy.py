@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from worldkv_connector.checks import check_int
 from worldkv_connector.transfer.addresses import as_u64, run_heads
 from worldkv_connector.csrc import read_source
 
@@ -48,13 +49,11 @@ class CopyKernelConfig:
     chunk_bytes: int = 64 * 1024  # bytes one block copies per work item
 
     def __post_init__(self) -> None:
-        if not isinstance(self.sm_share, int) or not 1 <= self.sm_share <= 1024:
-            raise ValueError(
-                f"CopyKernelConfig.sm_share={self.sm_share!r} is out of range: allowed 1 <= sm_share <= 1024"
-            )
+        object.__setattr__(self, "sm_share", check_int("CopyKernelConfig.sm_share", self.sm_share, 1, 1024))
         if self.threads not in (32, 64, 128, 256, 512, 1024):
             raise ValueError(f"CopyKernelConfig.threads={self.threads!r}: choose one of 32, 64, 128, 256, 512, 1024")
-        if not isinstance(self.chunk_bytes, int) or self.chunk_bytes < 16 or self.chunk_bytes % 16:
+        object.__setattr__(self, "chunk_bytes", check_int("CopyKernelConfig.chunk_bytes", self.chunk_bytes, lo=16))
+        if self.chunk_bytes % 16:
             raise ValueError(
                 f"CopyKernelConfig.chunk_bytes={self.chunk_bytes!r}: expected a positive multiple of 16 (int4 accesses)"
             )
@@ -128,8 +127,8 @@ def copy_fragments(src_ptrs, dst_ptrs, sizes, stream=None, max_blocks: int | Non
     src, dst, nbytes = merge_fragments(src_ptrs, dst_ptrs, sizes)
     if src.size == 0:
         return 0
-    if max_blocks is not None and (not isinstance(max_blocks, int) or max_blocks < 1):
-        raise ValueError(f"max_blocks={max_blocks!r}: expected a positive int")
+    if max_blocks is not None:  # None: enough blocks to fill the SM share
+        max_blocks = check_int("max_blocks", max_blocks, lo=1)
     stream, device = _stream_device(stream)
     if max_blocks is None:
         props = torch.cuda.get_device_properties(device)

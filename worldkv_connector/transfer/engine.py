@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
+from worldkv_connector.checks import check_int
 from worldkv_connector.transfer import cuda_copy
 from worldkv_connector.transfer.cuda_batch import BatchMemcpy, resolve_batch_memcpy
 from worldkv_connector.transfer.fragments import (
@@ -97,9 +98,7 @@ class TransferEngine:
         self.device = torch.device(device)
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"TransferEngine device={device!r}: expected 'cpu' or a cuda device")
-        if not isinstance(num_streams, int) or isinstance(num_streams, bool) or not 1 <= num_streams <= 64:
-            raise ValueError(f"TransferEngine num_streams={num_streams!r} is out of range: allowed 1 <= num_streams <= 64")
-        self.num_streams = num_streams
+        self.num_streams = check_int("TransferEngine num_streams", num_streams, 1, 64)
         # validates the threshold before any CUDA resource is made
         self.options = PathOptions(self.device.type, kernel_threshold_bytes=kernel_threshold_bytes)
         kernel = False

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from worldkv_connector.checks import is_int
 from worldkv_connector.transfer.addresses import as_u64, run_heads
 from worldkv_connector.transfer.fragments import FragmentPlan
 
@@ -264,7 +265,7 @@ def _ints(name: str, values) -> list[int]:
     if set(map(type, out)) <= {int}:  # the common case, checked in C
         return out
     for i, v in enumerate(out):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        if not is_int(v):
             raise ValueError(f"{name}: expected integers, got {type(v).__name__}")
         out[i] = int(v)
     return out

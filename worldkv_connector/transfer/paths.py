@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from worldkv_connector.checks import check_int
 from worldkv_connector.registry import Registry
 from worldkv_connector.transfer.runs import Run
 
@@ -52,9 +53,8 @@ class PathOptions:
     def __post_init__(self) -> None:
         if self.device_type not in ("cpu", "cuda"):
             raise ValueError(f"PathOptions.device_type={self.device_type!r}: choose one of ['cpu', 'cuda']")
-        t = self.kernel_threshold_bytes
-        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= 1 << 40:
-            raise ValueError(f"kernel_threshold_bytes={t!r} is out of range: allowed 0 <= kernel_threshold_bytes <= {1 << 40}")
+        t = check_int("kernel_threshold_bytes", self.kernel_threshold_bytes, 0, 1 << 40)
+        object.__setattr__(self, "kernel_threshold_bytes", t)
         if self.device_type == "cpu" and (self.batch_dma or self.sm_kernel):
             raise ValueError("PathOptions: batch_dma and sm_kernel need device_type='cuda'")
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from worldkv_connector.checks import check_int
+
 __all__ = ["WORLD_VERSION", "WorldConfig", "PanoramaWorld", "render", "sample_coefficients", "yaw_pose"]
 
 WORLD_VERSION = "panorama-v1"
@@ -41,9 +43,7 @@ class WorldConfig:
 
     def __post_init__(self) -> None:
         for name in ("channels", "rows", "modes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1024:
-                raise ValueError(f"WorldConfig.{name}={value!r}: expected an int in 1..1024")
+            object.__setattr__(self, name, check_int(f"WorldConfig.{name}", getattr(self, name), 1, 1024))
         if not isinstance(self.radius, (int, float)) or not 0.0 < self.radius < 1e6:
             raise ValueError(f"WorldConfig.radius={self.radius!r}: expected 0 < radius < 1e6")
         if self.version != WORLD_VERSION:
@@ -118,8 +118,7 @@ class PanoramaWorld:
     """One world, drawn from ``seed`` (numpy stream independent of the training worlds' torch stream)."""
 
     def __init__(self, seed: int, config: WorldConfig | None = None) -> None:
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed={seed!r}: expected an int >= 0")
+        seed = check_int("seed", seed, lo=0)
         self.seed = seed
         self.config = config or WorldConfig()
         c = self.config

@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from worldkv_connector.checks import check_int
 from worldkv_connector.integration.video.engine_args import DEFAULT_RECENT_FRAMES, DEFAULT_SINK_FRAMES, EngineArgs
 from worldkv_connector.world.image_metrics import psnr, ssim
 from worldkv_connector.world.panorama import PanoramaWorld, WorldConfig
@@ -81,8 +82,7 @@ class RevisitConfig:
                 raise ValueError(f"mode {m!r}: choose from {list(EVAL_MODES)}")
         if not self.trajectories or not self.modes:
             raise ValueError("RevisitConfig: at least one trajectory and one mode")
-        if not isinstance(self.num_chunks, int) or not 2 <= self.num_chunks <= 100_000:
-            raise ValueError(f"RevisitConfig.num_chunks={self.num_chunks!r}: expected an int in 2..100000")
+        object.__setattr__(self, "num_chunks", check_int("RevisitConfig.num_chunks", self.num_chunks, 2, 100_000))
         if self.observe not in OBSERVE:
             raise ValueError(f"RevisitConfig.observe={self.observe!r}: choose one of {list(OBSERVE)}")
         if not self.yaw_tolerance_degrees >= 0 or not self.position_tolerance >= 0:

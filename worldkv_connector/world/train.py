@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from worldkv_connector.checks import check_int
 from worldkv_connector.integration.video.model import CausalWanDiT
 from worldkv_connector.integration.video.models import build_model
 from worldkv_connector.integration.video.model_config import ModelConfig, get_model_config
@@ -53,14 +54,8 @@ class TrainConfig:
     log_every: int = 25
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch", "log_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"TrainConfig.{name}={value!r}: expected an int >= 1")
-        if not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"TrainConfig.warmup={self.warmup!r}: expected an int >= 0")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"TrainConfig.seed={self.seed!r}: expected an int >= 0")
+        for name, lo in (("steps", 1), ("batch", 1), ("log_every", 1), ("warmup", 0), ("seed", 0)):
+            object.__setattr__(self, name, check_int(f"TrainConfig.{name}", getattr(self, name), lo=lo))
         if not 0.0 < self.lr <= 1.0:
             raise ValueError(f"TrainConfig.lr={self.lr!r}: expected 0 < lr <= 1")
         if not 0.0 <= self.weight_decay <= 1.0:

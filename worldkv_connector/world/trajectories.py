@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from worldkv_connector.checks import check_int
 from worldkv_connector.retrieval.trajectory import parse_trajectory
 from worldkv_connector.world.panorama import yaw_pose
 
@@ -37,10 +38,8 @@ class TrajectoryConfig:
     max_offset: float = 0.3  # farthest a walking camera gets from the centre (wall radius 1)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.chunks, int) or not 1 <= self.chunks <= 256:
-            raise ValueError(f"TrajectoryConfig.chunks={self.chunks!r}: expected an int in 1..256")
-        if not isinstance(self.frames_per_chunk, int) or not 1 <= self.frames_per_chunk <= 64:
-            raise ValueError(f"TrajectoryConfig.frames_per_chunk={self.frames_per_chunk!r}: expected 1..64")
+        for name, hi in (("chunks", 256), ("frames_per_chunk", 64)):
+            object.__setattr__(self, name, check_int(f"TrajectoryConfig.{name}", getattr(self, name), 1, hi))
         for name in ("p_continue", "p_revisit", "p_walk"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"TrajectoryConfig.{name}={getattr(self, name)!r}: expected 0..1")

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from worldkv_connector.checks import check_int
 from worldkv_connector.integration.video.layers import AttnFn, DiTBlock
 from worldkv_connector.integration.video.model import CausalWanDiT
 from worldkv_connector.integration.video.models.action_module import ActionAttnFn, ActionModule, dense_action_attn
@@ -34,9 +35,7 @@ def first_frame_condition(latent: torch.Tensor, frames: int) -> torch.Tensor:
     latent: [16, Hl, Wl] VAE latent of the first frame (zeros for random-weight runs)."""
     if latent.dim() != 3 or latent.shape[0] != COND_CHANNELS - 4:
         raise ValueError(f"first frame latent: expected [{COND_CHANNELS - 4}, Hl, Wl], got {tuple(latent.shape)}")
-    if not isinstance(frames, int) or frames < 1:
-        raise ValueError(f"frames={frames!r}: expected an int >= 1")
-    cond = latent.new_zeros(frames, COND_CHANNELS, *latent.shape[1:])
+    cond = latent.new_zeros(check_int("frames", frames, lo=1), COND_CHANNELS, *latent.shape[1:])
     cond[0, :4] = 1.0
     cond[0, 4:] = latent
     return cond
