@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from worldkv_connector.checks import check_int
 from worldkv_connector.registry import Registry
 
 __all__ = [
@@ -58,8 +59,7 @@ class CompressedChunk:
 
 
 def _check_frame_tokens(frame_tokens: int) -> None:
-    if not isinstance(frame_tokens, int) or isinstance(frame_tokens, bool) or frame_tokens < 1:
-        raise ValueError(f"frame_tokens={frame_tokens!r}: expected a positive int")
+    check_int("frame_tokens", frame_tokens, 1)
 
 
 def _check_keep_ratio(keep_ratio: float) -> None:
@@ -107,8 +107,7 @@ def select_kept(
     """
     _check_frame_tokens(frame_tokens)
     _check_keep_ratio(keep_ratio)
-    if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
-        raise ValueError(f"frames={frames!r}: expected a positive int")
+    check_int("frames", frames, 1)
     if not isinstance(scores, torch.Tensor) or scores.ndim not in (1, 2):
         raise ValueError(f"scores must be a [L, T - frame_tokens] tensor, got {_describe(scores)}")
     unbatched = scores.ndim == 1

@@ -10,6 +10,7 @@ from typing import Iterable
 
 import numpy as np
 
+from worldkv_connector.checks import check_int
 from worldkv_connector.retrieval.policy import POLICIES, get_policy, orthonormalize
 from worldkv_connector.retrieval.poses import chunk_mean_pose, validate_poses
 
@@ -102,9 +103,7 @@ class _Session:
 
 
 def _check_chunk_id(chunk_id) -> int:
-    if isinstance(chunk_id, bool) or not isinstance(chunk_id, (int, np.integer)) or chunk_id < 0:
-        raise ValueError(f"chunk_id={chunk_id!r}: expected an int >= 0")
-    return int(chunk_id)
+    return check_int("chunk_id", chunk_id, 0)
 
 
 def _check_session(session_id) -> str:
@@ -258,8 +257,7 @@ class PoseIndex:
         not count in the score normalisation. Fewer than ``k`` candidates returns them all;
         ties break by chunk id ascending.
         """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
-            raise ValueError(f"k={k!r}: expected an int >= 0")
+        k = check_int("k", k, 0)
         got = self._candidates(session_id, query_poses, exclude)
         if got is None or k == 0:
             return []

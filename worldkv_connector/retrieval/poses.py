@@ -18,6 +18,8 @@ import math
 
 import numpy as np
 
+from worldkv_connector.checks import check_int
+
 __all__ = [
     "validate_poses",
     "chunk_mean_pose",
@@ -129,8 +131,7 @@ def pose_for_frames(traj, num_frames: int) -> np.ndarray:
     the trajectory is shorter than the rollout, the trajectory followed by its last pose held.
     """
     arr = validate_poses(traj, "traj")
-    if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1:
-        raise ValueError(f"num_frames={num_frames!r}: expected an int >= 1")
+    num_frames = check_int("num_frames", num_frames, 1)
     if arr.shape[0] >= num_frames:
         return arr[:num_frames].copy()
     pad = np.repeat(arr[-1:], num_frames - arr.shape[0], axis=0)
@@ -144,13 +145,12 @@ def chunk_poses(poses, frames_per_chunk: int = 3, num_chunks: int | None = None)
     ``C = num_chunks`` or, when omitted, ``ceil(F / frames_per_chunk)``. Frames missing at the end
     (a trajectory shorter than the rollout) repeat the last pose; extra frames are dropped.
     """
-    if not isinstance(frames_per_chunk, int) or isinstance(frames_per_chunk, bool) or frames_per_chunk < 1:
-        raise ValueError(f"frames_per_chunk={frames_per_chunk!r}: expected an int >= 1")
+    frames_per_chunk = check_int("frames_per_chunk", frames_per_chunk, 1)
     arr = validate_poses(poses)
     if num_chunks is None:
         num_chunks = -(-arr.shape[0] // frames_per_chunk)
-    elif not isinstance(num_chunks, int) or isinstance(num_chunks, bool) or num_chunks < 1:
-        raise ValueError(f"num_chunks={num_chunks!r}: expected an int >= 1 or None")
+    else:
+        num_chunks = check_int("num_chunks", num_chunks, 1)
     fitted = pose_for_frames(arr, num_chunks * frames_per_chunk)
     return fitted.reshape(num_chunks, frames_per_chunk, 4, 4)
 
