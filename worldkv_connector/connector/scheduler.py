@@ -27,9 +27,10 @@ Eviction timing: the engine announces a chunk leaving its recent window in the s
 ``SchedulerOutput.evicted``; its pages wait in ``_awaiting`` until its store ended and are then
 returned by ``take_pages_to_free`` (write-through: never before).
 
-Session end: ``request_finished`` returns the hot set at once; once the session's last store
-ended, ``take_ended_sessions`` hands it to the facade, which forgets it here (``forget_session``:
-index entries and state) and frees its bank entries in the worker. Nothing per chunk outlives its
+Session end: ``request_finished`` returns the hot set at once and makes the session's bank entries
+the directory's first victims; once the session's last store ended, ``take_ended_sessions`` hands
+it to the facade, which forgets it here (``forget_session``: index and directory entries, state)
+and frees its bank entries in the worker. Nothing per chunk outlives its
 bank entry, so the bookkeeping is bounded by the bank and the windows, not by the rollout length.
 
 Resumed sessions (``adopt``, from ``WorldKVConnector.load_bank``): loaded chunks keep their saved
@@ -234,18 +235,20 @@ class WorldKVScheduler:
         for cc in scheduler_output.committed:
             key = (cc.session_id, self._session(cc.session_id).base + cc.chunk_id)
             poses = np.asarray(cc.frame_poses, dtype=np.float64)
-            slot = self._prepare_store(key, cc.num_tokens, evicted)
-            if slot is False:
+            got = self._prepare_store(key, cc.num_tokens)
+            if got is None:
                 continue
+            slot, victims = got
+            evicted.extend(victims)
             self._store_pending[key] = poses
             stores.append(StoreSpec(key, tuple(cc.page_ids), cc.num_tokens, poses, cc.chunk_id * self.fpc, slot))
         meta = WorldKVMetadata(self._step, self._loads, stores, self._ropes, self._released, self._finished, evicted)
         self._loads, self._ropes, self._released, self._finished = [], [], [], []
         return meta
 
-    def _prepare_store(self, key: ChunkKey, num_tokens: int, evicted: list[ChunkKey]) -> int | None | bool:
-        """The slot of ``key``'s store (None: the bank picks), its victims appended to ``evicted``
-        and dropped from the index; False when it is not banked (no room, or already banked): it
+    def _prepare_store(self, key: ChunkKey, num_tokens: int) -> tuple[int | None, list[ChunkKey]] | None:
+        """The directory's ``(slot, victims)`` for ``key``'s store (slot None: the bank picks), the
+        victims dropped from the index. None when it is not banked (no room, or already banked): it
         ends at once, as a failed store (its pages are freed without waiting for a copy)."""
         try:
             got = self.directory.prepare_store(key, num_tokens)
@@ -258,12 +261,10 @@ class WorldKVScheduler:
             (logger.debug if self._warned else logger.warning)("chunk %s not banked: %s", key, why)
             self._warned = True
             self._stores_ended.add(key)
-            return False
-        slot, victims = got
-        for sid, cid in victims:
+            return None
+        for sid, cid in got[1]:
             self._drop_banked(sid, cid)
-        evicted.extend(victims)
-        return slot
+        return got
 
     def _drop_banked(self, sid: str, cid: int) -> None:
         """A banked chunk left the bank: it is no retrieval candidate any more."""
