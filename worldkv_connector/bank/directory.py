@@ -157,15 +157,18 @@ class SlotDirectory:
         if touch and self._table is not None:
             self._table.touch(key)
 
-    def unpin(self, key: BankKey) -> None:
-        """The worker reported ``key``'s loads done or failed: every read of it ended (reports come
-        after the step's jobs were submitted, and a key is reported once none of its jobs runs)."""
+    def unpin(self, key: BankKey, *, every: bool = True) -> bool:
+        """The worker reported ``key``'s loads done or failed. ``every``: every read of it ended
+        (the video worker reports a key once none of its jobs runs, after the step's jobs were
+        submitted); else one planned load ended. True when ``key`` left now (removed while pinned)."""
         entry = self.get(key)
         if entry is None:
-            return
-        entry.pins = 0
-        if key in self._removing:
+            return False
+        entry.pins = 0 if every else max(0, entry.pins - 1)
+        if key in self._removing and not entry.pins:
             self._drop(key)
+            return True
+        return False
 
     # --- leaving -----------------------------------------------------------------------------------
     def finish_session(self, session_id) -> None:
