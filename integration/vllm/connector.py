@@ -35,6 +35,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from worldkv_connector.bank.layout import BankLayout
 from worldkv_connector.config import WorldKVConfig
 
 from .scheduler import WorldKVConnectorMetadata, WorldKVScheduler
@@ -157,6 +158,19 @@ def _block_size(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig") -> 
     return spec.block_size, spec
 
 
+def _bank_slots(extra: Mapping[str, Any] | None, core: WorldKVConfig, spec: Any, kv_cache_config: "KVCacheConfig",
+                block_size: int) -> int | None:
+    """The slots of each worker's bank, for the scheduler half to decide them, from the same sizes the
+    worker's ``Bank`` is built from; None (the banks decide) with a disk tier, whose spills the bank
+    decides, or without an explicit ``bank_bytes`` (the default is a share of each process's own
+    free memory, which the scheduler process cannot know)."""
+    if "bank_bytes" not in (extra or {}) or (core.bank_dir is not None and core.disk_bytes != 0):
+        return None
+    layers = len(kv_cache_config.kv_cache_groups[0].layer_names)
+    return BankLayout(layers, spec.num_kv_heads, spec.head_size, spec.dtype, block_size, core.bank_bytes,
+                      core.bank).num_slots
+
+
 class WorldKVConnector(KVConnectorBase_V1):
     """Thin facade: the scheduler role delegates to :class:`WorldKVScheduler`, the worker role to
     :class:`WorldKVWorker`. ``stats()`` gives cumulative counters of this process's half."""
@@ -177,6 +191,8 @@ class WorldKVConnector(KVConnectorBase_V1):
                 load_async=self.config.load_async,
                 # only CUDA copies outlive the step that issued them (the CPU engine is synchronous)
                 stores_in_flight=vllm_config.device_config.device_type == "cuda",
+                num_slots=_bank_slots(extra, self.config.core, self._spec, kv_cache_config, block_size),
+                eviction=self.config.core.eviction,
             )
         else:
             self.worker = WorldKVWorker(self.config.core, block_size=block_size, load_async=self.config.load_async)

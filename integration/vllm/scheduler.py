@@ -1,11 +1,15 @@
 """Scheduler half of the vLLM connector: ids and bookkeeping only, no tensors (STYLE §5).
 
-It mirrors which blocks the worker's bank holds, keyed ``(namespace, block_hash)`` with vLLM's
-chained block hashes, answers ``get_num_new_matched_tokens`` from that mirror, and turns each
-scheduler step into a :class:`WorldKVConnectorMetadata` (loads: bank key -> block id; stores:
-block id -> bank key). The worker is authoritative: it reports completed stores, and entries it
-evicted or could not find, through :class:`WorldKVWorkerMetadata`, and a key is offered as a hit
-only once every worker confirmed its store.
+Its ``SlotDirectory`` lists the blocks the workers' banks hold, keyed ``(namespace, block_hash)``
+with vLLM's chained block hashes; it answers ``get_num_new_matched_tokens`` from it and turns each
+scheduler step into a :class:`WorldKVConnectorMetadata` (loads: bank key -> block id; stores: block
+id -> bank key and slot; the keys evicted to free those slots). Given the bank's ``num_slots`` it
+decides the slots and the victims (vLLM's ``prepare_store`` pattern) and the workers only copy and
+report; a planned load pins its keys until every worker reported its copy over. Without it (a disk tier, whose spills the bank decides) the workers'
+banks choose and the directory lists what they report. Workers report completed stores, and
+entries they lost (a failed copy, a missing entry), through :class:`WorldKVWorkerMetadata`; a key
+is offered as a hit only once every worker confirmed its store, and a key one worker lost is
+evicted on all of them.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorWorkerMetadata,
 )
+
+from worldkv_connector.bank.directory import SlotDirectory
 
 if TYPE_CHECKING:  # pragma: no cover - type names only
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -54,6 +60,7 @@ class BlockTransfer:
     req_id: str
     keys: list[BankKey]
     block_ids: list[int]
+    slots: list[int | None] | None = None  # stores: the bank slot of each key (None: the bank picks)
 
 
 @dataclass
@@ -67,6 +74,7 @@ class WorldKVConnectorMetadata(KVConnectorMetadata):
     # finished requests whose block frees wait for their stores (request_finished returned True)
     deferred_req_ids: set[str] = field(default_factory=set)
     reset: bool = False  # drop every unpinned bank entry (reset_prefix_cache(reset_connector=True))
+    evicted: list[BankKey] = field(default_factory=list)  # entries to free before this step's stores
 
 
 @dataclass
@@ -75,10 +83,12 @@ class WorldKVWorkerMetadata(KVConnectorWorkerMetadata):
 
     stored: Counter = field(default_factory=Counter)  # key -> workers that finished its store
     lost: set = field(default_factory=set)  # keys evicted, dropped, failed or missing on a worker
+    loaded: Counter = field(default_factory=Counter)  # key -> loads of it that ended (copied or failed)
 
     def aggregate(self, other: "KVConnectorWorkerMetadata") -> "WorldKVWorkerMetadata":
         assert isinstance(other, WorldKVWorkerMetadata)
-        return WorldKVWorkerMetadata(stored=self.stored + other.stored, lost=self.lost | other.lost)
+        return WorldKVWorkerMetadata(stored=self.stored + other.stored, lost=self.lost | other.lost,
+                                     loaded=self.loaded + other.loaded)
 
 
 @dataclass
@@ -100,16 +110,20 @@ class WorldKVScheduler:
     loads (the request waits in WAITING_FOR_REMOTE_KVS) or as synchronous ones (loaded in
     ``start_load_kv`` before the forward). stores_in_flight: whether the worker's copies can
     outlive the step that issued them (CUDA); when False (CPU copies are synchronous) a finished
-    request never needs its block frees deferred.
+    request never needs its block frees deferred. num_slots / eviction: the bank's slots and
+    policy when this half decides them (None: the banks decide).
     """
 
-    def __init__(self, *, block_size: int, num_workers: int, load_async: bool, stores_in_flight: bool) -> None:
+    def __init__(self, *, block_size: int, num_workers: int, load_async: bool, stores_in_flight: bool,
+                 num_slots: int | None = None, eviction: str = "lru") -> None:
         self.block_size = block_size
         self.num_workers = num_workers
         self.load_async = load_async
         self.stores_in_flight = stores_in_flight
         self._reqs: dict[str, _ReqState] = {}
-        self._ready: set = set()  # keys every worker holds
+        self.directory = SlotDirectory(num_slots, eviction)  # ready: every worker holds the key
+        self._evicted: list[BankKey] = []  # victims for the next metadata
+        self._loaded: Counter = Counter()  # key -> workers that ended a load of it, toward num_workers
         self._pending: Counter = Counter()  # key -> store confirmations so far
         self._owner: dict[BankKey, str] = {}  # key -> request whose store is unconfirmed
         self._loads: list[BlockTransfer] = []
@@ -140,7 +154,7 @@ class WorldKVScheduler:
         limit = min(len(hashes), max(0, request.num_tokens - 1) // bs)
         start = num_computed_tokens // bs
         n = start
-        while n < limit and bank_key(st.namespace, hashes[n]) in self._ready:
+        while n < limit and self.is_ready(bank_key(st.namespace, hashes[n])):
             n += 1
         hit = (n - start) * bs
         return hit, (self.load_async and hit > 0)
@@ -154,6 +168,8 @@ class WorldKVScheduler:
         block_ids = blocks.get_block_ids()[0]
         keys = [bank_key(st.namespace, h) for h in request.block_hashes[start : start + count]]
         self._loads.append(BlockTransfer(request.request_id, keys, list(block_ids[start : start + count])))
+        for key in keys:
+            self.directory.pin(key)  # no victim until every worker's copy is over; a hit (LRU)
         for c in (self.totals, self._interval):
             c["hit_tokens"] += num_external_tokens
             c["hit_requests"] += 1
@@ -183,10 +199,10 @@ class WorldKVScheduler:
             self._plan_stores(st, cached.num_computed_tokens[i], so.num_scheduled_tokens.get(req_id, 0), stores)
         meta = WorldKVConnectorMetadata(
             loads=self._loads, stores=stores, preempted_req_ids=preempted,
-            deferred_req_ids=self._deferred, reset=self._reset,
+            deferred_req_ids=self._deferred, reset=self._reset, evicted=self._evicted,
         )
         self._awaiting_send |= self._deferred
-        self._loads, self._deferred, self._reset = [], set(), False
+        self._loads, self._deferred, self._reset, self._evicted = [], set(), False, []
         return meta
 
     def _plan_stores(self, st: _ReqState, computed: int, scheduled: int, out: list[BlockTransfer]) -> None:
@@ -195,18 +211,24 @@ class WorldKVScheduler:
         # a rollback (failed load truncated by vLLM, preemption) recomputes blocks from `computed` on
         st.next_store = min(st.next_store, computed // self.block_size)
         full = min((computed + scheduled) // self.block_size, len(hashes), len(st.block_ids))
-        keys, ids = [], []
+        keys, ids, slots = [], [], []
         for i in range(st.next_store, full):
             key = bank_key(st.namespace, hashes[i])
-            if key in self._ready or key in self._owner:
+            if key in self.directory or key in self._owner:
                 continue  # banked already, or a store of it is in flight
+            got = self.directory.prepare_store(key, self.block_size)
+            if got is None:  # no room now (every slot pinned or in flight): skip, not an error
+                self.totals["store_skipped_blocks"] += 1
+                continue
+            self._evicted.extend(got[1])
             keys.append(key)
             ids.append(st.block_ids[i])
+            slots.append(got[0])
             self._owner[key] = st.request.request_id
             st.unconfirmed.add(key)
         st.next_store = max(st.next_store, full)
         if keys:
-            out.append(BlockTransfer(st.request.request_id, keys, ids))
+            out.append(BlockTransfer(st.request.request_id, keys, ids, slots))
 
     def update_connector_output(self, out: "KVConnectorOutput") -> None:
         meta = out.kv_connector_worker_meta
@@ -215,16 +237,33 @@ class WorldKVScheduler:
                 self._pending[key] += n
                 if self._pending[key] >= self.num_workers:
                     del self._pending[key]
-                    self._ready.add(key)
+                    if key not in self.directory and not self.directory.decides:
+                        self.directory.adopt(key, None, self.block_size)  # banked before a reset
+                    self.directory.complete_store(key, True, self.block_size)
                     self._confirm(key)
             for key in meta.lost:
-                # one worker lost its shard: the block is no longer loadable anywhere
-                self._ready.discard(key)
+                # one worker lost its shard: the block is no longer loadable anywhere, and the
+                # others free theirs (a key pinned by a load goes when its copy is over)
                 self._pending.pop(key, None)
+                self._drop(key)
                 self._confirm(key)
+            for key, n in meta.loaded.items():
+                self._loaded[key] += n
+                while self._loaded[key] >= self.num_workers:  # one planned load ended on every worker
+                    self._loaded[key] -= self.num_workers
+                    if self.directory.unpin(key, every=False):
+                        self._evicted.append(key)
+                if not self._loaded[key]:
+                    del self._loaded[key]
         for req_id in out.finished_sending or ():
             self._awaiting_send.discard(req_id)
             self._reqs.pop(req_id, None)
+
+    def _drop(self, key: BankKey) -> None:
+        if not self.directory.decides:
+            self.directory.forget(key)
+        elif self.directory.remove([key]):
+            self._evicted.append(key)
 
     def _confirm(self, key: BankKey) -> None:
         req_id = self._owner.pop(key, None)
@@ -263,8 +302,14 @@ class WorldKVScheduler:
         return bool(self._deferred or self._awaiting_send)
 
     def reset(self) -> bool:
-        """Forget every banked key and ask the workers to drop their unpinned entries."""
-        self._ready.clear()
+        """Forget every banked key and ask the workers to drop their unpinned entries (deciding:
+        evict every ready entry no planned load pins)."""
+        if self.directory.decides:
+            for key in [k for k in self.directory.ready_keys() if not self.directory.get(k).pins]:
+                self._drop(key)
+            return True
+        for key in list(self.directory.ready_keys()):
+            self.directory.forget(key)
         self._pending.clear()
         self._reset = True
         return True
@@ -274,8 +319,8 @@ class WorldKVScheduler:
         return out
 
     def is_ready(self, key: BankKey) -> bool:
-        return key in self._ready
+        return self.directory.ready_tokens(key) is not None
 
     @property
     def num_ready(self) -> int:
-        return len(self._ready)
+        return sum(1 for _ in self.directory.ready_keys())

@@ -7,6 +7,11 @@ ranges (:class:`BlockLayout`), and a request's blocks over all layers are planne
 numpy. Stores are issued in ``wait_for_save`` (after the forward wrote the step's KV, one job per
 request); loads in ``start_load_kv`` (one job per request). Nothing here
 knows about poses or compression: prefix KV must come back bit-exact.
+
+Slots: when the scheduler half decides them, each store names its slot and the metadata lists the
+keys evicted to free slots; the worker frees those first (one a copy still reads goes once its copy
+ended), reserves exactly the named slots (a taken one is a skipped, reported store, never an
+overwrite) and reports. A store without slots gets the bank's own choice and eviction.
 """
 from __future__ import annotations
 
@@ -120,6 +125,9 @@ class WorldKVWorker:
         self._failed_reqs: set[str] = set()  # requests with a failed load in this step
         self._stored: Counter = Counter()
         self._lost: set = set()
+        self._loaded: Counter = Counter()  # key -> loads of it that ended since the last report
+        self._directed: set = set()  # evictions being applied for the scheduler half (not reported)
+        self._evict_later: set = set()  # directed evictions of entries a copy still read
         self._warned_load_error = False
         self.totals: Counter = Counter()  # cumulative, see _count
         self._interval: Counter = Counter()
@@ -153,8 +161,20 @@ class WorldKVWorker:
         )
 
     def _on_evict(self, key: BankKey, entry: Any) -> None:
-        self._lost.add(key)
+        if key not in self._directed:  # the bank's own eviction: the scheduler half must hear of it
+            self._lost.add(key)
         self._count(evictions=1)
+
+    def _apply_evictions(self, keys) -> None:
+        """Free the scheduler half's victims; one a copy still pins goes once its copy ended."""
+        for key in keys:
+            self._directed.add(key)
+            try:
+                self.bank.free(key, evict=True)
+            except ValueError:
+                self._evict_later.add(key)
+            finally:
+                self._directed.discard(key)
 
     def _count(self, **deltas: float) -> None:
         for name, value in deltas.items():
@@ -193,6 +213,7 @@ class WorldKVWorker:
         if meta.reset:
             dropped = self.bank.free_where(lambda key: True)
             logger.info("WorldKV connector reset: dropped %d bank entries", dropped)
+        self._apply_evictions(meta.evicted)
         for load in meta.loads:
             self._loading.add(load.req_id)
             self._load_request(load)
@@ -216,6 +237,7 @@ class WorldKVWorker:
                 ok = self.bank.ensure_resident(key)
             if not ok:
                 self._fail_blocks(load.req_id, [block_id], [key], f"bank entry {key!r} is not loadable")
+                self._loaded[key] += 1  # this load of it is over
                 continue
             self.bank.pin(key)  # no eviction or spill under the copy
             self.bank.touch(key)  # a hit makes the entry young for LRU
@@ -244,14 +266,21 @@ class WorldKVWorker:
                 self._count(store_skipped_blocks=len(store.keys))
                 continue
             keys, ids = [], []
-            for key, block_id in zip(store.keys, store.block_ids):
+            for key, block_id, slot in zip(store.keys, store.block_ids, store.slots or [None] * len(store.keys)):
                 have = self.bank.get(key)
                 if have is not None:
-                    # already banked (the scheduler forgot it, e.g. after a reset): confirm it
-                    if have.ready:
+                    # already banked (the scheduler forgot it, e.g. after a reset): confirm it; one
+                    # the scheduler half placed elsewhere is lost (it evicts it everywhere)
+                    if have.ready and slot in (None, have.slot):
                         self._stored[key] += 1
+                    elif slot is not None:
+                        self._lost.add(key)
                     continue
-                entry = self.bank.reserve(key, self.block_size, meta={"layout": self.layout.name})
+                try:
+                    entry = self.bank.reserve(key, self.block_size, meta={"layout": self.layout.name}, slot=slot)
+                except ValueError as exc:  # the named slot is taken here: a fault, never an overwrite
+                    logger.warning("WorldKV store of %r skipped: %s", key, exc)
+                    entry = None
                 if entry is None:  # no room now (every slot pinned or in flight): skip, not an error
                     self._lost.add(key)
                     self._count(store_skipped_blocks=1)
@@ -294,6 +323,9 @@ class WorldKVWorker:
                     table[req_id] = left
                 else:
                     del table[req_id]
+        if self._evict_later:  # directed evictions whose copies ended now
+            later, self._evict_later = self._evict_later, set()
+            self._apply_evictions(later)
 
     def _finish_store(self, job: _Job) -> None:
         for key in job.keys:
@@ -313,6 +345,7 @@ class WorldKVWorker:
     def _finish_load(self, job: _Job) -> None:
         for key in job.keys:
             self.bank.unpin(key)
+            self._loaded[key] += 1
         if job.job.error:
             self._fail_blocks(job.req_id, job.block_ids, job.keys, job.job.error)
             return
@@ -334,10 +367,10 @@ class WorldKVWorker:
         return out
 
     def build_worker_meta(self) -> WorldKVWorkerMetadata | None:
-        if not self._stored and not self._lost:
+        if not self._stored and not self._lost and not self._loaded:
             return None
-        meta = WorldKVWorkerMetadata(stored=self._stored, lost=self._lost)
-        self._stored, self._lost = Counter(), set()
+        meta = WorldKVWorkerMetadata(stored=self._stored, lost=self._lost, loaded=self._loaded)
+        self._stored, self._lost, self._loaded = Counter(), set(), Counter()
         return meta
 
     def take_interval_stats(self) -> dict[str, float]:

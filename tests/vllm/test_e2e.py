@@ -254,3 +254,55 @@ def test_worker_half_round_trips_blocks_and_reports_missing_entries():
     assert detect_layout(torch.zeros(2, nb, bs, heads, dim), num_blocks=nb, block_size=bs, num_kv_heads=heads,
                          head_size=dim).name == "kv_nhd"
     w.shutdown()
+
+
+def test_scheduler_half_decides_the_slots_and_the_worker_follows():
+    import torch
+    from vllm.v1.outputs import KVConnectorOutput
+
+    from worldkv_connector.config import WorldKVConfig
+    from worldkv_connector.integration.vllm.scheduler import WorldKVScheduler, bank_key, request_namespace
+    from worldkv_connector.integration.vllm.worker import WorldKVWorker
+
+    nb, heads, bs, dim = 16, 2, 32, 32
+    kv = {f"layer{i}": torch.randn(nb, heads, bs, 2 * dim) for i in range(2)}  # vLLM CPU layout
+    slot = 2 * 2 * bs * heads * dim * 4  # layers x K,V x tokens x heads x dim x fp32
+    w = WorldKVWorker(WorldKVConfig(bank_bytes=3 * slot, keep_ratio=1.0, page_size=bs), block_size=bs, load_async=True)
+    w.register_kv_caches(kv, num_blocks=nb, num_kv_heads=heads, head_size=dim)
+    s = WorldKVScheduler(block_size=bs, num_workers=1, load_async=True, stores_in_flight=False, num_slots=3)
+    assert s.directory.decides and w.bank.num_slots == 3
+
+    def step(so):
+        meta = s.build_connector_meta(so)
+        w.start_load_kv(meta)
+        w.wait_for_save(meta)
+        _, recving = w.get_finished(set())
+        s.update_connector_output(KVConnectorOutput(kv_connector_worker_meta=w.build_worker_meta(),
+                                                    finished_recving=recving))
+        # the directory and the bank agree on every key's slot and readiness after every step
+        assert s.directory.slots() == {k: (w.bank.get(k).slot, w.bank.get(k).ready) for k in w.bank.keys()}
+        return meta
+
+    a = _request("a", [b"a0", b"a1", b"a2", b"a3"], 140)
+    s.on_new_request(a)
+    key = lambda h: bank_key(request_namespace(a), h)  # noqa: E731
+    (store,) = step(_sched_output(new=[("a", [0, 1, 2, 3, 4], 0, 140)])).stores
+    # three slots, the fourth block finds no room (every slot is being written): skipped, not an error
+    assert store.slots == [0, 1, 2] and store.keys == [key(b"a0"), key(b"a1"), key(b"a2")]
+    assert s.totals["store_skipped_blocks"] == 1 and s.num_ready == 3
+    # a hit pins its block: the next store evicts the least recently used unpinned one instead
+    b = _request("b", [b"a0", b"a1", b"b2"], 100)
+    assert s.get_num_new_matched_tokens(b, 0) == (64, True)
+    s.update_state_after_alloc(b, SimpleNamespace(get_block_ids=lambda: ([5, 6, 7],)), 64)
+    c = _request("c", [b"c0"], 40)
+    s.on_new_request(c)
+    meta = step(_sched_output(new=[("c", [8, 9], 0, 40)]))
+    assert meta.evicted == [key(b"a2")] and meta.stores[0].slots == [2]
+    assert [t.keys for t in meta.loads] == [[key(b"a0"), key(b"a1")]]
+    for t in kv.values():
+        assert torch.equal(t[5:7], t[0:2])  # a0, a1 (stored from blocks 0, 1) landed bit-exact
+    # the load was reported: its blocks are victims again, oldest retrieval first
+    d = _request("d", [b"d0"], 40)
+    s.on_new_request(d)
+    assert step(_sched_output(new=[("d", [10, 11], 0, 40)])).evicted == [key(b"a0")]
+    w.shutdown()

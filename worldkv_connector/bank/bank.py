@@ -150,10 +150,13 @@ class Bank:
 
     # --- allocation ----------------------------------------------------------------------------
     def reserve(self, key: BankKey, num_tokens: int, *, indices: torch.Tensor | None = None,
-                pose: np.ndarray | None = None, meta: dict | None = None) -> BankEntry | None:
+                pose: np.ndarray | None = None, meta: dict | None = None, slot: int | None = None) -> BankEntry | None:
         """Allocate a slot for ``key`` (not ready until ``mark_ready``), evicting per policy among
         ready, unpinned entries when the bank is full (spilling them to the disk tier if there is
         one). Returns None when there is still no room.
+
+        slot: take exactly this slot, decided by the owner of a ``SlotDirectory`` (no eviction
+        here); ``ValueError`` when it is out of range or taken, never an overwrite.
 
         indices: kept token ids ``[L, num_tokens]`` (or ``[num_tokens]``), any int dtype, any
         device; stored as CPU int64. pose: the entry's camera pose (any array-like).
@@ -163,11 +166,11 @@ class Bank:
             raise ValueError(f"bank key {key!r} already exists: free it before storing it again")
         self.layout.check_tokens(num_tokens)
         indices = self.layout.kept_indices(indices, num_tokens)
-        if not self._make_room():
+        if slot is None and not self._make_room():
             return None
         entry = BankEntry(key=key, slot=-1, num_tokens=num_tokens, nbytes=self.entry_bytes(num_tokens), tier=self.tier,
                           indices=indices, pose=None if pose is None else np.asarray(pose), meta=dict(meta or {}))
-        self._table.insert(entry)  # gives it a slot
+        self._table.insert(entry, slot)  # gives it a slot (ValueError: ``slot`` is taken or out of range)
         return entry
 
     def _make_room(self) -> bool:
@@ -195,15 +198,16 @@ class Bank:
         for fn in list(self._listeners):
             fn(key, entry)
 
-    def free(self, key: BankKey) -> bool:
-        """Release ``key``'s slot. False if absent; ValueError if a transfer still pins it."""
+    def free(self, key: BankKey, *, evict: bool = False) -> bool:
+        """Release ``key``'s slot; ``evict``: as an eviction decided by a ``SlotDirectory`` (counted in
+        ``evictions``, listeners told). False if absent; ValueError if a transfer still pins it."""
         self._check_open()
         entry = self._table.get(key)
         if entry is None:
             return False
         if entry.pins:
             raise ValueError(f"bank key {key!r} is pinned by {entry.pins} in-flight transfer(s): unpin it first")
-        self._remove(key)
+        self._evict(key) if evict else self._remove(key)
         return True
 
     def free_where(self, predicate: Callable[[BankKey], bool]) -> int:

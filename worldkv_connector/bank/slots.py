@@ -61,10 +61,20 @@ class SlotTable:
         return bool(self._free) or self._policy.choose_victim(self._entries) is not None
 
     # --- changes -----------------------------------------------------------------------------------
-    def insert(self, entry: BankEntry) -> None:
-        """List a new ``entry`` in the lowest free slot (``entry.slot`` and ``last_used`` are set).
-        The caller made room first."""
-        entry.slot = self._free.pop()
+    def is_free(self, slot: int) -> bool:
+        return slot in self._free
+
+    def insert(self, entry: BankEntry, slot: int | None = None) -> None:
+        """List a new ``entry`` in ``slot``, or in the lowest free slot when None (``entry.slot``
+        and ``last_used`` are set). The caller made room first (``ValueError`` when ``slot`` is taken)."""
+        if slot is None:
+            entry.slot = self._free.pop()
+        elif isinstance(slot, int) and not isinstance(slot, bool) and slot in self._free:
+            self._free.remove(slot)
+            entry.slot = slot
+        else:  # a taken slot is a fault of whoever chose it, never an overwrite
+            raise ValueError(f"slot {slot!r} for {entry.key!r} is out of range or taken: allowed one of the "
+                             f"{len(self._free)} free slots of 0 .. {self.num_slots - 1}")
         entry.last_used = self._tick()
         self._entries[entry.key] = entry
         self.bytes_used += entry.nbytes

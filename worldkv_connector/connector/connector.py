@@ -115,10 +115,15 @@ class WorldKVConnector(VideoKVConnector):
         self.config = resolve_config(connector_config_json, engine_config, kv_shape)
         auto = "bank_bytes" not in (json.loads(connector_config_json) if (connector_config_json or "").strip() else {})
         _check_bank_size(self.config, kv_shape, engine_config.frame_tokens, auto)
+        # the scheduler half decides the bank's slots from the same shape and config the bank is sized by
         self.scheduler = WorldKVScheduler(self.config, frame_tokens=engine_config.frame_tokens,
-                                          page_size=engine_config.page_size)
+                                          page_size=engine_config.page_size, kv_shape=kv_shape)
         self.worker = WorldKVWorker(self.config, kv_shape, page_size=engine_config.page_size, device=self.device,
                                     transfer=transfer)
+        slots = self.scheduler.directory.num_slots
+        if slots is not None and slots != self.worker.bank.num_slots:
+            raise RuntimeError(f"the scheduler half sized the bank at {slots} slots, the worker's bank has "
+                               f"{self.worker.bank.num_slots}")
         # False: a finished session's bank and index entries go once its stores ended
         self.retain_finished_sessions = False
         self._closed = False

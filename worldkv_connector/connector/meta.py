@@ -41,6 +41,9 @@ class StoreSpec:
     # be re-indexed by pose after load_bank (None: unknown, the entry is not re-indexable)
     frame_poses: np.ndarray | None = field(default=None, compare=False, repr=False)
     first_frame: int = -1  # latent frame its keys were written at (temporal RoPE), -1: unknown
+    # the bank slot the scheduler half chose (``SlotDirectory.prepare_store``); None: the bank picks
+    # (a bank with a disk tier, or a worker driven without a scheduler half)
+    slot: int | None = None
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,13 @@ class WorldKVMetadata:
     rope_deltas: list[RopeDelta] = field(default_factory=list)
     released: list[ChunkKey] = field(default_factory=list)  # chunks that left the hot set
     finished_sessions: list[str] = field(default_factory=list)  # sessions that ended since the last plan
+    # bank entries the scheduler half evicted to make room for this step's stores: the worker frees
+    # them before it reserves the stores' slots
+    evicted: list[ChunkKey] = field(default_factory=list)
 
     def is_empty(self) -> bool:
-        return not (self.loads or self.stores or self.rope_deltas or self.released or self.finished_sessions)
+        return not (self.loads or self.stores or self.rope_deltas or self.released or self.finished_sessions
+                    or self.evicted)
 
 
 @dataclass(frozen=True)
@@ -89,4 +96,4 @@ class WorkerReport:
     stores: list[StoreResult] = field(default_factory=list)
     loads_done: list[ChunkKey] = field(default_factory=list)
     loads_failed: list[ChunkKey] = field(default_factory=list)
-    evicted: list[ChunkKey] = field(default_factory=list)  # bank entries dropped by bank eviction
+    evicted: list[ChunkKey] = field(default_factory=list)  # entries the bank dropped on its own (not directed)

@@ -93,7 +93,7 @@ def load_connector_bank(connector, path: str | os.PathLike) -> list[ChunkKey]:
         entry = bank.get(key)
         first = entry.meta.get("first_frame")
         first = first if isinstance(first, int) and not isinstance(first, bool) and first >= 0 else None
-        connector.scheduler.adopt(key[0], key[1], entry.num_tokens, poses[key], first)
+        connector.scheduler.adopt(key[0], key[1], entry.num_tokens, poses[key], first, slot=entry.slot)
     connector.worker.metrics.set_bank(bank.stats())
     sessions = sorted({k[0] for k in keys})
     logger.info("resumed %d chunk(s) of session(s) %s from %s; their chunk ids continue from %s", len(keys),

@@ -9,7 +9,10 @@ the configured policy), picks ``retrieval_chunks`` of them and plans:
   the engine through ``request.release_pages`` (the engine frees those after the step, so within
   a step a session may hold up to ``hot_chunks`` + the step's new loads).
 - **stores** for every committed chunk (write-through: every chunk is banked, not only evicted
-  ones). A chunk becomes a retrieval candidate only once its store completed.
+  ones), each with its bank slot and the entries evicted to free it, decided here by the
+  ``SlotDirectory`` (vLLM's ``prepare_store``: the worker only copies and reports). A planned load
+  pins its entry until the worker reports it, so no victim is an entry a load was planned for. A
+  chunk becomes a retrieval candidate only once its store completed.
 - **frees** of evicted chunks' pages, only after their store ended (``take_pages_to_free``).
 - **RoPE deltas** (``rope_correction``): each resident chunk's current temporal position is
   tracked; when its target moves, the worker rotates it from its original position (reloading
@@ -24,9 +27,10 @@ Eviction timing: the engine announces a chunk leaving its recent window in the s
 ``SchedulerOutput.evicted``; its pages wait in ``_awaiting`` until its store ended and are then
 returned by ``take_pages_to_free`` (write-through: never before).
 
-Session end: ``request_finished`` returns the hot set at once; once the session's last store
-ended, ``take_ended_sessions`` hands it to the facade, which forgets it here (``forget_session``:
-index entries and state) and frees its bank entries in the worker. Nothing per chunk outlives its
+Session end: ``request_finished`` returns the hot set at once and makes the session's bank entries
+the directory's first victims; once the session's last store ended, ``take_ended_sessions`` hands
+it to the facade, which forgets it here (``forget_session``: index and directory entries, state)
+and frees its bank entries in the worker. Nothing per chunk outlives its
 bank entry, so the bookkeeping is bounded by the bank and the windows, not by the rollout length.
 
 Resumed sessions (``adopt``, from ``WorldKVConnector.load_bank``): loaded chunks keep their saved
@@ -41,11 +45,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from worldkv_connector.bank.directory import SlotDirectory
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.connector.meta import ChunkKey, LoadSpec, RopeDelta, StoreSpec, WorkerReport, WorldKVMetadata
 from worldkv_connector.retrieval import PoseIndex
 from worldkv_connector.connector.api import ChunkRequest, ExternalChunk, SchedulerOutput
 from worldkv_connector.metrics import ConnectorMetrics
+from worldkv_connector.shapes import KVShape
 
 __all__ = ["WorldKVScheduler"]
 
@@ -65,7 +71,6 @@ class _Resident:
 
 @dataclass
 class _Session:
-    banked: dict[int, int] = field(default_factory=dict)  # chunk id -> tokens per layer in the bank
     resident: dict[int, _Resident] = field(default_factory=dict)  # hot set
     finished: bool = False
     base: int = 0  # chunk id of the engine's chunk 0 (> 0 for a resumed session)
@@ -77,16 +82,22 @@ class WorldKVScheduler:
     """Retrieval planning and page bookkeeping of one engine (one scheduler process).
 
     config: the resolved ``WorldKVConfig`` (window equal to the engine's). frame_tokens: tokens per
-    latent frame; page_size: the engine's tokens per page.
+    latent frame; page_size: the engine's tokens per page. kv_shape: the model's KV shape, which sizes
+    the bank: with it the ``directory`` decides the bank's slots and evictions (unless the config has
+    a disk tier); without it the bank decides and the directory lists what the worker reports.
     """
 
-    def __init__(self, config: WorldKVConfig, *, frame_tokens: int, page_size: int) -> None:
+    def __init__(self, config: WorldKVConfig, *, frame_tokens: int, page_size: int,
+                 kv_shape: KVShape | None = None) -> None:
         self.config = config
         self.frame_tokens = frame_tokens
         self.page_size = page_size
         self.fpc = config.frames_per_chunk
         self.chunk_tokens = self.fpc * frame_tokens
         self.index = PoseIndex.from_config(config)
+        self.directory = (SlotDirectory.for_shape(kv_shape, config) if kv_shape is not None
+                          else SlotDirectory(None, config.eviction))
+        self._warned = False
         self.metrics = ConnectorMetrics()
         self._sessions: dict[str, _Session] = {}
         self._step = 0
@@ -150,13 +161,17 @@ class WorldKVScheduler:
                 externals.append(ExternalChunk(cid, r.num_tokens, list(r.page_ids), needs_load=False))
             else:
                 self.metrics.retrieval_misses += 1
-                n = s.banked[cid]
+                n = self.directory.ready_tokens((request.session_id, cid))
+                if n is None:  # the index lists only banked chunks: never plan a load of a gone one
+                    logger.warning("chunk %s is indexed but not banked: not retrieved", (request.session_id, cid))
+                    continue
                 externals.append(ExternalChunk(cid, n, [], needs_load=True))
                 new_tokens += n
         # hot set: the chosen chunks plus the most recently used others, at most hot_chunks
         keep = set(chosen)
         others = sorted(
-            (cid for cid, r in s.resident.items() if cid not in keep and r.valid and cid in s.banked),
+            (cid for cid, r in s.resident.items() if cid not in keep and r.valid
+             and self.directory.ready_tokens((request.session_id, cid)) is not None),
             key=lambda cid: (-s.resident[cid].last_used, cid),
         )
         keep.update(others[: max(0, self.config.hot_chunks - len(chosen))])
@@ -191,6 +206,7 @@ class WorldKVScheduler:
             s.resident[ext.chunk_id] = _Resident(tuple(pages), ext.num_tokens, self._position(s, ext.chunk_id),
                                                  self._step)
             self._loads.append(LoadSpec(key, tuple(pages), ext.num_tokens))
+            self.directory.pin(key)  # no victim until the worker reports the load; a retrieval (LRU)
         if self.config.rope_correction and request.external:
             # retrieved chunks sit contiguously just before the recent window (which starts at the
             # first frame after the sink when the rollout is still short)
@@ -206,6 +222,8 @@ class WorldKVScheduler:
                     # from the original keys every time (reload them if the pages hold rotated ones)
                     self._ropes.append(RopeDelta(key, r.page_ids, self._page_lens(r.num_tokens), target - origin,
                                                  reload=r.position != origin))
+                    if r.position != origin:  # the reload reads the bank entry: no victim until reported
+                        self.directory.pin(key, touch=False)
                     r.position = target
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> WorldKVMetadata:
@@ -213,15 +231,47 @@ class WorldKVScheduler:
         self._step = scheduler_output.step
         for ev in scheduler_output.evicted:
             self._awaiting[(ev.session_id, self._session(ev.session_id).base + ev.chunk_id)] = tuple(ev.page_ids)
-        stores = []
+        stores, evicted = [], []
         for cc in scheduler_output.committed:
             key = (cc.session_id, self._session(cc.session_id).base + cc.chunk_id)
             poses = np.asarray(cc.frame_poses, dtype=np.float64)
+            got = self._prepare_store(key, cc.num_tokens)
+            if got is None:
+                continue
+            slot, victims = got
+            evicted.extend(victims)
             self._store_pending[key] = poses
-            stores.append(StoreSpec(key, tuple(cc.page_ids), cc.num_tokens, poses, cc.chunk_id * self.fpc))
-        meta = WorldKVMetadata(self._step, self._loads, stores, self._ropes, self._released, self._finished)
+            stores.append(StoreSpec(key, tuple(cc.page_ids), cc.num_tokens, poses, cc.chunk_id * self.fpc, slot))
+        meta = WorldKVMetadata(self._step, self._loads, stores, self._ropes, self._released, self._finished, evicted)
         self._loads, self._ropes, self._released, self._finished = [], [], [], []
         return meta
+
+    def _prepare_store(self, key: ChunkKey, num_tokens: int) -> tuple[int | None, list[ChunkKey]] | None:
+        """The directory's ``(slot, victims)`` for ``key``'s store (slot None: the bank picks), the
+        victims dropped from the index. None when it is not banked (no room, or already banked): it
+        ends at once, as a failed store (its pages are freed without waiting for a copy)."""
+        try:
+            got = self.directory.prepare_store(key, num_tokens)
+            why = "the bank has no free slot (every entry is pinned or being written)"
+        except ValueError as exc:
+            got, why = None, str(exc)
+        if got is None:
+            self.metrics.store_errors += 1
+            # the first failure is a warning; repeats are debug so a full bank cannot flood the log
+            (logger.debug if self._warned else logger.warning)("chunk %s not banked: %s", key, why)
+            self._warned = True
+            self._stores_ended.add(key)
+            return None
+        for sid, cid in got[1]:
+            self._drop_banked(sid, cid)
+        return got
+
+    def _drop_banked(self, sid: str, cid: int) -> None:
+        """A banked chunk left the bank: it is no retrieval candidate any more."""
+        self.index.remove(sid, cid)
+        s = self._sessions.get(sid)
+        if s is not None:
+            s.origin.pop(cid, None)
 
     def request_finished(self, session_id: str, block_ids: list[int]) -> tuple[bool, dict | None]:
         """Session ended. Its hot set goes back at the next ``take_pages_to_free``; True asks the
@@ -229,6 +279,7 @@ class WorldKVScheduler:
         s = self._session(session_id)
         s.finished = True
         self._finished.append(session_id)
+        self.directory.finish_session(session_id)  # its entries stay while there is room
         self._ending.add(session_id)
         for cid, r in s.resident.items():
             self._free_now.extend(r.page_ids)
@@ -249,11 +300,13 @@ class WorldKVScheduler:
         return out
 
     def forget_session(self, session_id: str) -> int:
-        """Drop a session's index entries and state (its bank entries are the worker's to free).
-        Returns how many chunks it had indexed. Its stores must have ended."""
+        """Drop a session's index entries, directory entries and state (the worker frees its bank
+        entries: ``WorldKVWorker.end_session``). Returns how many chunks it had indexed. Its stores
+        must have ended."""
         if any(key[0] == session_id for key in self._store_pending):
             raise ValueError(f"forget_session({session_id!r}): its stores are still in flight")
         self._ending.discard(session_id)
+        self.directory.remove_session(session_id)  # a pinned entry goes once its load is reported
         s = self._sessions.pop(session_id, None)
         if s is not None:
             for r in s.resident.values():  # a live session being dropped: its hot pages go back
@@ -264,16 +317,19 @@ class WorldKVScheduler:
         """True once the session ran a step (or was adopted) and was not forgotten."""
         return session_id in self._sessions
 
-    def adopt(self, session_id: str, chunk_id: int, num_tokens: int, frame_poses, first_frame: int | None) -> None:
-        """Index a chunk loaded into the bank from a saved bank (``load_bank``): it becomes a
-        retrieval candidate of ``session_id``, whose new chunks get ids after it.
+    def adopt(self, session_id: str, chunk_id: int, num_tokens: int, frame_poses, first_frame: int | None,
+              slot: int | None = None) -> None:
+        """Index a chunk loaded into the bank from a saved bank (``load_bank``) or the remote tier:
+        it becomes a retrieval candidate of ``session_id``, whose new chunks get ids after it.
         frame_poses: [frames_per_chunk, 4, 4] camera-to-world; first_frame: latent frame its keys
-        were written at (None: ``chunk_id * frames_per_chunk``)."""
-        s = self._session(session_id)
-        if chunk_id in s.banked:
+        were written at (None: ``chunk_id * frames_per_chunk``); slot: the bank slot it was given
+        (needed when the directory decides the slots)."""
+        key = (session_id, chunk_id)
+        if key in self.directory:
             raise ValueError(f"adopt: chunk {chunk_id} of session {session_id!r} is already banked")
+        self.directory.adopt(key, slot, num_tokens)
+        s = self._session(session_id)
         self.index.add(session_id, chunk_id, frame_poses)
-        s.banked[chunk_id] = num_tokens
         s.origin[chunk_id] = chunk_id * self.fpc if first_frame is None else first_frame
         s.base = max(s.base, chunk_id + 1)
 
@@ -286,25 +342,26 @@ class WorldKVScheduler:
 
     # --- worker feedback ------------------------------------------------------------------------
     def update_connector_output(self, report: WorkerReport) -> None:
-        """Apply what the worker finished: banked chunks become candidates, evicted entries leave
-        the index, failed loads leave the hot set."""
+        """Apply what the worker finished: banked chunks become candidates, entries the bank dropped
+        on its own leave the index, reported loads unpin their entries, failed loads leave the hot
+        set."""
         for res in report.stores:
             poses = self._store_pending.pop(res.key, None)
             self._stores_ended.add(res.key)
             if poses is None:
                 logger.debug("store result for unknown chunk %s ignored", res.key)
                 continue
-            if res.ok:
+            self.directory.complete_store(res.key, res.ok, res.num_tokens)
+            if res.ok and self.directory.ready_tokens(res.key) is not None:
                 sid, cid = res.key
                 self.index.add(sid, cid, poses)
-                self._session(sid).banked[cid] = res.num_tokens
         for sid, cid in report.evicted:
-            self.index.remove(sid, cid)
-            s = self._sessions.get(sid)
-            if s is not None:
-                s.banked.pop(cid, None)
-                s.origin.pop(cid, None)
+            self.directory.forget((sid, cid))
+            self._drop_banked(sid, cid)
+        for key in report.loads_done:
+            self.directory.unpin(key)
         for sid, cid in report.loads_failed:
+            self.directory.unpin((sid, cid))
             s = self._sessions.get(sid)
             r = None if s is None else s.resident.get(cid)
             if r is not None:
@@ -332,7 +389,7 @@ class WorldKVScheduler:
     def banked_chunks(self, session_id: str) -> list[int]:
         """Chunk ids of the session that are banked and retrievable, ascending."""
         s = self._sessions.get(session_id)
-        return [] if s is None else sorted(s.banked)
+        return [] if s is None else sorted(cid for sid, cid in self.directory.ready_keys() if sid == session_id)
 
     def pending_stores(self, session_id: str | None = None) -> int:
         """Stores in flight (of one session, or of all)."""

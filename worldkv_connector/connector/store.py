@@ -81,7 +81,8 @@ class StorePath:
 
     # --- per step -------------------------------------------------------------------------------
     def begin_step(self, stores: list[StoreSpec]) -> None:
-        """Reserve bank slots and plan the page gather of this step's committed chunks."""
+        """Reserve bank slots (the slot each spec names, or the bank's choice when it names none) and
+        plan the page gather of this step's committed chunks."""
         if any(not st.closed for st in self._stores.values()):
             self.end_step()  # the previous clean pass never reached wait_for_save (a failed step)
         chunk_tokens = None
@@ -103,13 +104,14 @@ class StorePath:
                 # pose and first frame travel with the entry so a saved bank can be re-indexed
                 meta = {"first_frame": spec.first_frame} if spec.first_frame >= 0 else None
                 try:
-                    entry = self.bank.reserve(spec.key, self.kept, indices=idx, pose=spec.frame_poses, meta=meta)
+                    entry = self.bank.reserve(spec.key, self.kept, indices=idx, pose=spec.frame_poses, meta=meta,
+                                              slot=spec.slot)
                     if entry is not None and self.config.compression != "novelty":
                         # merge counts travel with the entry like the kept ids (tempcache's logit bias)
                         entry.counts = torch.ones(self.num_layers, self.kept, pin_memory=self._pin)
                     if entry is None:
                         self._fail_early(spec, "the bank has no free slot (every entry is pinned or being written)")
-                except ValueError as exc:  # e.g. the key is already banked: never fail the step
+                except ValueError as exc:  # the key is already banked, or its slot is taken: never fail the step
                     self._fail_early(spec, str(exc))
             st = _Store(spec, entry, failed=entry is None)
             self._stores[spec.key] = st

@@ -3,8 +3,14 @@
 It runs the scheduler half's per-step plan (``WorldKVMetadata``): loads at ``start_load_kv``
 (``load.LoadPath``), stores at ``save_kv_layer`` (``store.StorePath``), and polls its transfer jobs
 in ``poll`` (called from ``get_finished``), which returns a ``WorkerReport`` for the scheduler half:
-banked chunks, failed loads and bank evictions. Entries become retrievable only once their store
-job completed.
+banked chunks, failed loads and the bank's own evictions. Entries become retrievable only once
+their store job completed.
+
+Slots: the scheduler half decides them (``bank.directory.SlotDirectory``): each ``StoreSpec`` names
+its slot and the metadata lists the entries evicted to free it; the worker frees those, then
+reserves exactly the named slots, and only copies and reports. A spec without a slot (a bank with
+a disk tier, where the bank decides its spills; a worker driven on its own) gets the bank's own
+choice and eviction, finished sessions' entries first (``_reclaim``).
 
 The transfer engine is a public attribute (``worker.transfer``) so a test or a host can swap in an
 instrumented one between steps (``WorldKVConnector.wrap_transfer`` does it for a wrapper such as
@@ -53,7 +59,8 @@ class WorldKVWorker:
         self.bank = Bank.for_shape(kv_shape, config, device=bank_device)
         self.transfer = transfer if transfer is not None else TransferEngine.for_config(config, self.device)
         self.metrics = ConnectorMetrics()
-        self._evicted: list[ChunkKey] = []
+        self._evicted: list[ChunkKey] = []  # the bank's own evictions since the last poll
+        self._directed: set[ChunkKey] = set()  # evictions being applied for the scheduler half
         self._dead: set[str] = set()  # finished sessions whose entries may be reclaimed first
         self._ending: set[str] = set()  # ended sessions whose entries are freed once unpinned
         self.bank.add_evict_listener(self._on_evict)
@@ -69,7 +76,8 @@ class WorldKVWorker:
         self.metrics.set_bank(self.bank.stats())
 
     def _on_evict(self, key, entry: BankEntry) -> None:
-        self._evicted.append(key)
+        if key not in self._directed:  # the bank's own eviction: the scheduler half must hear of it
+            self._evicted.append(key)
 
     # --- setup ----------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -115,11 +123,25 @@ class WorldKVWorker:
         if meta.finished_sessions:
             self._dead.update(s for s in meta.finished_sessions if s not in self._ending)
             self._prune_dead()
-        # loads first: they pin their entries, so reserving store slots cannot evict them
+        # loads first: they pin their entries, so neither an eviction nor a store can take them
         self.loads.begin_step(meta.loads, meta.rope_deltas, self.layer_names, self.kv_caches, self.transfer)
-        if self._dead and self.bank.free_slots < len(meta.stores):
-            self._reclaim(len(meta.stores))
+        self._apply_evictions(meta.evicted)  # the scheduler half's victims go before their slots are reused
+        chosen_here = sum(1 for spec in meta.stores if spec.slot is None)  # the bank picks these slots
+        if self._dead and chosen_here and self.bank.free_slots < chosen_here:
+            self._reclaim(chosen_here)
         self.stores.begin_step(meta.stores)
+
+    def _apply_evictions(self, keys: list[ChunkKey]) -> None:
+        """Free the entries the scheduler half evicted (counted as evictions, not reported back: the
+        scheduler half decided them). One a transfer still pins is a fault, logged, never forced:
+        the store given its slot then fails (``Bank.reserve`` refuses a taken slot)."""
+        for key in keys:
+            self._directed.add(key)
+            try:
+                self.bank.free(key, evict=True)  # False: already gone (e.g. dropped by the host since)
+            except ValueError as exc:
+                logger.warning("directed eviction of %s refused: %s", key, exc)
+        self._directed.clear()
 
     def _reclaim(self, slots: int) -> None:
         """Free entries of finished sessions (oldest first) until ``slots`` slots are free: they

@@ -123,7 +123,8 @@ def resume_remote(connector, session_id: str, *, source: str | None = None, io=N
         if out is not view:
             view.copy_(out)
         bank.mark_ready(key)
-        connector.scheduler.adopt(session_id, rec.chunk, rec.num_tokens, poses, rec.first_frame)
+        connector.scheduler.adopt(session_id, rec.chunk, rec.num_tokens, poses, rec.first_frame,
+                                  slot=bank.get(key).slot)
         adopted.append(key)
     connector.worker.metrics.set_bank(bank.stats())
     logger.info("resumed %d of %d committed chunk(s) of %r from the remote tier (%s) into session %r; "
