@@ -29,13 +29,14 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.bank.disk import DISK, DiskTier, NotResidentError
 from worldkv_connector.bank.entry import BankEntry, BankKey
 from worldkv_connector.bank.layout import BankLayout
 from worldkv_connector.bank.slab import allocate_slab, check_bank_memory, release_slab, resolve_device
 from worldkv_connector.bank.slots import SlotTable, bank_stats
 from worldkv_connector.bank.spill import DiskSpill
+from worldkv_connector.checks import check_int
+from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.remote.tier import RemoteTier
 from worldkv_connector.shapes import KVShape
 
@@ -352,8 +353,7 @@ class Bank:
     def slot_view(self, slot: int) -> torch.Tensor:
         """``[num_layers, 2, slot_tokens, H, D]`` view of one slot, bank dtype, bank device."""
         self._check_open()
-        if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < self.num_slots:
-            raise ValueError(f"slot={slot!r} is out of range: allowed 0 <= slot < {self.num_slots}")
+        slot = check_int("slot", slot, 0, self.num_slots - 1)
         return self._slab[slot]
 
     def view(self, key: BankKey) -> torch.Tensor:

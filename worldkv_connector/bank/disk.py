@@ -28,6 +28,7 @@ from typing import Callable, Hashable
 
 import torch
 
+from worldkv_connector.checks import check_int
 from worldkv_connector.config import WorldKVConfig
 
 __all__ = ["DiskTier", "DiskTierConfig", "DiskTierError", "NotResidentError", "DISK"]
@@ -54,8 +55,7 @@ class DiskTierConfig:
         if not isinstance(self.path, (str, os.PathLike)) or not str(self.path):
             raise ValueError(f"DiskTierConfig.path={self.path!r}: expected a non-empty directory path")
         cap = self.capacity_bytes
-        if not isinstance(cap, int) or isinstance(cap, bool) or not 1 <= cap <= 1 << 52:
-            raise ValueError(f"DiskTierConfig.capacity_bytes={cap!r} is out of range: allowed 1 <= capacity_bytes <= {1 << 52}")
+        check_int("DiskTierConfig.capacity_bytes", cap, 1, 1 << 52)
 
 
 @dataclass

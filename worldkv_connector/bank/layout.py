@@ -12,14 +12,13 @@ from typing import Any
 import torch
 
 from worldkv_connector.bank.slab import TIERS
+from worldkv_connector.checks import check_int
 
 __all__ = ["BankLayout"]
 
 
 def _positive_int(name: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"Bank {name}={value!r}: expected a positive int")
-    return value
+    return check_int(f"Bank {name}", value, 1)
 
 
 @dataclass(frozen=True)
@@ -75,8 +74,7 @@ class BankLayout:
         return (self.num_layers, 2, num_tokens, self.num_kv_heads, self.head_dim)
 
     def check_tokens(self, num_tokens: Any) -> None:
-        if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or not 1 <= num_tokens <= self.slot_tokens:
-            raise ValueError(f"num_tokens={num_tokens!r} is out of range: allowed 1 <= num_tokens <= {self.slot_tokens}")
+        check_int("num_tokens", num_tokens, 1, self.slot_tokens)
 
     def kept_indices(self, indices: torch.Tensor | None, num_tokens: int) -> torch.Tensor | None:
         """Kept token ids ``[L, num_tokens]`` (or ``[num_tokens]``), any int dtype and device, as CPU

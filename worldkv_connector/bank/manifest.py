@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from worldkv_connector.bank.files import bank_dir
+from worldkv_connector.checks import check_int
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.shapes import KVShape
 
@@ -80,8 +81,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
     shape = manifest["kv_shape"]
     for name in ("num_layers", "num_kv_heads", "head_dim", "frame_tokens"):
         value = shape.get(name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{file}: kv_shape.{name}={value!r}: expected a positive int")
+        check_int(f"{file}: kv_shape.{name}", value, 1)
     if shape.get("dtype") not in _DTYPES:
         raise ValueError(f"{file}: kv_shape.dtype={shape.get('dtype')!r}: expected one of {sorted(set(_DTYPES))}")
     seen: dict = {}

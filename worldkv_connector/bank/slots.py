@@ -11,6 +11,7 @@ from typing import Any, Iterator
 from worldkv_connector.bank.disk import DISK
 from worldkv_connector.bank.entry import BankEntry, BankKey
 from worldkv_connector.bank.eviction import EvictionPolicy, get_eviction
+from worldkv_connector.checks import is_int
 
 __all__ = ["SlotTable", "bank_stats"]
 
@@ -69,7 +70,7 @@ class SlotTable:
         and ``last_used`` are set). The caller made room first (``ValueError`` when ``slot`` is taken)."""
         if slot is None:
             entry.slot = self._free.pop()
-        elif isinstance(slot, int) and not isinstance(slot, bool) and slot in self._free:
+        elif is_int(slot) and slot in self._free:
             self._free.remove(slot)
             entry.slot = slot
         else:  # a taken slot is a fault of whoever chose it, never an overwrite

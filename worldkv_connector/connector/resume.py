@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from worldkv_connector.bank import persist
+from worldkv_connector.checks import is_int
 from worldkv_connector.connector.meta import ChunkKey
 from worldkv_connector.retrieval.poses import validate_poses
 
@@ -92,7 +93,7 @@ def load_connector_bank(connector, path: str | os.PathLike) -> list[ChunkKey]:
     for key in keys:
         entry = bank.get(key)
         first = entry.meta.get("first_frame")
-        first = first if isinstance(first, int) and not isinstance(first, bool) and first >= 0 else None
+        first = first if is_int(first) and first >= 0 else None
         connector.scheduler.adopt(key[0], key[1], entry.num_tokens, poses[key], first, slot=entry.slot)
     connector.worker.metrics.set_bank(bank.stats())
     sessions = sorted({k[0] for k in keys})
