@@ -151,7 +151,7 @@ class BlockManager:
     def release(self, pages: list[int], owner: str) -> list[int]:
         """Drop one hold of ``owner`` on each page; returns the pages that became free."""
         held = self._holds.get(owner, collections.Counter())
-        need = collections.Counter(pages) if len(set(pages)) != len(pages) else dict.fromkeys(pages, 1)
+        need = collections.Counter(pages)
         for p, n in need.items():
             if held[p] < n:
                 raise ValueError(f"page {p}: owner {owner!r} holds it {held[p]} time(s), asked to release {n}")

@@ -57,10 +57,11 @@ class StorePath:
         self._stores: dict[ChunkKey, _Store] = {}
         self._step: list[_Store] = []  # this step's stores, batch order
         self._rows: torch.Tensor | None = None  # [B, T] int64 flat page slots of the step's chunks
-        # bank side of the step's copies (``_plan_bank_side``): per chunk 3 addresses, steps, storages
-        self._dst0: list = []
-        self._dst_step: list = []
-        self._dst_store: list = []
+        # bank side of the step's copies (``_plan_bank_side``): every layer's (K, V, ids) addresses of
+        # each chunk as [L, 3B] array and lists, their storage indices [3B], the tensors they point into
+        self._dst_arr: np.ndarray | None = None
+        self._dst_lists: list = []
+        self._dst_store_arr: np.ndarray | None = None
         self._bank_keep: tuple = ()
         self._bank_storages: tuple = ()
         self._jobs: dict[int, list[ChunkKey]] = {}  # job id -> keys it writes
@@ -193,29 +194,26 @@ class StorePath:
         self._log(f"store of layer {layer} failed for {[st.spec.key for st in live]}: {type(exc).__name__}: {exc}")
 
     def _plan_bank_side(self) -> None:
-        """Bank-side addresses of the step's stores for layer 0 and their per-layer step, one
-        (K rows, V rows, kept ids) triple per chunk, as ints: a store job has 3 fragments per chunk,
-        too few for numpy to pay off."""
+        """Bank-side addresses of the step's stores, one (K rows, V rows, kept ids) triple per chunk,
+        for every layer at once (layer l: layer 0's addresses plus l times the slot's layer stride), so
+        a layer's plan reads its row instead of converting addresses again."""
         views = [self.bank.view(st.spec.key) for st in self._step]  # [L, 2, T', H, D]
         idx = [st.entry.indices for st in self._step]  # [L, T'] int64 each
         item = views[0].element_size()
-        # layer 0's K rows, V rows (one K/V stride on) and kept ids of each chunk
-        self._dst0 = [(w.data_ptr(), w.data_ptr() + w.stride(1) * item, i.data_ptr()) for w, i in zip(views, idx)]
-        self._dst_step = [(w.stride(0) * item, w.stride(0) * item, i.stride(0) * i.element_size())
-                          for w, i in zip(views, idx)]
+        # layer 0's K rows, V rows (one K/V stride on) and kept ids of each chunk, and their layer steps
+        dst0 = [(w.data_ptr(), w.data_ptr() + w.stride(1) * item, i.data_ptr()) for w, i in zip(views, idx)]
+        step = [(w.stride(0) * item, w.stride(0) * item, i.stride(0) * i.element_size()) for w, i in zip(views, idx)]
         self._bank_keep = (*views, *idx)
         bases = {t.untyped_storage().data_ptr(): t.device for t in self._bank_keep}
         self._bank_storages = tuple(bases.items())
         where = {base: j + 3 for j, base in enumerate(bases)}  # after the k, v, ids storages
-        self._dst_store = [(where[w.untyped_storage().data_ptr()],) * 2 + (where[i.untyped_storage().data_ptr()],)
-                           for w, i in zip(views, idx)]
-        # every layer's bank-side fragments at once (layer l: chunk-major (K, V, ids) triples), so a
-        # layer's plan reads its row instead of converting addresses again
-        d0 = np.array(self._dst0, dtype=np.uint64).reshape(-1)  # [3B] layer 0
-        step = np.array(self._dst_step, dtype=np.uint64).reshape(-1)
-        self._dst_arr = d0 + np.arange(self.num_layers, dtype=np.uint64)[:, None] * step  # [L, 3B]
-        self._dst_lists = self._dst_arr.tolist()
-        self._dst_store_arr = np.array(self._dst_store, dtype=np.int64).reshape(-1)  # [3B]
+        stores = [(where[w.untyped_storage().data_ptr()],) * 2 + (where[i.untyped_storage().data_ptr()],)
+                  for w, i in zip(views, idx)]
+        layers = np.arange(self.num_layers, dtype=np.uint64)[:, None]
+        d0, dstep = (np.array(x, dtype=np.uint64).reshape(-1) for x in (dst0, step))  # [3B] each
+        self._dst_arr = d0 + layers * dstep  # [L, 3B]
+        self._dst_lists = self._dst_arr.tolist()  # [L][3B] for the host copy path
+        self._dst_store_arr = np.array(stores, dtype=np.int64).reshape(-1)  # [3B]
 
     def _check_sources(self, b: int, srcs: tuple) -> None:
         """Validate one layer's (k, v, ids) against the step's stores; sets their row steps and the
@@ -240,7 +238,7 @@ class StorePath:
         """Layer ``layer``'s copies: row j of k, v, ids -> the bank slot of the j-th live store
         (``live``: their indices into the step). Built from ints (3 fragments per chunk), with the
         int lists the host copy path takes."""
-        b, t = len(live), self.kept
+        b = len(live)
         srcs = (k, v, ids)
         # every layer of a step usually brings sources of one layout: checked in full once per layout
         layout = (b, k.shape, v.shape, ids.shape, k.dtype, v.dtype, ids.dtype, k.stride(), v.stride(), ids.stride(),

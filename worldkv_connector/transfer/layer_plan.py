@@ -197,8 +197,8 @@ def plan_layer_copies(pools, slots: Sequence[torch.Tensor], page_ids: Sequence, 
         _check_slot(pp, c, t, int(totals[c]))
     ids, lens = ids.astype(np.uint64), lens.astype(np.uint64)
     # slot storages: index 1.. after the pool's (index 0 of every layer's table)
-    slot_bases, slot_index = _slot_bases(slots)
-    slot_store = np.asarray([slot_index[_storage(t)[0]] for t in slots], dtype=np.int64)
+    slot_bases, store_of = _slot_bases(slots)
+    slot_store = np.asarray(store_of, dtype=np.int64)
     slot_ptr = np.asarray([t.data_ptr() for t in slots], dtype=np.uint64)
     slot_layer = np.asarray([t.stride(0) * item for t in slots], dtype=np.uint64)
     slot_kv = np.asarray([t.stride(1) * item for t in slots], dtype=np.uint64)
@@ -235,10 +235,13 @@ def _check_slot(pp: PagePools, c: int, t, total: int) -> None:
         raise ValueError(f"slot[{c}]: expected contiguous [N, H, D] rows, got strides {t.stride()}")
 
 
-def _slot_bases(slots) -> tuple[list, dict]:
-    """The slots' distinct storages (index 1.. after the pool's, index 0 of every layer's table)."""
-    bases = sorted({_storage(t) for t in slots}, key=lambda b: b[0])
-    return bases, {b: i + 1 for i, (b, _) in enumerate(bases)}
+def _slot_bases(slots) -> tuple[list, list[int]]:
+    """The slots' distinct storages, sorted by base, and each slot's index into every layer's
+    storage table (1.. after the pool's, which is index 0)."""
+    storages = [_storage(t) for t in slots]  # one untyped_storage() per slot
+    bases = sorted(set(storages), key=lambda b: b[0])
+    index = {b: i + 1 for i, (b, _) in enumerate(bases)}
+    return bases, [index[b] for b, _ in storages]
 
 
 def _assemble(pp: PagePools, slots, slot_bases, pool_rel, slot0, sizes, s_store, step, num_pairs: int,
@@ -298,9 +301,7 @@ def _plan_small(pp: PagePools, slots, page_ids, page_lens, to_slot: bool, k_only
     page_bytes, kv_stride, item = page_size * row, pp.kv_stride, pp.item
     head = (len(pp.layers), 2)
     tail, row_strides = (pp.heads, pp.head_dim), (pp.heads * pp.head_dim, pp.head_dim, 1)
-    slot_storages = [_storage(t) for t in slots]
-    bases = sorted(set(slot_storages), key=lambda b: b[0])
-    slot_index = {b: i + 1 for i, (b, _) in enumerate(bases)}  # after the pool's storage (index 0)
+    bases, store_of = _slot_bases(slots)
     runs: list[list[int]] = []  # (pool_rel, slot_addr, size, slot storage, slot layer stride) of layer 0
     num_pairs = 0
     for c, (t, ids, lens) in enumerate(zip(slots, page_ids, page_lens)):
@@ -315,7 +316,7 @@ def _plan_small(pp: PagePools, slots, page_ids, page_lens, to_slot: bool, k_only
         if len(shape) != 5 or shape[:2] != head or shape[3:] != tail or shape[2] < sum(lens) \
                 or t.dtype != pp.dtype or strides[2:] != row_strides:
             _check_slot(pp, c, t, sum(lens))  # raises, naming what is wrong
-        ptr, store = t.data_ptr(), slot_index[slot_storages[c][0]]
+        ptr, store = t.data_ptr(), store_of[c]
         layer_step, slot_kv = strides[0] * item, strides[1] * item
         page_runs, used = _page_runs(ids, lens, page_size)
         kvs = (0,) if k_only is not None and k_only[c] else (0, 1)
