@@ -249,6 +249,27 @@ def test_pose_shortlist_holds_the_top_k_with_exact_scores(seed, n, k):
     assert valid[rows].all()
 
 
+@pytest.mark.parametrize("n,density,k", [(5000, 0.99, 6), (20000, 0.9, 1), (20000, 0.9, 40), (9000, 0.001, 6)])
+def test_pose_shortlist_seeded_by_a_sample_keeps_the_exact_top_k(n, density, k):
+    """Over SEED_SAMPLE rows the threshold comes from a strided sample (at 0.001 density the sample
+    has too few valid rows and every row is selected over): the top k and its ties stay exact."""
+    rng = np.random.default_rng(n + k)
+    poses = bench_index.random_chunk_poses(n, 3, rng)
+    t, R = poses[:, :, :3, 3].mean(axis=1), poses[:, :, :3, :3].mean(axis=1)
+    policy = PosePolicy()
+    for _ in range(5):
+        q = bench_index.random_chunk_poses(1, 3, rng, side=n ** (1 / 3))[0]
+        q_t, q_R = q[:, :3, 3].mean(axis=0), q[:, :3, :3].mean(axis=0)
+        valid = rng.random(n) < density
+        valid[:k + 1] = True  # at least k + 1 live rows: the bound path runs
+        full = policy.score(t, R, q_t, q_R, valid=valid)
+        rows, dist = policy.shortlist(t, R, q_t, q_R, k, valid=valid)
+        np.testing.assert_array_equal(dist, full[rows])
+        kth = np.sort(full[valid])[k - 1]
+        assert set(np.flatnonzero(full <= kth)) <= set(rows.tolist())
+        assert valid[rows].all() and rows.size < n // 4  # the shortlist is short
+
+
 # --- fov policy ----------------------------------------------------------------------------
 
 

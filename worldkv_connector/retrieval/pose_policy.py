@@ -11,6 +11,7 @@ from worldkv_connector.retrieval.policy import RetrievalPolicy, check_valid, reg
 __all__ = ["PosePolicy"]
 
 EXACT_ROWS = 64  # shortlists of at most this many candidates score every row exactly
+SEED_SAMPLE = 2048  # rows of the strided sample whose best bounds seed the shortlist's threshold
 
 
 @register_policy("pose")
@@ -66,9 +67,10 @@ class PosePolicy(RetrievalPolicy):
 
         Why: arccos over every candidate dominates a query. Since ``theta >= 2 sin(theta / 2)
         = sqrt(2 (1 - cos theta))``, ``low = trans * a + sqrt(2 (1 - cos)) * b`` is a cheap lower
-        bound of the score. ``tau`` = the largest exact score of the k rows with the lowest bound
-        is >= the k-th best score, so only rows with ``low <= tau`` can be in the top k and only
-        they get an arccos. Up to ``EXACT_ROWS`` candidates every row gets its exact score: the
+        bound of the score. ``tau`` = the largest exact score of any k rows is >= the k-th best
+        score, so only rows with ``low <= tau`` can be in the top k and only they get an arccos;
+        the k rows with the lowest bound in a strided sample (``_seed_rows``) give a tight ``tau``
+        at a fraction of the cost of selecting over every row. Up to ``EXACT_ROWS`` candidates every row gets its exact score: the
         bound's extra passes cost more than the arccos they save there.
         """
         n = cand_t.shape[0]
@@ -84,7 +86,7 @@ class PosePolicy(RetrievalPolicy):
             low += trans
             if valid is not None:
                 low[~valid] = np.inf
-            seed = np.argpartition(low, k - 1)[:k]
+            seed = _seed_rows(low, k)
             tau = float((np.arccos(cos[seed]) * b + trans[seed]).max())
             # slack: where the bound is tight (tiny angles) rounding may put low an ulp above dist
             rows = np.flatnonzero(low <= tau * (1 + 1e-9) + 1e-12)
@@ -92,3 +94,17 @@ class PosePolicy(RetrievalPolicy):
             rows = np.arange(n) if valid is None else np.flatnonzero(valid)
         dist = np.arccos(cos[rows]) * b + trans[rows]
         return rows, dist
+
+
+def _seed_rows(low: np.ndarray, k: int) -> np.ndarray:
+    """k rows with finite, small ``low``: the k smallest of every ``n // SEED_SAMPLE``-th row (a
+    selection over all rows costs about a millisecond at 100,000, the sample's a few
+    microseconds), or of all rows when the sample holds fewer than k finite bounds (most rows
+    excluded). ``low`` must hold at least k finite entries."""
+    step = low.shape[0] // SEED_SAMPLE
+    if step > 1 and k <= SEED_SAMPLE:
+        sample = low[::step]
+        best = np.argpartition(sample, k - 1)[:k]
+        if np.isfinite(sample[best]).all():
+            return best * step
+    return np.argpartition(low, k - 1)[:k]
