@@ -138,11 +138,16 @@ class FovPolicy(RetrievalPolicy):
         tol = 1e-5 * (1.0 + np.abs(off))  # far above float32 rounding of the inside test
         return (vals > tol).all(axis=0).any(axis=0)
 
-    def _fractions(self, world, t, R) -> np.ndarray:
-        """Inside fractions [B] of the world samples for candidates t [B, 3], R [B, 3, 3]."""
-        # world points in homogeneous coordinates; float32 halves the memory traffic of the
-        # [M, 3, B] block (a sample within ~1e-6 relative of a frustum face may flip)
-        wh = np.concatenate([world, np.ones((world.shape[0], 1))], axis=1).astype(np.float32)  # [M, 4]
+    @staticmethod
+    def _homogeneous(world: np.ndarray) -> np.ndarray:
+        """[M, 4] float32 homogeneous world samples: float32 halves the memory traffic of the
+        [M, 3, B] block (a sample within ~1e-6 relative of a frustum face may flip)."""
+        wh = np.ones((world.shape[0], 4), dtype=np.float32)
+        wh[:, :3] = world
+        return wh
+
+    def _fractions(self, wh, t, R) -> np.ndarray:
+        """Inside fractions [B] of the samples ``wh`` (``_homogeneous``) for candidates t [B, 3], R [B, 3, 3]."""
         m = t.shape[0]
         out = np.empty(m)
         for lo in range(0, m, self.block):
@@ -157,7 +162,7 @@ class FovPolicy(RetrievalPolicy):
         out = np.ones(n)
         rows = self._near_rows(cand_t, world, valid)
         if rows.size:
-            out[rows] = 1.0 - self._fractions(world, cand_t[rows], cand_R[rows])
+            out[rows] = 1.0 - self._fractions(self._homogeneous(world), cand_t[rows], cand_R[rows])
         if valid is not None:
             out[~valid] = np.inf
         return out
@@ -187,10 +192,9 @@ class FovPolicy(RetrievalPolicy):
             worst = low if worst is None else np.maximum(worst, low, out=worst)
         return counts @ (worst <= tol).astype(np.float32)
 
-    def _query_tiles(self, q_t, q_R) -> tuple[tuple, tuple]:
-        """The two tile levels of the query moved to world: ((corners_h, counts), ...)."""
-        rot = orthonormalize(q_R)
-        q_t = np.asarray(q_t, dtype=np.float64)
+    def _query_tiles(self, q_t: np.ndarray, rot: np.ndarray) -> tuple[tuple, tuple]:
+        """The two tile levels of the query (position q_t, proper rotation rot) moved to world:
+        ((corners_h, counts), ...)."""
         out = []
         for corners, counts in self._tiles:
             h = np.empty((corners.shape[0], 4), dtype=np.float32)
@@ -221,18 +225,20 @@ class FovPolicy(RetrievalPolicy):
         every = (lambda: np.arange(n)) if valid is None else (lambda: np.flatnonzero(valid))
         if k <= 0:
             return every(), self.score(cand_t, cand_R, q_t, q_R, valid)[every()]
-        world, _ = self._world_samples(q_t, q_R)
+        rot = orthonormalize(q_R)  # once per query: the samples, the tiles and the first block use it
+        q_t = np.asarray(q_t, dtype=np.float64)
+        world = self._points @ rot.T + q_t
+        wh = self._homogeneous(world)
         rows, r0 = self._near_rows(cand_t, world, valid, radius=True)
         if prepared is None:
             prepared = self.prepare(cand_t[rows], cand_R[rows])
             local = True
         else:
             local = False
-        coarse, fine = self._query_tiles(q_t, q_R)
+        coarse, fine = self._query_tiles(q_t, rot)
         # every near candidate lies within reach + r0 of the samples: this bounds all coordinates
         tol = 1e-3 * (1.0 + float(np.abs(world).max()) + 2.0 * (self._reach + r0))
         m_samples = world.shape[0]
-        q_t = np.asarray(q_t, dtype=np.float64)
         if local:
             bound = self._tile_bound(prepared, coarse, tol)
         elif rows.size * 2 >= n:  # most rows are near: no gather, bound them in place
@@ -249,7 +255,7 @@ class FovPolicy(RetrievalPolicy):
             top = order[: int(np.count_nonzero(level == level[order[0]]))]
             if top.size > 64:
                 mid = 0.5 * (self.near + self.far)
-                fq = orthonormalize(q_R)[:, 2]
+                fq = rot[:, 2]
                 ct, fc = cand_t[rows[top]], cand_R[rows[top], :, 2]
                 d2 = sum((ct[:, j] + mid * (fc[:, j] - fq[j]) - q_t[j]) ** 2 for j in range(3))
                 order[: top.size] = top[np.argpartition(d2, 63)]
@@ -264,7 +270,7 @@ class FovPolicy(RetrievalPolicy):
             fine_bound = self._tile_bound(prepared[:, :, pos if local else cand], fine, tol)
             pos, cand = pos[fine_bound >= tau], cand[fine_bound >= tau]
             if cand.size:
-                frac = self._fractions(world, cand_t[cand], cand_R[cand])
+                frac = self._fractions(wh, cand_t[cand], cand_R[cand])
                 got_pos.append(cand)
                 seen = np.concatenate([seen, frac])
                 if seen.size >= k:
