@@ -79,12 +79,13 @@ class FovPolicy(RetrievalPolicy):
         object.__setattr__(self, "_unit_bound", np.array([0.0, 0.0, 0.0, 0.0, -self.near, self.far]) / scale)
         object.__setattr__(self, "_tiles", (self._make_tiles(uv, z, 1), self._make_tiles(uv, z, 2)))
 
-    def _make_tiles(self, uv: np.ndarray, z: np.ndarray, splits: int) -> tuple[np.ndarray, np.ndarray]:
+    def _make_tiles(self, uv: np.ndarray, z: np.ndarray, splits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Tiles of the samples: per depth, the image split into splits x splits parts, each tile
-        the box around its samples. Returns (corners [T * 4, 3] query frame, counts [T] float32)."""
+        the rectangle (at that depth, edges along the camera's x and y) around its samples.
+        Returns (centres [T, 3] query frame, half sizes [T, 2] along x and y, counts [T] float32)."""
         tan_h, tan_v = self._tan
         cell = np.minimum(((uv + 1.0) * 0.5 * splits).astype(np.int64), splits - 1)  # [rays, 2]
-        corners, counts = [], []
+        centres, halves, counts = [], [], []
         for depth in z:
             for cu in range(splits):
                 for cv in range(splits):
@@ -92,9 +93,11 @@ class FovPolicy(RetrievalPolicy):
                     if not mine.any():
                         continue
                     lo, hi = uv[mine].min(axis=0), uv[mine].max(axis=0)
-                    corners += [[u * tan_h * depth, v * tan_v * depth, depth] for u in (lo[0], hi[0]) for v in (lo[1], hi[1])]
+                    mid, half = 0.5 * (lo + hi), 0.5 * (hi - lo)
+                    centres.append([mid[0] * tan_h * depth, mid[1] * tan_v * depth, depth])
+                    halves.append([half[0] * tan_h * depth, half[1] * tan_v * depth])
                     counts.append(float(np.count_nonzero(mine)))
-        return np.array(corners), np.array(counts, dtype=np.float32)
+        return np.array(centres), np.array(halves), np.array(counts, dtype=np.float32)
 
     @property
     def points(self) -> np.ndarray:
@@ -180,27 +183,34 @@ class FovPolicy(RetrievalPolicy):
         return out
 
     def _tile_bound(self, planes: np.ndarray, tiles: tuple, tol: float) -> np.ndarray:
-        """Upper bound [m] int on the samples inside each candidate: the sum of the counts of the
-        tiles (boxes around groups of samples) that no face separates from the candidate.
-        planes: [4, 6, m] (``prepare``); tiles: (corners_h [T * 4, 4] float32, counts [T])."""
-        corners_h, counts = tiles
-        n_tiles, m = counts.shape[0], planes.shape[2]
-        worst = None  # [T, m]: per tile, the largest over faces of its smallest corner distance
-        for k in range(6):
-            g = (corners_h @ planes[:, k, :]).reshape(n_tiles, 4, m)
-            low = np.minimum(np.minimum(g[:, 0], g[:, 1]), np.minimum(g[:, 2], g[:, 3]))
-            worst = low if worst is None else np.maximum(worst, low, out=worst)
+        """Upper bound [m] on the samples inside each candidate: the sum of the counts of the tiles
+        that no face separates from the candidate. planes: [4, 6, m] (``prepare``); tiles: one
+        level of ``_query_tiles``.
+
+        The smallest distance to face k over a tile's rectangle (centre c, half sizes s1, s2 along
+        the query camera's x and y axes X, Y) is exactly ``n . c - offset - s1 |n . X| - s2 |n . Y|``,
+        so one GEMM of the tiles' ``[c, -1, -s1, -s2]`` rows with the candidates' ``[n, offset,
+        |n . X|, |n . Y|]`` columns gives every (tile, face, candidate) distance at once."""
+        rows, counts, xy = tiles
+        n_tiles, m = rows.shape[0], planes.shape[2]
+        cols = np.empty((6, 6, m), dtype=np.float32)
+        cols[:4] = planes
+        np.abs(xy @ planes[:3].reshape(3, -1), out=cols[4:].reshape(2, -1))
+        dist = (rows @ cols.reshape(6, -1)).reshape(n_tiles, 6, m)
+        worst = np.maximum.reduce(dist, axis=1)  # [T, m]: > tol, some face leaves the tile outside
         return counts @ (worst <= tol).astype(np.float32)
 
     def _query_tiles(self, q_t: np.ndarray, rot: np.ndarray) -> tuple[tuple, tuple]:
-        """The two tile levels of the query (position q_t, proper rotation rot) moved to world:
-        ((corners_h, counts), ...)."""
+        """The two tile levels of the query (position q_t, proper rotation rot) in world, as
+        ``_tile_bound`` takes them: ((rows [T, 6] float32, counts [T], X and Y [2, 3] float32), ...)."""
+        xy = np.ascontiguousarray(rot[:, :2].T, dtype=np.float32)
         out = []
-        for corners, counts in self._tiles:
-            h = np.empty((corners.shape[0], 4), dtype=np.float32)
-            h[:, :3] = corners @ rot.T + q_t
-            h[:, 3] = -1.0
-            out.append((h, counts))
+        for centres, halves, counts in self._tiles:
+            rows = np.empty((centres.shape[0], 6), dtype=np.float32)
+            rows[:, :3] = centres @ rot.T + q_t
+            rows[:, 3] = -1.0
+            rows[:, 4:] = -halves
+            out.append((rows, counts, xy))
         return tuple(out)
 
     def shortlist(
