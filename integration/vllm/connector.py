@@ -23,6 +23,7 @@ Usage::
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -36,7 +37,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from worldkv_connector.bank.layout import BankLayout
-from worldkv_connector.config import WorldKVConfig
+from worldkv_connector.config import AUTO_BANK_SHARE, WorldKVConfig
 
 from .scheduler import WorldKVConnectorMetadata, WorldKVScheduler
 from .worker import WorldKVWorker
@@ -51,7 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover - type names only
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
-__all__ = ["WorldKVConnector", "VLLMConnectorConfig", "WorldKVConnectorStats"]
+__all__ = ["WorldKVConnector", "VLLMConnectorConfig", "WorldKVConnectorStats", "vllm_bank_bytes"]
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger: its handler prints these lines
 
@@ -62,6 +63,8 @@ _VIDEO_ONLY_KEYS = (
     "fov_near", "fov_far", "pooled", "rope_correction", "hot_chunks", "copy_kernel_threshold_bytes",
 )
 _VLLM_KEYS = {"load_async": bool}
+_MiB = 1 << 20
+_FALLBACK_BANK_BYTES = 8 << 30  # bank_bytes where the machine cannot say how much memory it has
 
 
 @dataclass(frozen=True)
@@ -70,15 +73,19 @@ class VLLMConnectorConfig:
 
     Used core keys: ``bank`` ("cpu" or "gpu"), ``bank_bytes``, ``eviction``, and ``bank_dir`` /
     ``disk_bytes`` (a disk tier that full-bank victims spill to). ``keep_ratio`` must stay 1.0
-    and ``page_size`` (if given) must equal vLLM's block size.
+    and ``page_size`` (if given) must equal vLLM's block size. Without ``bank_bytes`` the default
+    is :func:`vllm_bank_bytes` (the same number in vLLM's scheduler and worker processes).
     """
 
     core: WorldKVConfig = field(default_factory=WorldKVConfig)
     load_async: bool = True
 
     @classmethod
-    def from_extra_config(cls, extra: Mapping[str, Any] | None, *, block_size: int) -> "VLLMConnectorConfig":
+    def from_extra_config(cls, extra: Mapping[str, Any] | None, *, block_size: int,
+                          gpu_memory_utilization: float = 0.9) -> "VLLMConnectorConfig":
         extra = dict(extra or {})
+        if "bank_bytes" not in extra:
+            extra["bank_bytes"] = vllm_bank_bytes(extra.get("bank", "cpu"), gpu_memory_utilization)
         own = {}
         for name, typ in _VLLM_KEYS.items():
             if name in extra:
@@ -158,17 +165,34 @@ def _block_size(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig") -> 
     return spec.block_size, spec
 
 
-def _bank_slots(extra: Mapping[str, Any] | None, core: WorldKVConfig, spec: Any, kv_cache_config: "KVCacheConfig",
-                block_size: int) -> int | None:
-    """The slots of each worker's bank, for the scheduler half to decide them, from the same sizes the
-    worker's ``Bank`` is built from; None (the banks decide) with a disk tier, whose spills the bank
-    decides, or without an explicit ``bank_bytes`` (the default is a share of each process's own
-    free memory, which the scheduler process cannot know)."""
-    if "bank_bytes" not in (extra or {}) or (core.bank_dir is not None and core.disk_bytes != 0):
-        return None
+def vllm_bank_bytes(tier: str, gpu_memory_utilization: float) -> int:
+    """``bank_bytes`` when the extra config leaves it out: ``AUTO_BANK_SHARE`` of this machine's
+    *total* memory (physical host memory for a cpu bank; for a gpu bank, of the share of device 0's
+    total memory vLLM leaves unused, ``1 - gpu_memory_utilization``), in whole MiB, at least 64 MiB.
+
+    vLLM builds the connector in its scheduler process and in every worker process; the core's
+    default (a share of the memory *free* in the process making the config) could differ between
+    them, this one cannot on one machine, so the scheduler half's directory and every worker's bank
+    get the same ``num_slots`` (each worker checks it against the metadata's ``bank_slots``)."""
+    try:
+        if tier == "gpu":
+            from vllm.platforms import current_platform
+
+            total = int(current_platform.get_device_total_memory(0) * max(0.0, 1.0 - gpu_memory_utilization))
+        else:
+            total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except Exception:  # noqa: BLE001 - the machine cannot say: the core's fallback size
+        total = None
+    if not total:
+        return _FALLBACK_BANK_BYTES  # a fixed size: still the same number in every process
+    return max(64 * _MiB, int(total * AUTO_BANK_SHARE) // _MiB * _MiB)
+
+
+def _bank_layout(core: WorldKVConfig, spec: Any, kv_cache_config: "KVCacheConfig", block_size: int) -> BankLayout:
+    """The layout of each worker's bank (``WorldKVWorker.register_kv_caches`` builds it from the same
+    sizes), for the scheduler half to decide its slots and disk tier."""
     layers = len(kv_cache_config.kv_cache_groups[0].layer_names)
-    return BankLayout(layers, spec.num_kv_heads, spec.head_size, spec.dtype, block_size, core.bank_bytes,
-                      core.bank).num_slots
+    return BankLayout(layers, spec.num_kv_heads, spec.head_size, spec.dtype, block_size, core.bank_bytes, core.bank)
 
 
 class WorldKVConnector(KVConnectorBase_V1):
@@ -181,18 +205,20 @@ class WorldKVConnector(KVConnectorBase_V1):
         super().__init__(vllm_config, role, kv_cache_config)
         block_size, self._spec = _block_size(vllm_config, kv_cache_config)
         extra = self._kv_transfer_config.kv_connector_extra_config
-        self.config = VLLMConnectorConfig.from_extra_config(extra, block_size=block_size)
+        self.config = VLLMConnectorConfig.from_extra_config(
+            extra, block_size=block_size, gpu_memory_utilization=vllm_config.cache_config.gpu_memory_utilization)
         self.scheduler: WorldKVScheduler | None = None
         self.worker: WorldKVWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
+            layout, core = _bank_layout(self.config.core, self._spec, kv_cache_config, block_size), self.config.core
             self.scheduler = WorldKVScheduler(
                 block_size=block_size,
                 num_workers=vllm_config.parallel_config.world_size,
                 load_async=self.config.load_async,
                 # only CUDA copies outlive the step that issued them (the CPU engine is synchronous)
                 stores_in_flight=vllm_config.device_config.device_type == "cuda",
-                num_slots=_bank_slots(extra, self.config.core, self._spec, kv_cache_config, block_size),
-                eviction=self.config.core.eviction,
+                num_slots=layout.num_slots, eviction=core.eviction, entry_bytes=layout.entry_bytes,
+                disk_bytes=core.disk_bytes if core.bank_dir is not None else 0,
             )
         else:
             self.worker = WorldKVWorker(self.config.core, block_size=block_size, load_async=self.config.load_async)

@@ -3,13 +3,14 @@
 Its ``SlotDirectory`` lists the blocks the workers' banks hold, keyed ``(namespace, block_hash)``
 with vLLM's chained block hashes; it answers ``get_num_new_matched_tokens`` from it and turns each
 scheduler step into a :class:`WorldKVConnectorMetadata` (loads: bank key -> block id; stores: block
-id -> bank key and slot; the keys evicted to free those slots). Given the bank's ``num_slots`` it
-decides the slots and the victims (vLLM's ``prepare_store`` pattern) and the workers only copy and
-report; a planned load pins its keys until every worker reported its copy over. Without it (a disk tier, whose spills the bank decides) the workers'
-banks choose and the directory lists what they report. Workers report completed stores, and
-entries they lost (a failed copy, a missing entry), through :class:`WorldKVWorkerMetadata`; a key
-is offered as a hit only once every worker confirmed its store, and a key one worker lost is
-evicted on all of them.
+id -> bank key and slot; the keys evicted or spilled to free those slots; the spilled keys this
+step loads with the slot each comes back into). It decides the slots, spills and victims of every
+worker's bank (vLLM's ``prepare_store`` pattern; all banks have the same ``num_slots``, see
+``connector._bank_layout``), with a disk tier too, and the workers only copy and report; a planned
+load pins its keys until every worker reported its copy over. Workers report completed stores,
+and entries they lost (a failed copy, a missing entry, a damaged spill file), through
+:class:`WorldKVWorkerMetadata`; a key is offered as a hit only once every worker confirmed its
+store, and a key one worker lost is evicted on all of them.
 """
 from __future__ import annotations
 
@@ -60,7 +61,9 @@ class BlockTransfer:
     req_id: str
     keys: list[BankKey]
     block_ids: list[int]
-    slots: list[int | None] | None = None  # stores: the bank slot of each key (None: the bank picks)
+    # stores: the bank slot of each key, decided by the scheduler half (None: a hand-built plan, which
+    # the worker's local planner fills in; a None slot there is no room)
+    slots: list[int | None] | None = None
 
 
 @dataclass
@@ -73,8 +76,12 @@ class WorldKVConnectorMetadata(KVConnectorMetadata):
     preempted_req_ids: set[str] = field(default_factory=set)
     # finished requests whose block frees wait for their stores (request_finished returned True)
     deferred_req_ids: set[str] = field(default_factory=set)
-    reset: bool = False  # drop every unpinned bank entry (reset_prefix_cache(reset_connector=True))
-    evicted: list[BankKey] = field(default_factory=list)  # entries to free before this step's stores
+    # the slot decisions, applied in this order before the step's copies: entries to free (either
+    # tier), entries to spill to the disk tier, spilled entries to bring back into the named slots
+    evicted: list[BankKey] = field(default_factory=list)
+    spilled: list[BankKey] = field(default_factory=list)
+    restores: list[tuple[BankKey, int]] = field(default_factory=list)
+    bank_slots: int | None = None  # the directory's num_slots: each worker checks its bank agrees
 
 
 @dataclass
@@ -110,18 +117,20 @@ class WorldKVScheduler:
     loads (the request waits in WAITING_FOR_REMOTE_KVS) or as synchronous ones (loaded in
     ``start_load_kv`` before the forward). stores_in_flight: whether the worker's copies can
     outlive the step that issued them (CUDA); when False (CPU copies are synchronous) a finished
-    request never needs its block frees deferred. num_slots / eviction: the bank's slots and
-    policy when this half decides them (None: the banks decide).
+    request never needs its block frees deferred. num_slots / eviction / disk_bytes / entry_bytes:
+    each worker's bank (its slots, its policy, its disk tier's capacity, 0 for none, and the payload
+    bytes of an entry: see ``SlotDirectory``), decided here.
     """
 
     def __init__(self, *, block_size: int, num_workers: int, load_async: bool, stores_in_flight: bool,
-                 num_slots: int | None = None, eviction: str = "lru") -> None:
+                 num_slots: int, eviction: str = "lru", disk_bytes: int = 0, entry_bytes=None) -> None:
         self.block_size = block_size
         self.num_workers = num_workers
         self.load_async = load_async
         self.stores_in_flight = stores_in_flight
         self._reqs: dict[str, _ReqState] = {}
-        self.directory = SlotDirectory(num_slots, eviction)  # ready: every worker holds the key
+        # ready: every worker holds the key
+        self.directory = SlotDirectory(num_slots, eviction, disk_bytes=disk_bytes, entry_bytes=entry_bytes)
         self._evicted: list[BankKey] = []  # victims for the next metadata
         self._loaded: Counter = Counter()  # key -> workers that ended a load of it, toward num_workers
         self._pending: Counter = Counter()  # key -> store confirmations so far
@@ -129,7 +138,6 @@ class WorldKVScheduler:
         self._loads: list[BlockTransfer] = []
         self._deferred: set[str] = set()  # deferred requests not yet sent to the worker
         self._awaiting_send: set[str] = set()  # deferred requests awaiting finished_sending
-        self._reset = False
         self.totals = Counter()  # cumulative: hit_tokens, hit_requests, deferred_frees
         self._interval = Counter()
 
@@ -176,6 +184,10 @@ class WorldKVScheduler:
 
     # --- per step ------------------------------------------------------------------------------
     def build_connector_meta(self, so: "SchedulerOutput") -> WorldKVConnectorMetadata:
+        # spilled blocks this step loads come back first; one that finds no slot is read straight
+        # from its file by the workers (the directory's victims are never blocks a load pins)
+        restores, evicted = self.directory.prepare_restores([k for load in self._loads for k in load.keys])
+        self._evicted.extend(evicted)
         stores: list[BlockTransfer] = []
         preempted = set(so.preempted_req_ids or ())
         for new in so.scheduled_new_reqs:
@@ -199,10 +211,11 @@ class WorldKVScheduler:
             self._plan_stores(st, cached.num_computed_tokens[i], so.num_scheduled_tokens.get(req_id, 0), stores)
         meta = WorldKVConnectorMetadata(
             loads=self._loads, stores=stores, preempted_req_ids=preempted,
-            deferred_req_ids=self._deferred, reset=self._reset, evicted=self._evicted,
+            deferred_req_ids=self._deferred, evicted=self._evicted, spilled=self.directory.take_spilled(),
+            restores=restores, bank_slots=self.directory.num_slots,
         )
         self._awaiting_send |= self._deferred
-        self._loads, self._deferred, self._reset, self._evicted = [], set(), False, []
+        self._loads, self._deferred, self._evicted = [], set(), []
         return meta
 
     def _plan_stores(self, st: _ReqState, computed: int, scheduled: int, out: list[BlockTransfer]) -> None:
@@ -237,8 +250,6 @@ class WorldKVScheduler:
                 self._pending[key] += n
                 if self._pending[key] >= self.num_workers:
                     del self._pending[key]
-                    if key not in self.directory and not self.directory.decides:
-                        self.directory.adopt(key, None, self.block_size)  # banked before a reset
                     self.directory.complete_store(key, True, self.block_size)
                     self._confirm(key)
             for key in meta.lost:
@@ -260,9 +271,7 @@ class WorldKVScheduler:
             self._reqs.pop(req_id, None)
 
     def _drop(self, key: BankKey) -> None:
-        if not self.directory.decides:
-            self.directory.forget(key)
-        elif self.directory.remove([key]):
+        if self.directory.remove([key]):
             self._evicted.append(key)
 
     def _confirm(self, key: BankKey) -> None:
@@ -302,16 +311,9 @@ class WorldKVScheduler:
         return bool(self._deferred or self._awaiting_send)
 
     def reset(self) -> bool:
-        """Forget every banked key and ask the workers to drop their unpinned entries (deciding:
-        evict every ready entry no planned load pins)."""
-        if self.directory.decides:
-            for key in [k for k in self.directory.ready_keys() if not self.directory.get(k).pins]:
-                self._drop(key)
-            return True
-        for key in list(self.directory.ready_keys()):
-            self.directory.forget(key)
-        self._pending.clear()
-        self._reset = True
+        """Evict every ready entry no planned load pins (every tier), on every worker."""
+        for key in [k for k in self.directory.ready_keys() if not self.directory.get(k).pins]:
+            self._drop(key)
         return True
 
     def take_interval_stats(self) -> dict[str, int]:

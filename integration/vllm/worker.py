@@ -8,10 +8,14 @@ numpy. Stores are issued in ``wait_for_save`` (after the forward wrote the step'
 request); loads in ``start_load_kv`` (one job per request). Nothing here
 knows about poses or compression: prefix KV must come back bit-exact.
 
-Slots: when the scheduler half decides them, each store names its slot and the metadata lists the
-keys evicted to free slots; the worker frees those first (one a copy still reads goes once its copy
-ended), reserves exactly the named slots (a taken one is a skipped, reported store, never an
-overwrite) and reports. A store without slots gets the bank's own choice and eviction.
+Slots: the scheduler half decides them, with a disk tier too: each store names its slot and the
+metadata lists the keys evicted and spilled to free slots and the spilled keys this step loads
+with the slot each comes back into. The worker applies them in that order (an evicted key a copy
+still reads goes once its copy ended), then loads, then reserves exactly the named slots (a taken
+one is a skipped, reported store, never an overwrite) and reports. A spilled block the directory
+found no slot for is read straight from its verified file; a missing or damaged file is a load
+error and the key is reported lost. A hand-built plan (stores without slots: a worker driven on
+its own) is planned by a ``local.LocalPlanner``.
 """
 from __future__ import annotations
 
@@ -25,72 +29,16 @@ import torch
 
 from worldkv_connector.bank import Bank
 from worldkv_connector.config import WorldKVConfig
-from worldkv_connector.bank.disk import DiskTier
+from worldkv_connector.bank.disk import DiskTier, DiskTierError
 from worldkv_connector.transfer import FragmentPlan, TransferEngine, TransferJob, plan_fragments
 
+from .layout import BlockLayout, detect_layout
+from .local import LocalPlanner
 from .scheduler import BankKey, BlockTransfer, WorldKVConnectorMetadata, WorldKVWorkerMetadata
 
 __all__ = ["BlockLayout", "detect_layout", "WorldKVWorker"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BlockLayout:
-    """Where one block of one layer lives in a registered KV tensor, as contiguous fragments.
-
-    name: "cpu" (vLLM's CPU backend, ``[num_blocks, H, block_size, 2 * D]``, each head holding
-    its block's K rows then its V rows, so a block is ``[H, 2, T, D]`` in memory), "kv_nhd"
-    (``[2, num_blocks, block_size, H, D]``, flash-attention style) or "block_kv_nhd"
-    (``[num_blocks, 2, block_size, H, D]``). The two NHD layouts match the bank's
-    ``[2, T, H, D]`` per layer exactly; the "cpu" layout is banked in its own byte order (the
-    entry's ``meta["layout"]`` says so) because only this connector ever reads it back.
-    """
-
-    name: str
-
-    def cache_fragments(self, kv: torch.Tensor, block_id: int) -> list[torch.Tensor]:
-        if self.name == "kv_nhd":
-            return [kv[0, block_id], kv[1, block_id]]  # [T, H, D] each
-        return [kv[block_id]]  # cpu: [H, T, 2D]; block_kv_nhd: [2, T, H, D]
-
-    def block_parts(self, kv: torch.Tensor) -> tuple[int, list[tuple[int, int]], int]:
-        """How one block of one layer maps to bytes: ``(block stride, [(offset in the cache tensor,
-        offset in the bank's [2, T, H, D] layer view)], bytes per part)``."""
-        item = kv.element_size()
-        if self.name == "kv_nhd":
-            part = kv[0, 0].numel() * item  # one [T, H, D] of K (or V)
-            return kv.stride(1) * item, [(0, 0), (kv.stride(0) * item, part)], part
-        return kv.stride(0) * item, [(0, 0)], kv[0].numel() * item
-
-
-def detect_layout(
-    kv: torch.Tensor, *, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int
-) -> BlockLayout:
-    """The layout of one registered per-layer KV tensor, checked for contiguous block fragments.
-
-    kv: the tensor vLLM registers for a layer, any float dtype, any device.
-    """
-    shapes = {
-        "cpu": (num_blocks, num_kv_heads, block_size, 2 * head_size),
-        "kv_nhd": (2, num_blocks, block_size, num_kv_heads, head_size),
-        "block_kv_nhd": (num_blocks, 2, block_size, num_kv_heads, head_size),
-    }
-    found = [name for name, shape in shapes.items() if tuple(kv.shape) == shape]
-    if len(found) != 1:
-        raise ValueError(
-            f"unsupported vLLM KV cache layout: tensor shape {tuple(kv.shape)} with num_blocks={num_blocks}, "
-            f"block_size={block_size}, num_kv_heads={num_kv_heads}, head_size={head_size} matches "
-            f"{found or 'none'} of the known layouts {shapes}"
-        )
-    layout = BlockLayout(found[0])
-    for frag in layout.cache_fragments(kv, 0):
-        if not frag.is_contiguous():
-            raise ValueError(
-                f"KV cache layout {layout.name!r}: a block fragment of shape {tuple(frag.shape)} has strides "
-                f"{frag.stride()}, not contiguous; the copy engine needs contiguous block fragments"
-            )
-    return layout
 
 
 @dataclass
@@ -128,6 +76,7 @@ class WorldKVWorker:
         self._loaded: Counter = Counter()  # key -> loads of it that ended since the last report
         self._directed: set = set()  # evictions being applied for the scheduler half (not reported)
         self._evict_later: set = set()  # directed evictions of entries a copy still read
+        self.local: LocalPlanner | None = None  # slot decisions of a worker driven on its own
         self._warned_load_error = False
         self.totals: Counter = Counter()  # cumulative, see _count
         self._interval: Counter = Counter()
@@ -181,10 +130,13 @@ class WorldKVWorker:
             self.totals[name] += value
             self._interval[name] += value
 
-    def _plan(self, keys: list[BankKey], block_ids: list[int], *, to_bank: bool) -> FragmentPlan:
+    def _plan(self, keys: list[BankKey], block_ids: list[int], *, to_bank: bool,
+              staged: dict | None = None) -> FragmentPlan:
         """The copies of ``keys``' blocks over all layers, as address arrays (one job): fragments
-        ordered layer, block, part; ranges checked against the cache tensors and the bank views."""
-        views = [self.bank.view(key) for key in keys]  # [L, 2, T, H, D] each
+        ordered layer, block, part; ranges checked against the cache tensors and the bank views
+        (or ``staged``: key -> its payload read from the disk tier)."""
+        staged = staged or {}
+        views = [staged[key] if key in staged else self.bank.view(key) for key in keys]  # [L, 2, T, H, D] each
         stride, parts, size = self.layout.block_parts(self._layers[0])
         cache_part = np.asarray([c for c, _ in parts], dtype=np.uint64)
         bank_part = np.asarray([b for _, b in parts], dtype=np.uint64)
@@ -210,10 +162,14 @@ class WorldKVWorker:
     def start_load_kv(self, meta: WorldKVConnectorMetadata) -> None:
         if self.bank is None:
             return
-        if meta.reset:
-            dropped = self.bank.free_where(lambda key: True)
-            logger.info("WorldKV connector reset: dropped %d bank entries", dropped)
+        if meta.bank_slots is not None and meta.bank_slots != self.bank.num_slots:
+            raise RuntimeError(f"the scheduler half decides {meta.bank_slots} bank slots, this worker's bank has "
+                               f"{self.bank.num_slots}: give both processes the same bank_bytes")
+        if self.local is not None:
+            self._lost.update(self.local.plan_loads(meta))
         self._apply_evictions(meta.evicted)
+        self._apply_spills(meta.spilled)
+        self._apply_restores(meta.restores)
         for load in meta.loads:
             self._loading.add(load.req_id)
             self._load_request(load)
@@ -222,19 +178,47 @@ class WorldKVWorker:
             self.engine.wait_all()
             self._drain()
 
+    def _apply_spills(self, keys) -> None:
+        """Spill the scheduler half's victims; one that cannot go (a failed write: a fault) is
+        dropped and reported lost, so its slot is free as decided."""
+        for key in keys:
+            if key in self.bank and not self.bank.spill(key, decided=True):
+                logger.warning("WorldKV directed spill of %r failed: the entry is dropped", key)
+                self._drop_lost(key)
+
+    def _apply_restores(self, restores) -> None:
+        """Bring spilled entries back into the named slots. A damaged file drops the entry (the
+        bank's own eviction: reported lost); a refused slot (a fault) drops it too."""
+        for key, slot in restores:
+            try:
+                if key in self.bank:
+                    self.bank.ensure_resident(key, slot)
+            except ValueError as exc:
+                logger.warning("WorldKV directed restore of %r refused: %s", key, exc)
+                self._drop_lost(key)
+
+    def _drop_lost(self, key: BankKey) -> None:
+        try:
+            if self.bank.free(key):
+                self._lost.add(key)
+        except ValueError:  # a copy still reads it: it goes once the copy ended
+            self._evict_later.add(key)
+            self._lost.add(key)
+
     def _load_request(self, load: BlockTransfer) -> None:
-        keys, ids = [], []
+        keys, ids, staged = [], [], {}
         for key, block_id in zip(load.keys, load.block_ids):
             entry = self.bank.get(key)
-            # the scheduler's view can be stale (evicted, dropped or reset here), and a spilled
-            # entry may find no slot or a damaged file: vLLM then recomputes or fails the request
-            # per kv_load_failure_policy
-            ok = entry is not None and entry.ready and self.bank.ensure_resident(key)
-            if not ok and keys and key in self.bank:
-                # the host tier is full of this request's own pinned blocks: land those first
-                self._submit_load(load.req_id, keys, ids, wait=True)
-                keys, ids = [], []
-                ok = self.bank.ensure_resident(key)
+            # the scheduler's view can be stale (evicted or dropped here), and a spilled file may be
+            # damaged: vLLM then recomputes or fails the request per kv_load_failure_policy
+            ok = entry is not None and entry.ready
+            if ok and not self.bank.is_resident(key):  # no slot was found for it: read it through
+                try:
+                    staged[key] = self.bank.read_payload(key)  # verified against its sha256
+                except DiskTierError as exc:
+                    logger.warning("WorldKV spilled block %r is unreadable: %s", key, exc)
+                    self._drop_lost(key)
+                    ok = False
             if not ok:
                 self._fail_blocks(load.req_id, [block_id], [key], f"bank entry {key!r} is not loadable")
                 self._loaded[key] += 1  # this load of it is over
@@ -244,19 +228,20 @@ class WorldKVWorker:
             keys.append(key)
             ids.append(block_id)
         if keys:
-            self._submit_load(load.req_id, keys, ids, wait=False)
-
-    def _submit_load(self, req_id: str, keys: list[BankKey], ids: list[int], *, wait: bool) -> None:
-        job = self.engine.submit_plan("load", self._plan(keys, ids, to_bank=False), tag="load")
-        self._loads.setdefault(req_id, []).append(_Job(job, req_id, keys, ids))
-        if wait:
-            self.engine.wait(job)
-            self._drain()  # unpins the landed blocks so their slots can take the next ones
+            job = self.engine.submit_plan("load", self._plan(keys, ids, to_bank=False, staged=staged), tag="load")
+            self._loads.setdefault(load.req_id, []).append(_Job(job, load.req_id, keys, ids))
 
     def wait_for_save(self, meta: WorldKVConnectorMetadata) -> None:
         if self.bank is None:
             return
         self._deferred |= meta.deferred_req_ids
+        if self.local is None and any(store.slots is None for store in meta.stores):
+            self.local = LocalPlanner(self.bank, self.config, self.block_size)  # no scheduler half planned it
+        if self.local is not None:
+            evicted, spilled = self.local.plan_stores(meta)
+            self._lost.update(evicted)
+            self._apply_evictions(evicted)
+            self._apply_spills(spilled)
         failed, self._failed_reqs = self._failed_reqs, set()
         for store in meta.stores:
             if store.req_id in failed:
@@ -266,15 +251,19 @@ class WorldKVWorker:
                 self._count(store_skipped_blocks=len(store.keys))
                 continue
             keys, ids = [], []
-            for key, block_id, slot in zip(store.keys, store.block_ids, store.slots or [None] * len(store.keys)):
+            for key, block_id, slot in zip(store.keys, store.block_ids, store.slots):
                 have = self.bank.get(key)
                 if have is not None:
-                    # already banked (the scheduler forgot it, e.g. after a reset): confirm it; one
-                    # the scheduler half placed elsewhere is lost (it evicts it everywhere)
-                    if have.ready and slot in (None, have.slot):
+                    # already banked (the scheduler forgot it): confirm it; one the scheduler half
+                    # placed elsewhere is lost (it evicts it everywhere)
+                    if have.ready and slot == have.slot:
                         self._stored[key] += 1
-                    elif slot is not None:
+                    else:
                         self._lost.add(key)
+                    continue
+                if slot is None:  # a hand-built plan found no room: skipped, not an error
+                    self._lost.add(key)
+                    self._count(store_skipped_blocks=1)
                     continue
                 try:
                     entry = self.bank.reserve(key, self.block_size, meta={"layout": self.layout.name}, slot=slot)
@@ -371,6 +360,8 @@ class WorldKVWorker:
             return None
         meta = WorldKVWorkerMetadata(stored=self._stored, lost=self._lost, loaded=self._loaded)
         self._stored, self._lost, self._loaded = Counter(), set(), Counter()
+        if self.local is not None:
+            self.local.observe(meta)
         return meta
 
     def take_interval_stats(self) -> dict[str, float]:

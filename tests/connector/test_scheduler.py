@@ -106,7 +106,7 @@ class FakeEngine:
 def make(**cfg):
     base = dict(page_size=PS, retrieval_chunks=3, hot_chunks=4, sink_frames=3, recent_frames=6, keep_ratio=1.0)
     base.update(cfg)
-    return WorldKVScheduler(WorldKVConfig(**base), frame_tokens=FT, page_size=PS)
+    return WorldKVScheduler(WorldKVConfig(**base), frame_tokens=FT, page_size=PS, kv_shape=PRESETS["tiny"])
 
 
 @pytest.mark.parametrize("spec", ["R_L_R_L_R_L90", "L_R_W_S_L_R90", "WSRLRL90"])
@@ -315,10 +315,10 @@ def test_adopted_chunks_are_candidates_and_resumed_chunk_ids_continue():
     poses = chunk_poses(parse_trajectory("R_L90"), 3)
     sched = make(rope_correction=True, retrieval_chunks=2, hot_chunks=2)
     for cid in range(5):
-        sched.adopt("s", cid, CHUNK, poses[cid], first_frame=30 + 3 * cid)  # saved at frames 30, 33, ...
+        sched.adopt("s", cid, CHUNK, poses[cid], first_frame=30 + 3 * cid, slot=cid)  # saved at frames 30, 33, ...
     assert sched.chunk_base("s") == 5 and sched.banked_chunks("s") == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="already banked"):
-        sched.adopt("s", 2, CHUNK, poses[2], None)
+        sched.adopt("s", 2, CHUNK, poses[2], None, slot=7)
     req = ChunkRequest("s", 0, 0, poses[2], FT, PS)
     sched.get_num_new_matched_tokens(req, 0)
     got = [e.chunk_id for e in req.external]

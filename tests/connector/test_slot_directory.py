@@ -6,10 +6,11 @@ import json
 import random
 
 import pytest
+import torch
 
 from worldkv_connector.bank.directory import SlotDirectory
 from worldkv_connector.integration.video import VideoEngine
-from worldkv_connector.testing import FaultyTransferEngine, drop_entry
+from worldkv_connector.testing import FaultyTransferEngine, corrupt_entry, drop_entry
 
 SLOT = 2 * 2 * 32 * 2 * 16 * 4  # tiny model, keep 0.5: K+V x layers x kept tokens x heads x dim x fp32
 
@@ -74,14 +75,60 @@ def test_adopt_takes_the_banks_slot_and_refuses_a_taken_one():
         d.adopt(("t", 0), None, 8)
 
 
-def test_listing_mode_gives_no_slot_and_lists_what_the_worker_reports():
-    d = SlotDirectory(None)
-    assert not d.decides and d.prepare_store(("s", 0), 8) == (None, [])
-    assert d.ready_tokens(("s", 0)) is None
-    d.complete_store(("s", 0), True, 8)
-    assert d.ready_tokens(("s", 0)) == 8
-    d.forget(("s", 0))
-    assert len(d) == 0
+def disk_directory(num_slots, disk_entries, eviction="lru"):
+    # entries of 8 tokens, 1 byte per token: the disk tier holds ``disk_entries`` of them
+    return SlotDirectory(num_slots, eviction, disk_bytes=8 * disk_entries, entry_bytes=lambda tokens: tokens)
+
+
+def test_with_a_disk_tier_the_victim_is_spilled_and_stays_banked():
+    d = disk_directory(2, 2)
+    stored(d, ("s", 0))
+    stored(d, ("s", 1))
+    assert stored(d, ("s", 2)) == (0, []) and d.take_spilled() == [("s", 0)]  # its slot reused
+    assert d.on_disk(("s", 0)) and d.ready_tokens(("s", 0)) == 8 and d.slots()[("s", 0)] == (-1, True)
+    assert d.take_spilled() == [] and d.disk_bytes_used == 8 and d.evictions == 0
+    stored(d, ("s", 3))
+    assert d.take_spilled() == [("s", 1)] and d.disk_bytes_used == 16
+    # the disk tier is full: its least recently used unpinned entry is evicted for the next spill
+    d.pin(("s", 0))
+    assert stored(d, ("s", 4)) == (0, [("s", 1)]) and d.take_spilled() == [("s", 2)]
+    assert sorted(k for k in d.keys() if d.on_disk(k)) == [("s", 0), ("s", 2)] and d.evictions == 1
+    assert ("s", 1) not in d and d.disk_bytes_used == 16
+
+
+def test_a_spilled_entry_comes_back_into_a_named_slot_never_taking_a_pinned_one():
+    d = disk_directory(2, 4)
+    for c in range(3):
+        stored(d, ("s", c))
+    d.take_spilled()  # ("s", 0) is on disk
+    d.pin(("s", 1))  # a load planned this step: no victim
+    d.pin(("s", 0))
+    # (s, 1) is resident (skipped) and pinned: (s, 2) is spilled to free the slot (s, 0) comes back into
+    assert d.prepare_restores([("s", 0), ("s", 1), ("s", 0)]) == ([(("s", 0), 0)], [])
+    assert d.take_spilled() == [("s", 2)] and d.restores == 1 and d.disk_bytes_used == 8
+    assert d.slots() == {("s", 0): (0, True), ("s", 1): (1, True), ("s", 2): (-1, True)}
+
+
+def test_a_restore_finds_no_slot_when_every_entry_is_pinned_and_nothing_moves():
+    d = disk_directory(1, 4)
+    stored(d, ("s", 0))
+    stored(d, ("s", 1))
+    assert d.take_spilled() == [("s", 0)]
+    d.pin(("s", 1))
+    d.pin(("s", 0))
+    before = d.slots()
+    assert d.prepare_restore(("s", 0)) is None and d.prepare_restores([("s", 0)]) == ([], [])
+    assert d.slots() == before and d.disk_bytes_used == 8 and d.on_disk(("s", 0))
+    with pytest.raises(ValueError, match="not on the disk tier"):
+        d.prepare_restore(("s", 1))
+
+
+def test_a_victim_the_disk_tier_cannot_take_is_evicted():
+    d = disk_directory(1, 1)
+    stored(d, ("s", 0))
+    stored(d, ("s", 1))  # (s, 0) spilled: the disk tier is full
+    d.pin(("s", 0))  # and its only entry pinned: nothing there may go
+    assert stored(d, ("s", 2)) == (0, [("s", 1)]) and d.take_spilled() == [("s", 0)]
 
 
 def make_engine(seed, **cfg):
@@ -104,7 +151,7 @@ def test_random_rollouts_directory_and_bank_agree_and_no_load_names_an_evicted_k
     conn.retain_finished_sessions = rng.random() < 0.5  # retained: reclaimed first, else freed at the end
     faults = conn.wrap_transfer(lambda t: FaultyTransferEngine(t, delay_polls=rng.choice([0, 1, 2]), seed=seed))
     directory, bank = conn.scheduler.directory, conn.worker.bank
-    assert directory.decides and directory.num_slots == bank.num_slots == 6
+    assert directory.num_slots == bank.num_slots == 6
     evicted, loads, plan = set(), [], conn.scheduler.build_connector_meta
 
     def checked_plan(scheduler_output):
@@ -168,24 +215,94 @@ def test_the_worker_still_refuses_a_load_of_an_entry_lost_behind_the_directory()
     engine.close()
 
 
-def test_with_a_disk_tier_the_bank_decides_and_the_directory_lists(tmp_path):
-    # an eviction there is a spill the bank decides (host tier -> disk), so no slot is named
-    engine = make_engine(0, bank_bytes=6 * SLOT, bank_dir=str(tmp_path / "spill"), disk_bytes=64 * SLOT)
-    conn = engine.connector
-    conn.retain_finished_sessions = True  # its entries stay: compared below
-    directory, bank, plan, stores = conn.scheduler.directory, conn.worker.bank, conn.scheduler.build_connector_meta, []
+def disk_engine(tmp_path, host_slots=6, disk_slots=64, **cfg):
+    return make_engine(0, bank_bytes=host_slots * SLOT, bank_dir=str(tmp_path / "spill"), disk_bytes=disk_slots * SLOT,
+                       **cfg)
+
+
+def recording(conn, metas):
+    plan = conn.scheduler.build_connector_meta
 
     def recorded(scheduler_output):
         meta = plan(scheduler_output)
-        stores.extend(meta.stores)
-        assert meta.evicted == []
+        metas.append(meta)
         return meta
 
     conn.scheduler.build_connector_meta = recorded
+
+
+def test_with_a_disk_tier_the_directory_decides_and_lists_the_spills(tmp_path):
+    # an eviction there is a spill the directory decides (host tier -> disk): every slot is named
+    engine = disk_engine(tmp_path)
+    conn = engine.connector
+    conn.retain_finished_sessions = True  # its entries stay: compared below
+    directory, bank, metas = conn.scheduler.directory, conn.worker.bank, []
+    recording(conn, metas)
     engine.add_session("a", trajectory="R_L_R_L_R_L90", num_chunks=20, seed=0)
-    engine.run()
+    while engine.has_unfinished_sessions():
+        engine.step()
+        assert directory.slots() == bank_slots(bank)  # spilled entries: slot -1 on both sides
     engine.drain()
-    assert not directory.decides and stores and all(spec.slot is None for spec in stores)
-    assert bank.spills > 0  # the host tier overflowed into the disk tier
+    stores = [spec for meta in metas for spec in meta.stores]
+    spilled = [key for meta in metas for key in meta.spilled]
+    assert stores and all(spec.slot is not None for spec in stores)
+    assert all(meta.evicted == [] for meta in metas)  # the disk tier had room for every victim
+    assert spilled and bank.spills == directory.spills == len(spilled)  # the host tier overflowed into disk
     assert len(bank) == 20 and set(directory.ready_keys()) == set(bank.keys())  # spilled ones are still banked
+    assert directory.slots() == bank_slots(bank)
+    engine.close()
+
+
+def test_a_rollout_with_a_small_host_tier_retrieves_spilled_chunks_exactly(tmp_path):
+    # three slots for retrieval_chunks=2: revisits keep bringing spilled chunks back from disk
+    engine = disk_engine(tmp_path, host_slots=3, disk_slots=8)
+    conn = engine.connector
+    directory, bank, metas, first = conn.scheduler.directory, conn.worker.bank, [], {}
+    recording(conn, metas)
+    engine.add_session("a", trajectory="R_L_R_L_R_L90", num_chunks=24, seed=0)
+    retrieved = 0
+    while engine.has_unfinished_sessions():
+        retrieved += sum(len(r.retrieved) for r in engine.step())
+        assert directory.slots() == bank_slots(bank)
+        for key in bank.keys():  # the bytes of each chunk as it was stored
+            if key not in first and bank.get(key).ready and bank.is_resident(key):
+                first[key] = bank.read_payload(key)
+    engine.drain()
+    restored = {key for meta in metas for key, _ in meta.restores}
+    m = conn.metrics()
+    assert restored and bank.restores == directory.restores >= len(restored) > 0
+    assert m["load_errors"] == 0 and bank.disk_errors == 0 and retrieved
+    assert any(meta.evicted for meta in metas)  # the disk tier filled up too: its LRU entries left
+    for key in restored & set(bank.keys()):
+        assert torch.equal(bank.read_payload(key), first[key])  # came back bit-exact
+    engine.close()
+
+
+def test_a_damaged_spill_file_is_a_load_error_and_the_scheduler_forgets_the_key(tmp_path):
+    engine = disk_engine(tmp_path, host_slots=3, disk_slots=8)
+    conn = engine.connector
+    directory, bank, plan, damaged = conn.scheduler.directory, conn.worker.bank, conn.scheduler.build_connector_meta, []
+
+    def damage_first_restore(scheduler_output):
+        meta = plan(scheduler_output)
+        if meta.restores and not damaged:
+            damaged.extend(key for key, _ in meta.restores)
+            for key in damaged:
+                assert corrupt_entry(bank, key) == "disk"
+        return meta
+
+    conn.scheduler.build_connector_meta = damage_first_restore
+    engine.add_session("a", trajectory="R_L_R_L_R_L90", num_chunks=24, seed=0)
+    results = []
+    while engine.has_unfinished_sessions():
+        step = engine.step()
+        if damaged:
+            results.extend(step)
+        assert directory.slots() == bank_slots(bank)
+    engine.drain()
+    assert damaged and bank.disk_errors == len(damaged)
+    assert conn.metrics()["load_errors"] >= len(damaged)
+    for sid, cid in damaged:  # forgotten: never planned again, never in a window
+        assert (sid, cid) not in directory and (sid, cid) not in bank and cid not in conn.scheduler.index.chunks(sid)
+        assert all(cid not in r.retrieved for r in results[1:])
     engine.close()

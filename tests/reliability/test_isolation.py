@@ -248,7 +248,7 @@ OPS = st.lists(st.tuples(st.sampled_from(["step", "step", "complete", "fail", "e
 @given(lengths=st.lists(st.integers(1, 9), min_size=1, max_size=3), ops=OPS)
 def test_scheduler_accounting_is_exact_and_nothing_leaks(lengths, ops):
     cfg = WorldKVConfig(page_size=PS, retrieval_chunks=2, hot_chunks=3, sink_frames=3, recent_frames=6, keep_ratio=1.0)
-    sched = WorldKVScheduler(cfg, frame_tokens=FT, page_size=PS)
+    sched = WorldKVScheduler(cfg, frame_tokens=FT, page_size=PS, kv_shape=PRESETS["tiny"])
     poses = chunk_poses(parse_trajectory("R_L_R30"), 3, 9)
     d = Driver(sched, {f"s{i}": n for i, n in enumerate(lengths)}, poses)
     for op, i in ops:
@@ -283,7 +283,7 @@ def test_scheduler_accounting_is_exact_and_nothing_leaks(lengths, ops):
 def test_driver_catches_an_early_free():
     """The property test's driver is not blind: a page handed back while its store runs fails."""
     cfg = WorldKVConfig(page_size=PS, retrieval_chunks=1, hot_chunks=1, sink_frames=3, recent_frames=3, keep_ratio=1.0)
-    sched = WorldKVScheduler(cfg, frame_tokens=FT, page_size=PS)
+    sched = WorldKVScheduler(cfg, frame_tokens=FT, page_size=PS, kv_shape=PRESETS["tiny"])
     d = Driver(sched, {"s": 4}, chunk_poses(parse_trajectory("R30"), 3, 4))
     for _ in range(3):
         d.step("s")

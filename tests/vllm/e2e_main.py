@@ -68,7 +68,7 @@ def make_llm(model: Path, scenario: str):
         extra = {"bank_bytes": 4 << 20, "eviction": "lru"}
         if scenario == "sync":
             # a host tier of 4 blocks (2 layers x K,V x 32 tokens x 2 heads x 32 x fp32 = 32 KiB
-            # each) that spills to a disk tier: hits come back through ensure_resident
+            # each) that spills to a disk tier: hits come back through the scheduler half's restores
             extra.update(load_async=False, bank_bytes=4 * (32 << 10), bank_dir=str(model.parent / "bank-sync"))
         kwargs["kv_transfer_config"] = KVTransferConfig(
             kv_connector="WorldKVConnector", kv_connector_module_path="worldkv_connector.integration.vllm",

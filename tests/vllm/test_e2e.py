@@ -101,8 +101,9 @@ def test_hole_in_prefix_is_recomputed_and_never_banks_poisoned_kv(e2e, scenario)
     assert hole["dropped"] == 1 and len(_new_errors(hole)) == 1
     assert hole["tokens"] == base["R_LONG"]["tokens"]
     if scenario == "sync":
-        # the forward that read the hole computed two more blocks: they must not be banked
-        assert _delta(hole, "worker", "store_skipped_blocks") == 2
+        # the forward that read the hole computed two more blocks: they must not be banked (the
+        # scheduler half skips one of them itself: the step's loads pin the rest of the host tier)
+        assert _delta(hole, "worker", "store_skipped_blocks") + _delta(hole, "sched", "store_skipped_blocks") == 2
     # R_LONG's 5 full blocks all come back from the bank, and still give the reference tokens
     final = run["r_long_hit"]
     assert final["num_cached_tokens"] == 160 and _new_errors(final) == []
@@ -188,7 +189,7 @@ def test_scheduler_half_tracks_stores_hits_and_deferred_frees():
 
     from worldkv_connector.integration.vllm.scheduler import WorldKVScheduler, WorldKVWorkerMetadata
 
-    s = WorldKVScheduler(block_size=32, num_workers=2, load_async=True, stores_in_flight=True)
+    s = WorldKVScheduler(block_size=32, num_workers=2, load_async=True, stores_in_flight=True, num_slots=8)
     hashes = [b"h0", b"h1", b"h2"]
     a = _request("a", hashes, 100)
     s.on_new_request(a)
@@ -215,9 +216,9 @@ def test_scheduler_half_tracks_stores_hits_and_deferred_frees():
     # a worker lost the middle block: hits stop before it
     s.update_connector_output(KVConnectorOutput(kv_connector_worker_meta=WorldKVWorkerMetadata(lost={store.keys[1]})))
     assert s.get_num_new_matched_tokens(b, 0) == (32, True)
-    # reset_prefix_cache(reset_connector=True): nothing is offered, and the workers are told
+    # reset_prefix_cache(reset_connector=True): nothing is offered, and the workers evict them all
     assert s.reset() is True and s.get_num_new_matched_tokens(b, 0) == (0, False)
-    assert s.build_connector_meta(_sched_output()).reset is True
+    assert set(s.build_connector_meta(_sched_output()).evicted) == set(store.keys)
 
 
 def test_worker_half_round_trips_blocks_and_reports_missing_entries():
@@ -247,7 +248,7 @@ def test_worker_half_round_trips_blocks_and_reports_missing_entries():
         assert not t[7].any()
     assert w.build_worker_meta().lost == {"gone"}
     assert w.stats()["load_tokens"] == 2 * bs
-    w.start_load_kv(WorldKVConnectorMetadata(reset=True))
+    w.start_load_kv(WorldKVConnectorMetadata(evicted=["k1", "k2"]))
     assert len(w.bank) == 0
     with pytest.raises(ValueError, match="unsupported vLLM KV cache layout"):
         detect_layout(torch.zeros(nb, bs, heads, dim), num_blocks=nb, block_size=bs, num_kv_heads=heads, head_size=dim)
@@ -270,7 +271,7 @@ def test_scheduler_half_decides_the_slots_and_the_worker_follows():
     w = WorldKVWorker(WorldKVConfig(bank_bytes=3 * slot, keep_ratio=1.0, page_size=bs), block_size=bs, load_async=True)
     w.register_kv_caches(kv, num_blocks=nb, num_kv_heads=heads, head_size=dim)
     s = WorldKVScheduler(block_size=bs, num_workers=1, load_async=True, stores_in_flight=False, num_slots=3)
-    assert s.directory.decides and w.bank.num_slots == 3
+    assert w.bank.num_slots == 3
 
     def step(so):
         meta = s.build_connector_meta(so)
@@ -305,4 +306,93 @@ def test_scheduler_half_decides_the_slots_and_the_worker_follows():
     d = _request("d", [b"d0"], 40)
     s.on_new_request(d)
     assert step(_sched_output(new=[("d", [10, 11], 0, 40)])).evicted == [key(b"a0")]
+    w.shutdown()
+
+
+def test_scheduler_and_worker_processes_agree_on_num_slots_without_bank_bytes(monkeypatch):
+    import torch
+
+    from worldkv_connector.config import AUTO_BANK_SHARE
+    from worldkv_connector.integration.vllm import VLLMConnectorConfig, connector, vllm_bank_bytes
+    from worldkv_connector.integration.vllm.scheduler import WorldKVConnectorMetadata
+    from worldkv_connector.integration.vllm.worker import WorldKVWorker
+
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert vllm_bank_bytes("cpu", 0.9) == max(64 << 20, int(total * AUTO_BANK_SHARE) // (1 << 20) * (1 << 20))
+    # a machine of 256 MiB, so the bank below stays small: each process resolves the same default
+    pages = {"SC_PHYS_PAGES": 65536, "SC_PAGE_SIZE": 4096}
+    monkeypatch.setattr(connector, "os", SimpleNamespace(sysconf=pages.__getitem__))
+    bs, heads, dim, nb = 32, 2, 32, 8
+    in_scheduler = VLLMConnectorConfig.from_extra_config({}, block_size=bs).core
+    in_worker = VLLMConnectorConfig.from_extra_config({}, block_size=bs).core
+    assert in_scheduler.bank_bytes == in_worker.bank_bytes == 64 << 20
+    spec = SimpleNamespace(num_kv_heads=heads, head_size=dim, dtype=torch.float32)
+    kv_cache_config = SimpleNamespace(kv_cache_groups=[SimpleNamespace(layer_names=["layer0", "layer1"])])
+    layout = connector._bank_layout(in_scheduler, spec, kv_cache_config, bs)
+    w = WorldKVWorker(in_worker, block_size=bs, load_async=True)
+    w.register_kv_caches({f"layer{i}": torch.zeros(nb, heads, bs, 2 * dim) for i in range(2)}, num_blocks=nb,
+                         num_kv_heads=heads, head_size=dim)
+    assert layout.num_slots == w.bank.num_slots == (64 << 20) // (2 * 2 * bs * heads * dim * 4)
+    w.start_load_kv(WorldKVConnectorMetadata(bank_slots=layout.num_slots))  # agreed: nothing to do
+    with pytest.raises(RuntimeError, match="same bank_bytes"):
+        w.start_load_kv(WorldKVConnectorMetadata(bank_slots=layout.num_slots - 1))
+    w.shutdown()
+
+
+def test_with_a_disk_tier_the_scheduler_half_spills_restores_and_forgets_damaged_blocks(tmp_path):
+    import torch
+    from vllm.v1.outputs import KVConnectorOutput
+
+    from worldkv_connector.config import WorldKVConfig
+    from worldkv_connector.integration.vllm.scheduler import WorldKVScheduler, bank_key, request_namespace
+    from worldkv_connector.integration.vllm.worker import WorldKVWorker
+    from worldkv_connector.testing import corrupt_entry
+
+    nb, heads, bs, dim = 16, 2, 32, 32
+    kv = {f"layer{i}": torch.randn(nb, heads, bs, 2 * dim) for i in range(2)}  # vLLM CPU layout
+    slot = 2 * 2 * bs * heads * dim * 4
+    cfg = WorldKVConfig(bank_bytes=2 * slot, keep_ratio=1.0, page_size=bs, bank_dir=str(tmp_path), disk_bytes=8 * slot)
+    w = WorldKVWorker(cfg, block_size=bs, load_async=True)
+    w.register_kv_caches(kv, num_blocks=nb, num_kv_heads=heads, head_size=dim)
+    s = WorldKVScheduler(block_size=bs, num_workers=1, load_async=True, stores_in_flight=False, num_slots=2,
+                         disk_bytes=8 * slot, entry_bytes=w.bank.entry_bytes)
+    original = [t.clone() for t in kv.values()]
+
+    def step(so):
+        meta = s.build_connector_meta(so)
+        w.start_load_kv(meta)
+        w.wait_for_save(meta)
+        _, recving = w.get_finished(set())
+        s.update_connector_output(KVConnectorOutput(kv_connector_worker_meta=w.build_worker_meta(),
+                                                    finished_recving=recving))
+        assert s.directory.slots() == {k: (w.bank.get(k).slot, w.bank.get(k).ready) for k in w.bank.keys()}
+        return meta
+
+    def hit(req_id, hashes, blocks):
+        r = _request(req_id, hashes, 32 * len(hashes) + 8)
+        assert s.get_num_new_matched_tokens(r, 0) == (32 * len(blocks), True)
+        s.update_state_after_alloc(r, SimpleNamespace(get_block_ids=lambda: (blocks,)), 32 * len(blocks))
+
+    a = _request("a", [b"a0", b"a1"], 70)
+    s.on_new_request(a)
+    key = lambda h: bank_key(request_namespace(a), h)  # noqa: E731
+    step(_sched_output(new=[("a", [0, 1, 2], 0, 70)]))
+    c = _request("c", [b"c0", b"c1"], 70)
+    s.on_new_request(c)
+    meta = step(_sched_output(new=[("c", [3, 4, 5], 0, 70)]))
+    # no slot is free: the victims are spilled (still banked, still hits), not evicted
+    assert meta.spilled == [key(b"a0"), key(b"a1")] and meta.evicted == [] and meta.stores[0].slots == [0, 1]
+    assert w.bank.spills == 2 and s.num_ready == 4
+    hit("b", [b"a0", b"a1", b"b2"], [6, 7])
+    meta = step(_sched_output())
+    assert meta.restores == [(key(b"a0"), 0), (key(b"a1"), 1)] and meta.spilled == [key(b"c0"), key(b"c1")]
+    for t, o in zip(kv.values(), original):
+        assert torch.equal(t[6:8], o[0:2])  # a0, a1 came back from disk bit-exact
+    assert w.bank.restores == 2 and w.get_block_ids_with_load_errors() == set()
+    assert corrupt_entry(w.bank, key(b"c0")) == "disk"
+    hit("d", [b"c0", b"d1"], [8])
+    step(_sched_output())
+    # the damaged file is a load error, never loaded; the scheduler half forgets the block
+    assert w.get_block_ids_with_load_errors() == {8} and w.bank.disk_errors == 1
+    assert key(b"c0") not in s.directory and not s.is_ready(key(b"c0"))
     w.shutdown()

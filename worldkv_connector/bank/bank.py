@@ -10,15 +10,17 @@ eviction order, is the ``SlotTable``'s (``slots``); the slot sizes are the ``Ban
 
 Optional disk tier (``disk=DiskTier(...)``, or ``bank_dir`` in the config; see ``spill``): the
 eviction victim of a full host/GPU tier is spilled to a file instead of dropped, and
-``ensure_resident`` brings it back. Evict listeners are told only when an entry leaves the bank.
+``ensure_resident`` brings it back. A connector's ``SlotDirectory`` decides both (``reserve``,
+``spill`` and ``ensure_resident`` with its slot); a bank used on its own decides them itself.
+Evict listeners are told only when an entry leaves the bank.
 
 Optional remote tier (``remote=RemoteTier(...)``, or ``remote`` in the config): every entry that
 becomes ready is written through to a shared store (Mooncake Store, Redis/Valkey); the host tier
 is a cache in front of it (see ``worldkv_connector.remote``).
 
-Accounting: ``bytes_used`` is the host/GPU tier's payload bytes (its meaning from before the disk
-tier existed: memory held in the slab); ``disk_bytes_used`` the disk tier's; ``total_bytes_used``
-both. ``len(bank)``, ``keys()`` and ``in`` cover every tier: a spilled key is still in the bank.
+Accounting: ``bytes_used`` is the host/GPU tier's payload bytes (memory held in the slab),
+``disk_bytes_used`` the disk tier's, ``total_bytes_used`` both. ``len(bank)``, ``keys()`` and ``in``
+cover every tier: a spilled key is still in the bank.
 """
 from __future__ import annotations
 
@@ -102,8 +104,7 @@ class Bank:
 
     # --- sizes and counters --------------------------------------------------------------------
     @property
-    def disk(self) -> DiskTier | None:
-        """The disk tier (None without one)."""
+    def disk(self) -> DiskTier | None:  # None without a disk tier
         return self._spill.tier if self._spill is not None else None
 
     @property
@@ -225,13 +226,13 @@ class Bank:
         return freed
 
     # --- the disk tier -------------------------------------------------------------------------
-    def _spill_entry(self, key: BankKey) -> bool:
+    def _spill_entry(self, key: BankKey, decided: bool = False) -> bool:
         """Move a ready, unpinned host entry's payload to the disk tier. False without a disk tier
         or when it has no room (the disk files it dropped meanwhile have left the bank)."""
         if self._spill is None:
             return False
         entry = self._table.get(key)
-        stored, dropped = self._spill.put(key, self._payload(entry), can_evict=self._unpinned)
+        stored, dropped = self._spill.put(key, self._payload(entry), self._unpinned, decided)
         for gone in dropped:  # the disk tier made room: those entries leave the bank entirely
             self._evict(gone)
         if not stored:
@@ -248,16 +249,19 @@ class Bank:
         """True when ``key``'s payload is in a slot (``view`` works)."""
         return self._entry(key).tier != DISK
 
-    def spill(self, key: BankKey) -> bool:
+    def spill(self, key: BankKey, *, decided: bool = False) -> bool:
         """Move a ready, unpinned host entry to the disk tier now. False when there is no disk
-        tier, the entry is not resident, not ready or pinned, or the disk tier has no room."""
+        tier, the entry is not resident, not ready or pinned, or the disk tier has no room.
+        decided: by a ``SlotDirectory``, which made the disk tier's room (``DiskTier.put``)."""
         entry = self._entry(key)
         if entry.tier == DISK or not entry.ready or entry.pins:
             return False
-        return self._spill_entry(key)
+        return self._spill_entry(key, decided)
 
-    def ensure_resident(self, key: BankKey) -> bool:
-        """Bring a spilled entry back into a slot (demoting a policy victim if the tier is full).
+    def ensure_resident(self, key: BankKey, slot: int | None = None) -> bool:
+        """Bring a spilled entry back into a slot: ``slot``, decided by a ``SlotDirectory`` (free,
+        else ``ValueError``; nothing is demoted here), or when None the bank's choice (demoting a
+        policy victim if the tier is full).
 
         True when ``key`` is resident afterwards. False when there is no room right now (every
         slot is unready or pinned), or when its file was missing or damaged: the entry is then
@@ -267,7 +271,7 @@ class Bank:
         entry = self._entry(key)
         if entry.tier != DISK:
             return True
-        if not self._table.can_free_a_slot():
+        if slot is None and not self._table.can_free_a_slot():
             return False  # no room right now: nothing was moved
         # read and verified before anything moves: a damaged file must not cost a resident entry
         data = self._empty_payload(entry.num_tokens)
@@ -275,9 +279,9 @@ class Bank:
             self._evict(key)
             return False
         with self._spill.protecting(key):  # type: ignore[union-attr]  # spilling a victim may drop disk files
-            if not self._make_room():
+            if slot is None and not self._make_room():
                 return False
-        slot = self._table.occupy(key)
+        slot = self._table.occupy(key, slot)  # ValueError when ``slot`` is taken: the entry stays on disk
         self._slab[slot, :, :, : entry.num_tokens].copy_(data)
         entry.tier = self.tier
         self._spill.restored(key)  # type: ignore[union-attr]
@@ -412,8 +416,5 @@ class Bank:
         self.close()
 
     def __repr__(self) -> str:
-        return (
-            f"Bank(tier={self.tier!r}, slots={self.num_slots} x {self.slot_bytes} B, "
-            f"entries={len(self._table)}, bytes_used={self.bytes_used}, disk_bytes_used={self.disk_bytes_used}, "
-            f"eviction={self.eviction!r})"
-        )
+        return (f"Bank(tier={self.tier!r}, slots={self.num_slots} x {self.slot_bytes} B, entries={len(self._table)}, "
+                f"bytes_used={self.bytes_used}, disk_bytes_used={self.disk_bytes_used}, eviction={self.eviction!r})")

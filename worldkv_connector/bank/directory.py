@@ -2,8 +2,8 @@
 
 vLLM's ``LRUOffloadingManager.prepare_store`` pattern: the scheduler half decides allocation and
 eviction and tells the worker half, which only copies and reports. ``prepare_store`` picks a slot
-(evicting a victim when none is free) and returns it with the evicted keys, or None when there is
-no room; the step's metadata carries both, and the worker frees the victims, then reserves exactly
+(freeing one when none is free) and returns it with the evicted keys, or None when there is no
+room; the step's metadata carries them, and the worker frees the victims, then reserves exactly
 that slot (``Bank.reserve(..., slot=s)``).
 
 Victims are ready entries that no planned load pins, entries of finished sessions first (kept
@@ -11,20 +11,28 @@ while there is room, never displacing a live session's), then the eviction polic
 load pins its entry when it is planned (``pin``) and unpins it when the worker reports the load
 done or failed (``unpin``), so a load is never planned for an entry evicted since.
 
-Two modes. **Deciding** (``num_slots`` given): the directory owns the host/GPU tier's slots.
-**Listing** (``num_slots`` None: a bank with a disk tier, where an eviction is a spill the bank
-decides, or a scheduler run without a bank shape): the bank decides, ``prepare_store`` gives no
-slot, and the directory only lists what the worker reports banked or evicted.
+Disk tier (``disk_bytes`` > 0): the victim is *spilled* instead of evicted: it stays listed and
+ready, without a slot (``on_disk``), and its payload bytes (``entry_bytes(num_tokens)``, the bank's
+own formula) count against ``disk_bytes``. When that is over capacity, the least recently used
+unpinned disk entries are evicted first; a victim the disk tier cannot take is evicted. The spills
+since the last ``take_spilled`` are the metadata's ``spilled``. A planned load of a spilled entry
+needs ``prepare_restore``: the slot it comes back into (freed the same way, never taking an entry a
+planned load pins). The worker applies a step in that order: evictions, spills, restores, stores.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections import OrderedDict
+from typing import Callable, Iterator
 
+from worldkv_connector.bank.disk import DISK
 from worldkv_connector.bank.entry import BankEntry, BankKey
 from worldkv_connector.bank.layout import BankLayout
 from worldkv_connector.bank.slots import SlotTable
+from worldkv_connector.checks import check_int
 
 __all__ = ["SlotDirectory"]
+
+_LISTED = "directory"  # BankEntry.tier of a listed entry holding a slot
 
 
 def _session_of(key: BankKey):
@@ -32,46 +40,59 @@ def _session_of(key: BankKey):
 
 
 class SlotDirectory:
-    """Slot decisions and bookkeeping of one bank, for the scheduler half (see the module docstring).
+    """Slot, spill and eviction decisions of one bank, for the scheduler half (see the module docstring).
 
-    num_slots: the bank's slots (None: listing mode); eviction: the bank's policy name."""
+    num_slots: the bank's slots of its host/GPU tier; eviction: the bank's policy name; disk_bytes:
+    the disk tier's payload capacity (0: no disk tier); entry_bytes: payload bytes of an entry of
+    ``num_tokens`` tokens (``BankLayout.entry_bytes``), needed with a disk tier."""
 
-    def __init__(self, num_slots: int | None, eviction: str = "lru") -> None:
-        self.num_slots = num_slots
-        self._table = SlotTable(num_slots, eviction) if num_slots is not None else None
-        self._listed: dict[BankKey, BankEntry] = {}  # listing mode's entries
+    def __init__(self, num_slots: int, eviction: str = "lru", *, disk_bytes: int = 0,
+                 entry_bytes: Callable[[int], int] | None = None) -> None:
+        self.num_slots = check_int("SlotDirectory num_slots", num_slots, 1)
+        self.disk_bytes = check_int("SlotDirectory disk_bytes", disk_bytes, 0)
+        if self.disk_bytes and entry_bytes is None:
+            raise ValueError("SlotDirectory disk_bytes > 0 needs entry_bytes (the bank's payload bytes per entry)")
+        self._entry_bytes = entry_bytes
+        self._table = SlotTable(num_slots, eviction)
+        self._disk: OrderedDict[BankKey, int] = OrderedDict()  # spilled key -> payload bytes, LRU first
+        self.disk_bytes_used = 0
+        self._spilled: list[BankKey] = []  # spills since the last take_spilled
         self._finished: set = set()  # sessions whose entries are victims first
         self._removing: set[BankKey] = set()  # removed while a planned load pins them: they go at unpin
         self.evictions = 0
+        self.spills = 0
+        self.restores = 0
+
+    @classmethod
+    def for_layout(cls, layout: BankLayout, config) -> "SlotDirectory":
+        """The directory of a bank of ``layout`` built from ``config`` (its policy and disk tier)."""
+        disk = config.disk_bytes if config.bank_dir is not None else 0
+        return cls(layout.num_slots, config.eviction, disk_bytes=disk, entry_bytes=layout.entry_bytes)
 
     @classmethod
     def for_shape(cls, shape, config) -> "SlotDirectory":
-        """The directory of ``Bank.for_shape(shape, config)``'s bank: deciding, unless the config has a
-        disk tier (whose spills the bank decides)."""
-        if config.bank_dir is not None and config.disk_bytes != 0:
-            return cls(None, config.eviction)
+        """The directory of ``Bank.for_shape(shape, config)``'s bank."""
         layout = BankLayout(shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.torch_dtype,
                             config.kept_tokens(shape.frame_tokens), config.bank_bytes, config.bank)
-        return cls(layout.num_slots, config.eviction)
-
-    @property
-    def decides(self) -> bool:
-        """True when this directory chooses slots and victims (deciding mode)."""
-        return self._table is not None
+        return cls.for_layout(layout, config)
 
     # --- queries -----------------------------------------------------------------------------------
     def get(self, key: BankKey) -> BankEntry | None:
-        return self._table.get(key) if self._table is not None else self._listed.get(key)
+        return self._table.get(key)
 
     def __contains__(self, key: object) -> bool:
-        return self.get(key) is not None  # type: ignore[arg-type]
+        return key in self._table
 
     def __len__(self) -> int:
-        return len(self._table) if self._table is not None else len(self._listed)
+        return len(self._table)
 
     def keys(self) -> list[BankKey]:
-        """Every listed key, ready or not, in insertion order."""
-        return self._table.keys() if self._table is not None else list(self._listed)
+        """Every listed key (spilled ones too), ready or not, in insertion order."""
+        return self._table.keys()
+
+    def on_disk(self, key: BankKey) -> bool:
+        """True when ``key`` is listed as spilled (a load of it needs ``prepare_restore`` first)."""
+        return key in self._disk
 
     def ready_tokens(self, key: BankKey) -> int | None:
         """Tokens per layer of ``key``'s entry when it is banked and ready (retrievable), else None."""
@@ -82,42 +103,109 @@ class SlotDirectory:
         return (k for k in self.keys() if self.ready_tokens(k) is not None)
 
     def slots(self) -> dict[BankKey, tuple[int, bool]]:
-        """key -> (slot, ready) of every listed entry (slot -1 in listing mode)."""
+        """key -> (slot, ready) of every listed entry (slot -1: spilled)."""
         return {k: (e.slot, e.ready) for k in self.keys() for e in (self.get(k),)}
 
+    def take_spilled(self) -> list[BankKey]:
+        """The spills decided since the last call, in order (the step's metadata carries them)."""
+        out, self._spilled = self._spilled, []
+        return out
+
     # --- stores ------------------------------------------------------------------------------------
-    def prepare_store(self, key: BankKey, num_tokens: int) -> tuple[int | None, list[BankKey]] | None:
+    def prepare_store(self, key: BankKey, num_tokens: int) -> tuple[int, list[BankKey]] | None:
         """A slot for ``key``'s store and the keys evicted to free it, or None when there is no room
-        (every entry is being written or pinned by a planned load). Listing mode: ``(None, [])``,
-        the bank picks. ``ValueError`` when ``key`` is already listed."""
+        (every entry is being written or pinned by a planned load). A victim spilled instead is in
+        ``take_spilled``. ``ValueError`` when ``key`` is already listed."""
         if key in self:
             raise ValueError(f"bank key {key!r} is already banked: it is stored once")
-        entry = BankEntry(key=key, slot=-1, num_tokens=num_tokens, nbytes=0, tier="directory")
-        if self._table is None:
-            self._listed[key] = entry
-            return None, []
-        evicted = []
-        if not self._table.free_slots:
-            victim = self._finished_victim()
-            victim = victim if victim is not None else self._table.victim()
-            if victim is None:
-                return None
-            self._table.remove(victim)
-            self.evictions += 1
-            evicted.append(victim)
+        evicted: list[BankKey] = []
+        if not self._table.free_slots and not self._free_a_slot(evicted):
+            return None
+        entry = BankEntry(key=key, slot=-1, num_tokens=num_tokens, nbytes=0, tier=_LISTED)
         self._table.insert(entry)
         return entry.slot, evicted
 
+    def prepare_restore(self, key: BankKey) -> tuple[int, list[BankKey]] | None:
+        """The slot a spilled ``key`` comes back into for a planned load, and the keys evicted to
+        free it (a victim spilled instead is in ``take_spilled``); None when there is no room.
+        ``ValueError`` when ``key`` is not listed as spilled."""
+        if key not in self._disk:
+            raise ValueError(f"bank key {key!r} is not on the disk tier: nothing to restore")
+        nbytes = self._disk.pop(key)  # its file goes with the restore: never a disk victim meanwhile
+        self.disk_bytes_used -= nbytes
+        evicted: list[BankKey] = []
+        if not self._table.free_slots and not self._free_a_slot(evicted):
+            self._disk[key] = nbytes
+            self.disk_bytes_used += nbytes
+            return None
+        slot = self._table.occupy(key)
+        self._table.get(key).tier = _LISTED  # type: ignore[union-attr]
+        self.restores += 1
+        return slot, evicted
+
+    def prepare_restores(self, keys) -> tuple[list[tuple[BankKey, int]], list[BankKey]]:
+        """``prepare_restore`` of each spilled key of ``keys`` (the step's planned loads, which pin
+        them): ``([(key, slot)], evicted keys)``. A key that finds no slot stays on disk (its load
+        then fails on the worker); keys not on disk are skipped."""
+        restores, evicted = [], []
+        for key in dict.fromkeys(k for k in keys if k in self._disk):
+            got = self.prepare_restore(key)
+            if got is not None:
+                restores.append((key, got[0]))
+                evicted.extend(got[1])
+        return restores, evicted
+
+    def _free_a_slot(self, evicted: list[BankKey]) -> bool:
+        """Spill (or evict) one victim to free a slot; False when nothing may go."""
+        victim = self._finished_victim()
+        victim = victim if victim is not None else self._table.victim()
+        if victim is None:
+            return False
+        if not self._spill(victim, evicted):
+            self._evict(victim, evicted)
+        return True
+
+    def _spill(self, key: BankKey, evicted: list[BankKey]) -> bool:
+        """Move ``key`` to the disk tier, evicting least recently used unpinned disk entries while it
+        is over capacity. False (nothing evicted) without a disk tier or when it cannot make room."""
+        if not self.disk_bytes:
+            return False
+        entry = self._table.get(key)
+        need = self._entry_bytes(entry.num_tokens)  # type: ignore[misc,union-attr]
+        room, victims = self.disk_bytes - self.disk_bytes_used, []
+        for k, nbytes in self._disk.items():
+            if room >= need:
+                break
+            if not self._table.get(k).pins:  # type: ignore[union-attr]
+                victims.append(k)
+                room += nbytes
+        if room < need:
+            return False
+        for k in victims:
+            self._evict(k, evicted)
+        self._table.vacate(key)
+        entry.tier = DISK  # type: ignore[union-attr]
+        self._disk[key] = need
+        self.disk_bytes_used += need
+        self._spilled.append(key)
+        self.spills += 1
+        return True
+
+    def _evict(self, key: BankKey, evicted: list[BankKey]) -> None:
+        self._drop(key)
+        self.evictions += 1
+        evicted.append(key)
+
     def _finished_victim(self) -> BankKey | None:
-        """The oldest ready, unpinned entry of a finished session (they never displace a live one)."""
+        """The oldest ready, unpinned, resident entry of a finished session (they never displace a live one)."""
         if not self._finished:
             return None
-        for key in self._table.keys():  # type: ignore[union-attr]
-            entry = self._table.get(key)  # type: ignore[union-attr]
-            if _session_of(key) in self._finished and entry.ready and not entry.pins:
+        for key in self._table.keys():
+            entry = self._table.get(key)
+            if _session_of(key) in self._finished and entry.ready and not entry.pins and entry.slot >= 0:
                 return key
         # sessions with nothing left to give need no more tracking (bounded by the bank)
-        self._finished &= {_session_of(k) for k in self._table.keys()}  # type: ignore[union-attr]
+        self._finished &= {_session_of(k) for k in self._table.keys()}
         return None
 
     def complete_store(self, key: BankKey, ok: bool, num_tokens: int | None = None) -> None:
@@ -133,29 +221,36 @@ class SlotDirectory:
         if num_tokens is not None:
             entry.num_tokens = num_tokens
 
-    def adopt(self, key: BankKey, slot: int | None, num_tokens: int) -> None:
+    def adopt(self, key: BankKey, slot: int, num_tokens: int) -> None:
         """List a ready entry that arrived in the bank outside a store (a saved bank, the remote
-        tier) at the slot the bank gave it (deciding mode: required, and it must be free here)."""
+        tier) at the slot the bank gave it (it must be free here; -1: the bank spilled it)."""
         if key in self:
             raise ValueError(f"bank key {key!r} is already banked")
-        entry = BankEntry(key=key, slot=-1, num_tokens=num_tokens, nbytes=0, tier="directory", ready=True)
-        if self._table is None:
-            self._listed[key] = entry
-            return
         if slot is None:
             raise ValueError(f"adopt {key!r}: this directory decides the slots, give the bank's slot")
-        self._table.insert(entry, slot)
+        entry = BankEntry(key=key, slot=-1, num_tokens=num_tokens, nbytes=0, tier=_LISTED, ready=True)
+        if slot >= 0:
+            self._table.insert(entry, slot)  # ValueError when it is taken or out of range
+            return
+        if not self.disk_bytes:
+            raise ValueError(f"adopt {key!r}: slot {slot}, but this directory has no disk tier")
+        entry.tier = DISK
+        self._table.insert_spilled(entry)
+        self._disk[key] = self._entry_bytes(num_tokens)  # type: ignore[misc]
+        self.disk_bytes_used += self._disk[key]
 
     # --- loads -------------------------------------------------------------------------------------
     def pin(self, key: BankKey, *, touch: bool = True) -> None:
-        """A load (``touch``: a retrieval, the LRU's young end) or a RoPE reload of ``key`` was
-        planned: it is no victim until the worker reports it."""
+        """A load (``touch``: a retrieval, the young end of the LRU of its tier) or a RoPE reload of
+        ``key`` was planned: it is no victim until the worker reports it."""
         entry = self.get(key)
         if entry is None:
             return
         entry.pins += 1
-        if touch and self._table is not None:
+        if touch:
             self._table.touch(key)
+            if key in self._disk:
+                self._disk.move_to_end(key)
 
     def unpin(self, key: BankKey, *, every: bool = True) -> bool:
         """The worker reported ``key``'s loads done or failed. ``every``: every read of it ended
@@ -195,13 +290,14 @@ class SlotDirectory:
         return gone
 
     def forget(self, key: BankKey) -> None:
-        """The bank already dropped ``key`` (its own eviction, or a session dropped by the host)."""
+        """The bank already dropped ``key`` (its own eviction, a damaged spill file, a session
+        dropped by the host)."""
         if key in self:
             self._drop(key)
 
     def _drop(self, key: BankKey) -> None:
         self._removing.discard(key)
-        if self._table is not None:
-            self._table.remove(key)
-        else:
-            self._listed.pop(key, None)
+        self._table.remove(key)
+        nbytes = self._disk.pop(key, None)
+        if nbytes is not None:
+            self.disk_bytes_used -= nbytes

@@ -125,7 +125,8 @@ class DiskTier:
 
     # --- writes ------------------------------------------------------------------------------------
     def put(
-        self, key: Hashable, payload: torch.Tensor, *, can_evict: Callable[[Hashable], bool] = lambda key: True
+        self, key: Hashable, payload: torch.Tensor, *, can_evict: Callable[[Hashable], bool] = lambda key: True,
+        decided: bool = False,
     ) -> tuple[bool, list[Hashable]]:
         """Write ``payload`` (``[L, 2, T, H, D]``, any float dtype, any device) as ``key``.
 
@@ -133,6 +134,10 @@ class DiskTier:
         first. Returns ``(stored, evicted_keys)``; ``stored`` is False when even that would not make
         room (e.g. an entry larger than the whole tier; nothing is evicted then) or when the write
         failed (the keys already evicted for it are still reported).
+
+        decided: the spill was decided by a ``SlotDirectory``, which evicted what the capacity
+        needs: nothing is evicted here, and the tier may be over capacity until the step's restores
+        (decided beside it) remove their files.
         """
         self._check_open()
         if key in self._files:
@@ -140,7 +145,7 @@ class DiskTier:
         data = _tensor_bytes(payload)
         need = len(data)
         victims: list[Hashable] = []
-        if self.bytes_used + need > self.capacity_bytes:
+        if not decided and self.bytes_used + need > self.capacity_bytes:
             room = self.capacity_bytes - self.bytes_used
             for k, f in self._files.items():
                 if room >= need:

@@ -68,18 +68,27 @@ class SlotTable:
     def insert(self, entry: BankEntry, slot: int | None = None) -> None:
         """List a new ``entry`` in ``slot``, or in the lowest free slot when None (``entry.slot``
         and ``last_used`` are set). The caller made room first (``ValueError`` when ``slot`` is taken)."""
-        if slot is None:
-            entry.slot = self._free.pop()
-        elif is_int(slot) and slot in self._free:
-            self._free.remove(slot)
-            entry.slot = slot
-        else:  # a taken slot is a fault of whoever chose it, never an overwrite
-            raise ValueError(f"slot {slot!r} for {entry.key!r} is out of range or taken: allowed one of the "
-                             f"{len(self._free)} free slots of 0 .. {self.num_slots - 1}")
+        entry.slot = self._take(slot, entry.key)
         entry.last_used = self._tick()
         self._entries[entry.key] = entry
         self.bytes_used += entry.nbytes
         self._policy.on_insert(entry.key)
+
+    def insert_spilled(self, entry: BankEntry) -> None:
+        """List a new ``entry`` that has no slot (its payload is on the disk tier)."""
+        entry.slot = -1
+        entry.last_used = self._tick()
+        self._entries[entry.key] = entry
+
+    def _take(self, slot: int | None, key: BankKey) -> int:
+        if slot is None:
+            return self._free.pop()
+        if is_int(slot) and slot in self._free:
+            self._free.remove(slot)
+            return slot
+        # a taken slot is a fault of whoever chose it, never an overwrite
+        raise ValueError(f"slot {slot!r} for {key!r} is out of range or taken: allowed one of the "
+                         f"{len(self._free)} free slots of 0 .. {self.num_slots - 1}")
 
     def vacate(self, key: BankKey) -> BankEntry:
         """``key``'s entry gives its slot back but stays listed (spilled: ``slot`` is -1)."""
@@ -88,10 +97,11 @@ class SlotTable:
         entry.slot = -1
         return entry
 
-    def occupy(self, key: BankKey) -> int:
-        """A listed entry without a slot takes a free one back (a restore); returns the slot."""
+    def occupy(self, key: BankKey, slot: int | None = None) -> int:
+        """A listed entry without a slot takes a free one back (a restore): ``slot``, or the lowest
+        free one when None (``ValueError`` when ``slot`` is taken). Returns the slot."""
         entry = self._entries[key]
-        entry.slot = self._free.pop()
+        entry.slot = self._take(slot, key)
         entry.last_used = self._tick()
         self.bytes_used += entry.nbytes
         self._policy.on_insert(key)

@@ -41,12 +41,14 @@ class DiskSpill:
     def bytes_used(self) -> int:
         return self.tier.bytes_used if not self.tier.closed else 0
 
-    def put(self, key: Hashable, payload: torch.Tensor,
-            can_evict: Callable[[Hashable], bool]) -> tuple[bool, list[Hashable]]:
+    def put(self, key: Hashable, payload: torch.Tensor, can_evict: Callable[[Hashable], bool],
+            decided: bool = False) -> tuple[bool, list[Hashable]]:
         """Write ``payload`` (``[L, 2, T, H, D]``, bank dtype) as ``key``'s spill file, dropping least
-        recently used files with ``can_evict(key)`` true when it does not fit. Returns ``(stored,
-        dropped_keys)``: the dropped keys have left the disk tier, the bank must unlist them."""
-        stored, dropped = self.tier.put(key, payload, can_evict=lambda k: k != self._protected and can_evict(k))
+        recently used files with ``can_evict(key)`` true when it does not fit (none when ``decided``:
+        see ``DiskTier.put``). Returns ``(stored, dropped_keys)``: the dropped keys have left the disk
+        tier, the bank must unlist them."""
+        stored, dropped = self.tier.put(key, payload, can_evict=lambda k: k != self._protected and can_evict(k),
+                                        decided=decided)
         if stored:
             self.spills += 1
             logger.debug("bank spilled %r to disk (%d bytes)", key, payload.numel() * payload.element_size())

@@ -97,7 +97,7 @@ class _Rig:
         if baseline:
             self.worker.loads = _PairsLoadPath(self.worker.bank, self.worker.metrics, page_size=cfg.page_size,
                                                device=device)
-        self.scheduler = WorldKVScheduler(cfg, frame_tokens=shape.frame_tokens, page_size=cfg.page_size)
+        self.scheduler = WorldKVScheduler(cfg, frame_tokens=shape.frame_tokens, page_size=cfg.page_size, kv_shape=shape)
         chunk_pages = -(-shape.chunk_tokens // cfg.page_size)
         num_pages = 2 * 6 * self.pages_per_chunk + 4 * chunk_pages
         self.bm = BlockManager(num_pages, cfg.page_size)
@@ -111,7 +111,8 @@ class _Rig:
             bank.reserve(key, self.kept, indices=torch.arange(self.kept).expand(shape.num_layers, -1).contiguous())
             bank.view(key).fill_(float(cid % 7))
             bank.mark_ready(key)
-            self.scheduler.adopt(SESSION, cid, self.kept, _yaw_poses(cid * 360.0 / BANKED, fpc), cid * fpc)
+            self.scheduler.adopt(SESSION, cid, self.kept, _yaw_poses(cid * 360.0 / BANKED, fpc), cid * fpc,
+                                 slot=bank.get(key).slot)
         self.chunk_index = 0
         self.step = 0
         self.loaded: list[int] = []  # chunks loaded per step

@@ -121,7 +121,7 @@ class WorldKVConnector(VideoKVConnector):
         self.worker = WorldKVWorker(self.config, kv_shape, page_size=engine_config.page_size, device=self.device,
                                     transfer=transfer)
         slots = self.scheduler.directory.num_slots
-        if slots is not None and slots != self.worker.bank.num_slots:
+        if slots != self.worker.bank.num_slots:
             raise RuntimeError(f"the scheduler half sized the bank at {slots} slots, the worker's bank has "
                                f"{self.worker.bank.num_slots}")
         # False: a finished session's bank and index entries go once its stores ended

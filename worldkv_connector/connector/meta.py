@@ -41,8 +41,8 @@ class StoreSpec:
     # be re-indexed by pose after load_bank (None: unknown, the entry is not re-indexable)
     frame_poses: np.ndarray | None = field(default=None, compare=False, repr=False)
     first_frame: int = -1  # latent frame its keys were written at (temporal RoPE), -1: unknown
-    # the bank slot the scheduler half chose (``SlotDirectory.prepare_store``); None: the bank picks
-    # (a bank with a disk tier, or a worker driven without a scheduler half)
+    # the bank slot the scheduler half chose (``SlotDirectory.prepare_store``); None only in a plan
+    # made without a scheduler half (a worker driven on its own plans it locally: ``connector.local``)
     slot: int | None = None
 
 
@@ -71,13 +71,17 @@ class WorldKVMetadata:
     rope_deltas: list[RopeDelta] = field(default_factory=list)
     released: list[ChunkKey] = field(default_factory=list)  # chunks that left the hot set
     finished_sessions: list[str] = field(default_factory=list)  # sessions that ended since the last plan
-    # bank entries the scheduler half evicted to make room for this step's stores: the worker frees
-    # them before it reserves the stores' slots
+    # the scheduler half's slot decisions (``SlotDirectory``), applied by the worker in this order
+    # before the step's loads and stores: entries evicted (from either tier), entries spilled to the
+    # disk tier (their slots are free then), spilled entries this step loads brought back into the
+    # named slots; then each store reserves its slot
     evicted: list[ChunkKey] = field(default_factory=list)
+    spilled: list[ChunkKey] = field(default_factory=list)
+    restores: list[tuple[ChunkKey, int]] = field(default_factory=list)  # (key, slot)
 
     def is_empty(self) -> bool:
         return not (self.loads or self.stores or self.rope_deltas or self.released or self.finished_sessions
-                    or self.evicted)
+                    or self.evicted or self.spilled or self.restores)
 
 
 @dataclass(frozen=True)

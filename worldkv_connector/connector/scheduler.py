@@ -9,10 +9,12 @@ the configured policy), picks ``retrieval_chunks`` of them and plans:
   the engine through ``request.release_pages`` (the engine frees those after the step, so within
   a step a session may hold up to ``hot_chunks`` + the step's new loads).
 - **stores** for every committed chunk (write-through: every chunk is banked, not only evicted
-  ones), each with its bank slot and the entries evicted to free it, decided here by the
-  ``SlotDirectory`` (vLLM's ``prepare_store``: the worker only copies and reports). A planned load
-  pins its entry until the worker reports it, so no victim is an entry a load was planned for. A
-  chunk becomes a retrieval candidate only once its store completed.
+  ones), each with its bank slot and the entries evicted (or, with a disk tier, spilled) to free
+  it, decided here by the ``SlotDirectory`` (vLLM's ``prepare_store``: the worker only copies and
+  reports). A planned load pins its entry until the worker reports it, so no victim is an entry a
+  load was planned for. A chunk becomes a retrieval candidate only once its store completed.
+- **restores** of spilled chunks this step loads (a load, or a RoPE reload of the original keys):
+  the directory names the slot each comes back into, before any store takes one.
 - **frees** of evicted chunks' pages, only after their store ended (``take_pages_to_free``).
 - **RoPE deltas** (``rope_correction``): each resident chunk's current temporal position is
   tracked; when its target moves, the worker rotates it from its original position (reloading
@@ -30,8 +32,8 @@ returned by ``take_pages_to_free`` (write-through: never before).
 Session end: ``request_finished`` returns the hot set at once and makes the session's bank entries
 the directory's first victims; once the session's last store ended, ``take_ended_sessions`` hands
 it to the facade, which forgets it here (``forget_session``: index and directory entries, state)
-and frees its bank entries in the worker. Nothing per chunk outlives its
-bank entry, so the bookkeeping is bounded by the bank and the windows, not by the rollout length.
+and frees its bank entries in the worker. Nothing per chunk outlives its bank entry, so the
+bookkeeping is bounded by the bank and the windows, not by the rollout length.
 
 Resumed sessions (``adopt``, from ``WorldKVConnector.load_bank``): loaded chunks keep their saved
 chunk ids and a session's ``base`` becomes one past the largest of them; the engine's chunk ``c`` of
@@ -83,20 +85,18 @@ class WorldKVScheduler:
 
     config: the resolved ``WorldKVConfig`` (window equal to the engine's). frame_tokens: tokens per
     latent frame; page_size: the engine's tokens per page. kv_shape: the model's KV shape, which sizes
-    the bank: with it the ``directory`` decides the bank's slots and evictions (unless the config has
-    a disk tier); without it the bank decides and the directory lists what the worker reports.
+    the bank: the ``directory`` decides the bank's slots, spills and evictions from it and ``config``
+    as ``Bank.for_shape`` sizes the worker's bank.
     """
 
-    def __init__(self, config: WorldKVConfig, *, frame_tokens: int, page_size: int,
-                 kv_shape: KVShape | None = None) -> None:
+    def __init__(self, config: WorldKVConfig, *, frame_tokens: int, page_size: int, kv_shape: KVShape) -> None:
         self.config = config
         self.frame_tokens = frame_tokens
         self.page_size = page_size
         self.fpc = config.frames_per_chunk
         self.chunk_tokens = self.fpc * frame_tokens
         self.index = PoseIndex.from_config(config)
-        self.directory = (SlotDirectory.for_shape(kv_shape, config) if kv_shape is not None
-                          else SlotDirectory(None, config.eviction))
+        self.directory = SlotDirectory.for_shape(kv_shape, config)
         self._warned = False
         self.metrics = ConnectorMetrics()
         self._sessions: dict[str, _Session] = {}
@@ -231,7 +231,12 @@ class WorldKVScheduler:
         self._step = scheduler_output.step
         for ev in scheduler_output.evicted:
             self._awaiting[(ev.session_id, self._session(ev.session_id).base + ev.chunk_id)] = tuple(ev.page_ids)
-        stores, evicted = [], []
+        # spilled entries this step's loads and RoPE reloads read come back first (SlotDirectory.prepare_restores)
+        restores, evicted = self.directory.prepare_restores(
+            [spec.key for spec in self._loads] + [r.key for r in self._ropes if r.reload])
+        for sid, cid in evicted:
+            self._drop_banked(sid, cid)
+        stores = []
         for cc in scheduler_output.committed:
             key = (cc.session_id, self._session(cc.session_id).base + cc.chunk_id)
             poses = np.asarray(cc.frame_poses, dtype=np.float64)
@@ -242,14 +247,15 @@ class WorldKVScheduler:
             evicted.extend(victims)
             self._store_pending[key] = poses
             stores.append(StoreSpec(key, tuple(cc.page_ids), cc.num_tokens, poses, cc.chunk_id * self.fpc, slot))
-        meta = WorldKVMetadata(self._step, self._loads, stores, self._ropes, self._released, self._finished, evicted)
+        meta = WorldKVMetadata(self._step, self._loads, stores, self._ropes, self._released, self._finished, evicted,
+                               self.directory.take_spilled(), restores)
         self._loads, self._ropes, self._released, self._finished = [], [], [], []
         return meta
 
-    def _prepare_store(self, key: ChunkKey, num_tokens: int) -> tuple[int | None, list[ChunkKey]] | None:
-        """The directory's ``(slot, victims)`` for ``key``'s store (slot None: the bank picks), the
-        victims dropped from the index. None when it is not banked (no room, or already banked): it
-        ends at once, as a failed store (its pages are freed without waiting for a copy)."""
+    def _prepare_store(self, key: ChunkKey, num_tokens: int) -> tuple[int, list[ChunkKey]] | None:
+        """The directory's ``(slot, victims)`` for ``key``'s store, the victims dropped from the
+        index (spilled ones stay candidates). None when it is not banked (no room, or already
+        banked): it ends at once, as a failed store (its pages are freed without waiting for a copy)."""
         try:
             got = self.directory.prepare_store(key, num_tokens)
             why = "the bank has no free slot (every entry is pinned or being written)"
@@ -323,7 +329,7 @@ class WorldKVScheduler:
         it becomes a retrieval candidate of ``session_id``, whose new chunks get ids after it.
         frame_poses: [frames_per_chunk, 4, 4] camera-to-world; first_frame: latent frame its keys
         were written at (None: ``chunk_id * frames_per_chunk``); slot: the bank slot it was given
-        (needed when the directory decides the slots)."""
+        (-1: the bank spilled it to its disk tier)."""
         key = (session_id, chunk_id)
         if key in self.directory:
             raise ValueError(f"adopt: chunk {chunk_id} of session {session_id!r} is already banked")

@@ -82,8 +82,8 @@ class StorePath:
 
     # --- per step -------------------------------------------------------------------------------
     def begin_step(self, stores: list[StoreSpec]) -> None:
-        """Reserve bank slots (the slot each spec names, or the bank's choice when it names none) and
-        plan the page gather of this step's committed chunks."""
+        """Reserve the bank slot each spec names (decided by a ``SlotDirectory``) and plan the page
+        gather of this step's committed chunks."""
         if any(not st.closed for st in self._stores.values()):
             self.end_step()  # the previous clean pass never reached wait_for_save (a failed step)
         chunk_tokens = None

@@ -6,11 +6,14 @@ in ``poll`` (called from ``get_finished``), which returns a ``WorkerReport`` for
 banked chunks, failed loads and the bank's own evictions. Entries become retrievable only once
 their store job completed.
 
-Slots: the scheduler half decides them (``bank.directory.SlotDirectory``): each ``StoreSpec`` names
-its slot and the metadata lists the entries evicted to free it; the worker frees those, then
-reserves exactly the named slots, and only copies and reports. A spec without a slot (a bank with
-a disk tier, where the bank decides its spills; a worker driven on its own) gets the bank's own
-choice and eviction, finished sessions' entries first (``_reclaim``).
+Slots: the scheduler half decides them (``bank.directory.SlotDirectory``), with a disk tier too:
+each ``StoreSpec`` names its slot, and the metadata lists the entries evicted, the entries spilled
+to the disk tier and the spilled entries this step loads with the slot each comes back into. The
+worker applies them in that order (evict, spill, restore), then runs the loads and reserves exactly
+the named slots, and only copies and reports. A restore whose file is missing or damaged drops the
+entry (reported as evicted, so the scheduler half forgets it) and its load is a reported load
+error; nothing is ever loaded from a wrong file. A plan that names no slots (a worker driven on its
+own, without a scheduler half) is planned here by a ``local.LocalPlanner``, the same directory.
 
 The transfer engine is a public attribute (``worker.transfer``) so a test or a host can swap in an
 instrumented one between steps (``WorldKVConnector.wrap_transfer`` does it for a wrapper such as
@@ -18,8 +21,8 @@ instrumented one between steps (``WorldKVConnector.wrap_transfer`` does it for a
 
 Ended sessions: ``end_session`` frees a session's bank entries once nothing pins them (entries an
 in-flight load still reads go at a later ``poll``); finished sessions the host keeps
-(``meta.finished_sessions`` without ``end_session``) stay banked and are reclaimed first when a
-live session needs room.
+(``meta.finished_sessions`` without ``end_session``) stay banked, and the directory takes them
+first when a live session needs room.
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ import torch
 from worldkv_connector.bank import Bank, BankEntry
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.connector.load import LoadPath
-from worldkv_connector.connector.meta import ChunkKey, WorkerReport, WorldKVMetadata
+from worldkv_connector.connector.local import LocalPlanner
+from worldkv_connector.connector.meta import ChunkKey, LoadSpec, RopeDelta, WorkerReport, WorldKVMetadata
 from worldkv_connector.connector.store import StorePath
 from worldkv_connector.metrics import ConnectorMetrics
 from worldkv_connector.shapes import KVShape
@@ -61,7 +65,7 @@ class WorldKVWorker:
         self.metrics = ConnectorMetrics()
         self._evicted: list[ChunkKey] = []  # the bank's own evictions since the last poll
         self._directed: set[ChunkKey] = set()  # evictions being applied for the scheduler half
-        self._dead: set[str] = set()  # finished sessions whose entries may be reclaimed first
+        self.local: LocalPlanner | None = None  # slot decisions of a worker driven on its own
         self._ending: set[str] = set()  # ended sessions whose entries are freed once unpinned
         self.bank.add_evict_listener(self._on_evict)
         self.kv_caches: dict[str, torch.Tensor] = {}
@@ -115,20 +119,24 @@ class WorldKVWorker:
         self._meta = meta
 
     def start_load_kv(self) -> None:
-        """Enqueue the step's loads and reserve its stores' bank slots (plan once per step)."""
+        """Apply the step's slot decisions, enqueue its loads and reserve its stores' bank slots
+        (plan once per step)."""
         meta = self._meta
         if meta is None:
             return
+        if self.local is None and any(spec.slot is None for spec in meta.stores):
+            self.local = LocalPlanner(self.bank, self.config)  # no scheduler half made this plan
+        if self.local is not None:
+            meta = self.local.plan(meta)
         self.loads.release(meta.released)
-        if meta.finished_sessions:
-            self._dead.update(s for s in meta.finished_sessions if s not in self._ending)
-            self._prune_dead()
-        # loads first: they pin their entries, so neither an eviction nor a store can take them
-        self.loads.begin_step(meta.loads, meta.rope_deltas, self.layer_names, self.kv_caches, self.transfer)
-        self._apply_evictions(meta.evicted)  # the scheduler half's victims go before their slots are reused
-        chosen_here = sum(1 for spec in meta.stores if spec.slot is None)  # the bank picks these slots
-        if self._dead and chosen_here and self.bank.free_slots < chosen_here:
-            self._reclaim(chosen_here)
+        # the directory's order: victims go, spilled ones free their slots, restores take theirs
+        # (never an entry a planned load pins: the directory excluded those)
+        self._apply_evictions(meta.evicted)
+        self._apply_spills(meta.spilled)
+        self._apply_restores(meta.restores)
+        loads, ropes, away = self._resident_only(meta.loads, meta.rope_deltas)
+        self.loads.begin_step(loads, ropes, self.layer_names, self.kv_caches, self.transfer)
+        self._refuse(away)  # after begin_step, which starts the step's error pages afresh
         self.stores.begin_step(meta.stores)
 
     def _apply_evictions(self, keys: list[ChunkKey]) -> None:
@@ -143,22 +151,56 @@ class WorldKVWorker:
                 logger.warning("directed eviction of %s refused: %s", key, exc)
         self._directed.clear()
 
-    def _reclaim(self, slots: int) -> None:
-        """Free entries of finished sessions (oldest first) until ``slots`` slots are free: they
-        stay banked for diagnostics while there is room, but never displace a live session's."""
-        for key in list(self.bank.keys()):
-            if self.bank.free_slots >= slots:
-                return
-            entry = self.bank.get(key)
-            if key[0] in self._dead and entry.ready and not entry.pins:
-                self.bank.free(key)
-                self._evicted.append(key)  # leaves the pose index like an eviction
-        self._prune_dead()
+    def _apply_spills(self, keys: list[ChunkKey]) -> None:
+        """Move the scheduler half's spill victims to the disk tier. One that cannot go (a failed
+        write, a pin: a fault) is dropped instead and reported, so its slot is free as decided and
+        the scheduler half forgets it; one already gone (evicted this step) is skipped."""
+        for key in keys:
+            if key in self.bank and not self.bank.spill(key, decided=True):
+                logger.warning("directed spill of %s failed: the entry is dropped", key)
+                self._drop_reported(key)
 
-    def _prune_dead(self) -> None:
-        # sessions with nothing left in the bank need no more tracking (keeps _dead bounded by the bank)
-        live = {key[0] for key in self.bank.keys()}
-        self._dead &= live
+    def _apply_restores(self, restores: list[tuple[ChunkKey, int]]) -> None:
+        """Bring spilled entries back into the slots the scheduler half named. A missing or damaged
+        file drops the entry (the bank's own eviction: reported); a refused slot (a fault) drops it
+        too, so its loads fail below instead of reading a wrong slot."""
+        for key, slot in restores:
+            try:
+                if key in self.bank:
+                    self.bank.ensure_resident(key, slot)
+            except ValueError as exc:
+                logger.warning("directed restore of %s refused: %s", key, exc)
+                self._drop_reported(key)
+
+    def _drop_reported(self, key: ChunkKey) -> None:
+        try:
+            if self.bank.free(key):
+                self._evicted.append(key)  # the scheduler half must forget it
+        except ValueError as exc:  # pinned by a copy in flight: it stays, a later decision retries
+            logger.warning("bank entry %s could not be dropped: %s", key, exc)
+
+    def _resident_only(self, loads: list[LoadSpec], ropes: list[RopeDelta]):
+        """Split off the loads and RoPE reloads whose entry is still on the disk tier (no slot was
+        found for it): ``(loads, ropes, refused specs)``."""
+        def away(key: ChunkKey) -> bool:
+            return key in self.bank and not self.bank.is_resident(key)
+
+        refused = [spec for spec in loads if away(spec.key)]
+        refused += [LoadSpec(r.key, r.page_ids, sum(r.page_lens)) for r in ropes if r.reload and away(r.key)]
+        if not refused:
+            return loads, ropes, []
+        return ([spec for spec in loads if not away(spec.key)],
+                [r for r in ropes if not (r.reload and away(r.key))], refused)
+
+    def _refuse(self, specs: list[LoadSpec]) -> None:
+        """Loads of entries left on disk: load errors of their pages, reported failed."""
+        for spec in specs:
+            self.metrics.load_errors += 1
+            self.loads.error_pages.update(spec.page_ids)
+            self.loads.failed.append(spec.key)
+        if specs:
+            logger.warning("KV load of spilled chunk(s) %s found no bank slot: left out of this step's window",
+                           [s.key for s in specs])
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         layer = self._layer(layer_name)
@@ -188,7 +230,13 @@ class WorldKVWorker:
         report.loads_done, report.loads_failed = self.loads.collect()
         if self._ending:
             self._free_ending()
+        if self.local is not None:
+            report.stores += self.local.failed
+            self._evicted += self.local.evicted
+            self.local.failed, self.local.evicted = [], []
         report.evicted, self._evicted = self._evicted, []
+        if self.local is not None:
+            self.local.observe(report)
         self.metrics.set_bank(self.bank.stats())
         return report
 
@@ -197,7 +245,6 @@ class WorldKVWorker:
         still pins go at a later ``poll``) and forget its resident ids. The frees are not reported
         as evictions: the scheduler half forgets the session itself. Returns entries freed now."""
         self._ending.add(session_id)
-        self._dead.discard(session_id)
         for key in [k for k in self.loads.resident_indices if k[0] == session_id]:
             del self.loads.resident_indices[key]
         freed = self._free_ending()
@@ -214,6 +261,8 @@ class WorldKVWorker:
                 left.add(key[0])  # a copy still uses it: next poll
                 continue
             self.bank.free(key)
+            if self.local is not None:
+                self.local.forget([key])
             freed += 1
         self._ending = left
         return freed
