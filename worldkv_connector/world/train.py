@@ -43,7 +43,7 @@ class TrainConfig:
     """One training run."""
 
     model: str = "world"  # named model config (integration/video/model_config.py)
-    steps: int = 1600
+    steps: int = 3200
     batch: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.01

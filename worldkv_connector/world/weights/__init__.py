@@ -1,4 +1,4 @@
-"""The trained world model shipped with the package: ``world-v1.safetensors`` and its manifest."""
+"""The trained world model shipped with the package: ``world-v2.safetensors`` and its manifest."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ from pathlib import Path
 
 __all__ = ["WEIGHTS_NAME", "shipped_weights", "shipped_manifest"]
 
-WEIGHTS_NAME = "world-v1.safetensors"
+WEIGHTS_NAME = "world-v2.safetensors"
 
 
 def shipped_weights() -> Path:
