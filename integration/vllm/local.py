@@ -17,12 +17,8 @@ class LocalPlanner:
     """A ``SlotDirectory`` over ``bank`` (its ready entries adopted), planning hand-built steps in place."""
 
     def __init__(self, bank: Bank, config: WorldKVConfig, block_size: int) -> None:
-        self.directory = SlotDirectory.for_layout(bank.layout, config)
+        self.directory = SlotDirectory.for_bank(bank, config)
         self.block_size = block_size
-        for key in bank.keys():
-            entry = bank.get(key)
-            if entry.ready:
-                self.directory.adopt(key, entry.slot, entry.num_tokens)
 
     def plan_loads(self, meta: WorldKVConnectorMetadata) -> list[BankKey]:
         """Pin the step's loads and decide their restores (added to ``meta``); returns the evicted keys."""

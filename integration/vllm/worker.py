@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from worldkv_connector.bank import Bank
+from worldkv_connector.bank import Bank, apply_moves
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.bank.disk import DiskTier, DiskTierError
 from worldkv_connector.transfer import FragmentPlan, TransferEngine, TransferJob, plan_fragments
@@ -168,8 +168,8 @@ class WorldKVWorker:
         if self.local is not None:
             self._lost.update(self.local.plan_loads(meta))
         self._apply_evictions(meta.evicted)
-        self._apply_spills(meta.spilled)
-        self._apply_restores(meta.restores)
+        for key in apply_moves(self.bank, meta.spilled, meta.restores):  # a fault: dropped, reported lost
+            self._drop_lost(key)
         for load in meta.loads:
             self._loading.add(load.req_id)
             self._load_request(load)
@@ -177,25 +177,6 @@ class WorldKVWorker:
             # sync loads feed this very forward
             self.engine.wait_all()
             self._drain()
-
-    def _apply_spills(self, keys) -> None:
-        """Spill the scheduler half's victims; one that cannot go (a failed write: a fault) is
-        dropped and reported lost, so its slot is free as decided."""
-        for key in keys:
-            if key in self.bank and not self.bank.spill(key, decided=True):
-                logger.warning("WorldKV directed spill of %r failed: the entry is dropped", key)
-                self._drop_lost(key)
-
-    def _apply_restores(self, restores) -> None:
-        """Bring spilled entries back into the named slots. A damaged file drops the entry (the
-        bank's own eviction: reported lost); a refused slot (a fault) drops it too."""
-        for key, slot in restores:
-            try:
-                if key in self.bank:
-                    self.bank.ensure_resident(key, slot)
-            except ValueError as exc:
-                logger.warning("WorldKV directed restore of %r refused: %s", key, exc)
-                self._drop_lost(key)
 
     def _drop_lost(self, key: BankKey) -> None:
         try:
@@ -241,7 +222,8 @@ class WorldKVWorker:
             evicted, spilled = self.local.plan_stores(meta)
             self._lost.update(evicted)
             self._apply_evictions(evicted)
-            self._apply_spills(spilled)
+            for key in apply_moves(self.bank, spilled, []):
+                self._drop_lost(key)
         failed, self._failed_reqs = self._failed_reqs, set()
         for store in meta.stores:
             if store.req_id in failed:

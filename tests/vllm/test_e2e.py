@@ -58,6 +58,21 @@ def _new_errors(step: dict) -> list[int]:
 
 
 # --- end to end ------------------------------------------------------------------------------
+def _step_halves(s, w, scheduler_output):
+    """One step through a scheduler half and a worker half wired by hand; the directory and the
+    bank agree on every key's slot and readiness after it. Returns the step's metadata."""
+    from vllm.v1.outputs import KVConnectorOutput
+
+    meta = s.build_connector_meta(scheduler_output)
+    w.start_load_kv(meta)
+    w.wait_for_save(meta)
+    _, recving = w.get_finished(set())
+    s.update_connector_output(KVConnectorOutput(kv_connector_worker_meta=w.build_worker_meta(),
+                                                finished_recving=recving))
+    assert s.directory.slots() == {k: (w.bank.get(k).slot, w.bank.get(k).ready) for k in w.bank.keys()}
+    return meta
+
+
 def test_prefix_is_banked_then_served_exactly_after_prefix_cache_reset(e2e):
     base, run = e2e("baseline"), e2e("recompute")
     first, hit = run["first"], run["hit"]
@@ -259,7 +274,6 @@ def test_worker_half_round_trips_blocks_and_reports_missing_entries():
 
 def test_scheduler_half_decides_the_slots_and_the_worker_follows():
     import torch
-    from vllm.v1.outputs import KVConnectorOutput
 
     from worldkv_connector.config import WorldKVConfig
     from worldkv_connector.integration.vllm.scheduler import WorldKVScheduler, bank_key, request_namespace
@@ -274,15 +288,7 @@ def test_scheduler_half_decides_the_slots_and_the_worker_follows():
     assert w.bank.num_slots == 3
 
     def step(so):
-        meta = s.build_connector_meta(so)
-        w.start_load_kv(meta)
-        w.wait_for_save(meta)
-        _, recving = w.get_finished(set())
-        s.update_connector_output(KVConnectorOutput(kv_connector_worker_meta=w.build_worker_meta(),
-                                                    finished_recving=recving))
-        # the directory and the bank agree on every key's slot and readiness after every step
-        assert s.directory.slots() == {k: (w.bank.get(k).slot, w.bank.get(k).ready) for k in w.bank.keys()}
-        return meta
+        return _step_halves(s, w, so)
 
     a = _request("a", [b"a0", b"a1", b"a2", b"a3"], 140)
     s.on_new_request(a)
@@ -341,7 +347,6 @@ def test_scheduler_and_worker_processes_agree_on_num_slots_without_bank_bytes(mo
 
 def test_with_a_disk_tier_the_scheduler_half_spills_restores_and_forgets_damaged_blocks(tmp_path):
     import torch
-    from vllm.v1.outputs import KVConnectorOutput
 
     from worldkv_connector.config import WorldKVConfig
     from worldkv_connector.integration.vllm.scheduler import WorldKVScheduler, bank_key, request_namespace
@@ -359,14 +364,7 @@ def test_with_a_disk_tier_the_scheduler_half_spills_restores_and_forgets_damaged
     original = [t.clone() for t in kv.values()]
 
     def step(so):
-        meta = s.build_connector_meta(so)
-        w.start_load_kv(meta)
-        w.wait_for_save(meta)
-        _, recving = w.get_finished(set())
-        s.update_connector_output(KVConnectorOutput(kv_connector_worker_meta=w.build_worker_meta(),
-                                                    finished_recving=recving))
-        assert s.directory.slots() == {k: (w.bank.get(k).slot, w.bank.get(k).ready) for k in w.bank.keys()}
-        return meta
+        return _step_halves(s, w, so)
 
     def hit(req_id, hashes, blocks):
         r = _request(req_id, hashes, 32 * len(hashes) + 8)

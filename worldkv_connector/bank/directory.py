@@ -21,6 +21,7 @@ planned load pins). The worker applies a step in that order: evictions, spills, 
 """
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from typing import Callable, Iterator
 
@@ -30,7 +31,9 @@ from worldkv_connector.bank.layout import BankLayout
 from worldkv_connector.bank.slots import SlotTable
 from worldkv_connector.checks import check_int
 
-__all__ = ["SlotDirectory"]
+__all__ = ["SlotDirectory", "apply_moves"]
+
+logger = logging.getLogger(__name__)
 
 _LISTED = "directory"  # BankEntry.tier of a listed entry holding a slot
 
@@ -68,6 +71,17 @@ class SlotDirectory:
         """The directory of a bank of ``layout`` built from ``config`` (its policy and disk tier)."""
         disk = config.disk_bytes if config.bank_dir is not None else 0
         return cls(layout.num_slots, config.eviction, disk_bytes=disk, entry_bytes=layout.entry_bytes)
+
+    @classmethod
+    def for_bank(cls, bank, config) -> "SlotDirectory":
+        """The directory of an existing ``bank`` (its ready entries adopted at their slots): the
+        decisions of a worker half driven without a scheduler half."""
+        directory = cls.for_layout(bank.layout, config)
+        for key in bank.keys():
+            entry = bank.get(key)
+            if entry.ready:
+                directory.adopt(key, entry.slot, entry.num_tokens)
+        return directory
 
     @classmethod
     def for_shape(cls, shape, config) -> "SlotDirectory":
@@ -301,3 +315,25 @@ class SlotDirectory:
         nbytes = self._disk.pop(key, None)
         if nbytes is not None:
             self.disk_bytes_used -= nbytes
+
+
+def apply_moves(bank, spilled, restores) -> list[BankKey]:
+    """The worker side of a step's spill and restore decisions, in the directory's order: the
+    ``spilled`` keys go to the disk tier, then each ``(key, slot)`` of ``restores`` comes back into
+    its slot (``Bank.ensure_resident``). Keys no longer in the bank are skipped. Returns the keys
+    whose move failed (a failed write, a refused slot: a fault; a damaged file is the bank's own
+    eviction and not listed): the caller drops them and reports them, so the directory forgets them
+    and no load reads a wrong slot."""
+    failed = []
+    for key in spilled:
+        if key in bank and not bank.spill(key, decided=True):
+            logger.warning("directed spill of %r failed: the entry is dropped", key)
+            failed.append(key)
+    for key, slot in restores:
+        try:
+            if key in bank:
+                bank.ensure_resident(key, slot)
+        except ValueError as exc:
+            logger.warning("directed restore of %r refused: %s", key, exc)
+            failed.append(key)
+    return failed

@@ -25,11 +25,7 @@ class LocalPlanner:
     """A ``SlotDirectory`` over ``bank`` (its ready entries adopted), planning hand-built steps."""
 
     def __init__(self, bank: Bank, config: WorldKVConfig) -> None:
-        self.directory = SlotDirectory.for_layout(bank.layout, config)
-        for key in bank.keys():
-            entry = bank.get(key)
-            if entry.ready:
-                self.directory.adopt(key, entry.slot, entry.num_tokens)
+        self.directory = SlotDirectory.for_bank(bank, config)
         self.evicted: list[ChunkKey] = []  # decided here: the worker reports them as its own
         self.failed: list[StoreResult] = []  # stores with no room: they end at the next poll
 

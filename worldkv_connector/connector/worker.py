@@ -30,7 +30,7 @@ import logging
 
 import torch
 
-from worldkv_connector.bank import Bank, BankEntry
+from worldkv_connector.bank import Bank, BankEntry, apply_moves
 from worldkv_connector.config import WorldKVConfig
 from worldkv_connector.connector.load import LoadPath
 from worldkv_connector.connector.local import LocalPlanner
@@ -132,8 +132,10 @@ class WorldKVWorker:
         # the directory's order: victims go, spilled ones free their slots, restores take theirs
         # (never an entry a planned load pins: the directory excluded those)
         self._apply_evictions(meta.evicted)
-        self._apply_spills(meta.spilled)
-        self._apply_restores(meta.restores)
+        # a spill or restore that fails (a fault) drops its entry, reported, so its slot is free as
+        # decided and no load reads a wrong slot
+        for key in apply_moves(self.bank, meta.spilled, meta.restores):
+            self._drop_reported(key)
         loads, ropes, away = self._resident_only(meta.loads, meta.rope_deltas)
         self.loads.begin_step(loads, ropes, self.layer_names, self.kv_caches, self.transfer)
         self._refuse(away)  # after begin_step, which starts the step's error pages afresh
@@ -150,27 +152,6 @@ class WorldKVWorker:
             except ValueError as exc:
                 logger.warning("directed eviction of %s refused: %s", key, exc)
         self._directed.clear()
-
-    def _apply_spills(self, keys: list[ChunkKey]) -> None:
-        """Move the scheduler half's spill victims to the disk tier. One that cannot go (a failed
-        write, a pin: a fault) is dropped instead and reported, so its slot is free as decided and
-        the scheduler half forgets it; one already gone (evicted this step) is skipped."""
-        for key in keys:
-            if key in self.bank and not self.bank.spill(key, decided=True):
-                logger.warning("directed spill of %s failed: the entry is dropped", key)
-                self._drop_reported(key)
-
-    def _apply_restores(self, restores: list[tuple[ChunkKey, int]]) -> None:
-        """Bring spilled entries back into the slots the scheduler half named. A missing or damaged
-        file drops the entry (the bank's own eviction: reported); a refused slot (a fault) drops it
-        too, so its loads fail below instead of reading a wrong slot."""
-        for key, slot in restores:
-            try:
-                if key in self.bank:
-                    self.bank.ensure_resident(key, slot)
-            except ValueError as exc:
-                logger.warning("directed restore of %s refused: %s", key, exc)
-                self._drop_reported(key)
 
     def _drop_reported(self, key: ChunkKey) -> None:
         try:
