@@ -86,3 +86,20 @@ def test_spill_load_of_a_damaged_file_is_counted_not_raised(tmp_path):
     with pytest.raises(Exception, match="sha256"):
         spill.read("a", out)  # a plain read (save_bank) raises, and is not counted
     assert spill.errors == 1
+
+
+def test_named_lowest_slot_takes_the_same_slots_as_none():
+    # the O(1) path for a named slot that is the lowest free one keeps the free list's order
+    from worldkv_connector.bank.entry import BankEntry
+    from worldkv_connector.bank.slots import SlotTable
+
+    a, b = SlotTable(8, "lru"), SlotTable(8, "lru")
+    for i in range(5):
+        a.insert(BankEntry(key=("s", i), slot=-1, num_tokens=1, nbytes=1, tier="cpu"))
+        b.insert(BankEntry(key=("s", i), slot=-1, num_tokens=1, nbytes=1, tier="cpu"), slot=i)
+    a.remove(("s", 2)); b.remove(("s", 2))
+    a.insert(BankEntry(key=("s", 9), slot=-1, num_tokens=1, nbytes=1, tier="cpu"))
+    b.insert(BankEntry(key=("s", 9), slot=-1, num_tokens=1, nbytes=1, tier="cpu"), slot=2)
+    assert a._free == b._free and a.get(("s", 9)).slot == b.get(("s", 9)).slot == 2
+    b.insert(BankEntry(key=("s", 10), slot=-1, num_tokens=1, nbytes=1, tier="cpu"), slot=7)  # not the lowest: the scan path
+    assert 7 not in b._free and b._free == [6, 5]
