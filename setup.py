@@ -1,5 +1,5 @@
 """One distribution, one namespace: kernels/, integration/ and csrc/ ship inside worldkv_connector."""
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 # top-level folder -> the package it becomes inside the one namespace
 PACKAGE_DIRS = {
@@ -18,11 +18,19 @@ def _packages() -> list[str]:
     return sorted(set(packages))
 
 
+# The CPU transfer engine's copy loop (csrc/host_copy.c). Optional: without a C compiler the install
+# still succeeds and the engine copies run by run from Python (slower; `worldkv_connector.transfer.
+# fragments.HOST_COPY` says which one runs).
+HOST_COPY = Extension("worldkv_connector.csrc._host_copy", ["csrc/host_copy.c"], extra_compile_args=["-O2"],
+                      extra_link_args=["-pthread"], optional=True)
+
+
 setup(
     packages=_packages(),
+    ext_modules=[HOST_COPY],
     package_dir=PACKAGE_DIRS,
     package_data={
-        "worldkv_connector.csrc": ["*.cu", "*.cuh"],
+        "worldkv_connector.csrc": ["*.cu", "*.cuh", "*.c"],
         # the trained world model (worldkv train world) and its manifest
         "worldkv_connector.world.weights": ["*.safetensors", "*.json"],
     },

@@ -58,9 +58,8 @@ class StorePath:
         self._step: list[_Store] = []  # this step's stores, batch order
         self._rows: torch.Tensor | None = None  # [B, T] int64 flat page slots of the step's chunks
         # bank side of the step's copies (``_plan_bank_side``): every layer's (K, V, ids) addresses of
-        # each chunk as [L, 3B] array and lists, their storage indices [3B], the tensors they point into
+        # each chunk as [L, 3B] array, their storage indices [3B], the tensors they point into
         self._dst_arr: np.ndarray | None = None
-        self._dst_lists: list = []
         self._dst_store_arr: np.ndarray | None = None
         self._bank_keep: tuple = ()
         self._bank_storages: tuple = ()
@@ -212,7 +211,6 @@ class StorePath:
         layers = np.arange(self.num_layers, dtype=np.uint64)[:, None]
         d0, dstep = (np.array(x, dtype=np.uint64).reshape(-1) for x in (dst0, step))  # [3B] each
         self._dst_arr = d0 + layers * dstep  # [L, 3B]
-        self._dst_lists = self._dst_arr.tolist()  # [L][3B] for the host copy path
         self._dst_store_arr = np.array(stores, dtype=np.int64).reshape(-1)  # [3B]
 
     def _check_sources(self, b: int, srcs: tuple) -> None:
@@ -229,15 +227,14 @@ class StorePath:
         k, v, _ = srcs
         size = (t * h * d * k.element_size(), t * h * d * v.element_size(), t * 8)
         self._source_steps = [x.stride(0) * x.element_size() for x in srcs]
-        sizes = list(size) * b  # the fragments of b chunks: sizes, their array, source storage index
-        self._source_rows = (sizes, np.array(sizes, dtype=np.uint64), np.tile(np.arange(3, dtype=np.int64), b))
+        sizes = list(size) * b  # the fragments of b chunks: their sizes and source storage index
+        self._source_rows = (np.array(sizes, dtype=np.uint64), np.tile(np.arange(3, dtype=np.int64), b))
         self._source_bytes = sum(sizes)
 
     def _layer_plan(self, layer: int, live: list[int], k: torch.Tensor, v: torch.Tensor,
                     ids: torch.Tensor) -> FragmentPlan:
         """Layer ``layer``'s copies: row j of k, v, ids -> the bank slot of the j-th live store
-        (``live``: their indices into the step). Built from ints (3 fragments per chunk), with the
-        int lists the host copy path takes."""
+        (``live``: their indices into the step). Built from ints (3 fragments per chunk)."""
         b = len(live)
         srcs = (k, v, ids)
         # every layer of a step usually brings sources of one layout: checked in full once per layout
@@ -251,16 +248,14 @@ class StorePath:
         # one fragment per (chunk, source): the sources are distinct tensors, so no two continue each other
         src = [base[f] + j * step[f] for j in range(b) for f in range(3)]
         if b == len(self._step):
-            dst, dst_arr, d_store = self._dst_lists[layer], self._dst_arr[layer], self._dst_store_arr
+            dst_arr, d_store = self._dst_arr[layer], self._dst_store_arr
         else:  # some of the step's stores failed: their columns
             cols = [3 * i + f for i in live for f in range(3)]
-            dst = [self._dst_lists[layer][c] for c in cols]
             dst_arr, d_store = self._dst_arr[layer, cols], self._dst_store_arr[cols]
-        sizes, sizes_arr, s_store = self._source_rows
+        sizes_arr, s_store = self._source_rows
         storages = tuple((x.untyped_storage().data_ptr(), x.device) for x in srcs) + self._bank_storages
         return FragmentPlan(np.array(src, dtype=np.uint64), dst_arr, sizes_arr, (*srcs, *self._bank_keep), storages,
-                            s_store, d_store, merged=True, pairs=3 * b, total=self._source_bytes,
-                            lists=(src, dst, sizes))
+                            s_store, d_store, merged=True, pairs=3 * b, total=self._source_bytes)
 
     def _compress(self, k: torch.Tensor, v: torch.Tensor):
         """k, v: [B, T, H, D] -> (k [B, T', H, D], v [B, T', H, D], ids [B, T'] int64, counts [B, T'] fp32

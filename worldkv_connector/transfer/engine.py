@@ -27,7 +27,7 @@ from worldkv_connector.checks import check_int
 from worldkv_connector.transfer import cuda_copy
 from worldkv_connector.transfer.cuda_batch import BatchMemcpy, resolve_batch_memcpy
 from worldkv_connector.transfer.fragments import (
-    FragmentPlan, copy_runs_by_view, memmove_runs, merge_fragment_arrays, translate_runs,
+    FragmentPlan, copy_runs_by_view, host_copy_runs, merge_fragment_arrays, translate_runs,
 )
 from worldkv_connector.transfer.paths import (
     DEFAULT_KERNEL_THRESHOLD, PATHS, PathOptions, choose_path, host_device_pointers, kernel_fragments,
@@ -189,12 +189,12 @@ class TransferEngine:
             if device.type != "cpu" and device != self.device:
                 raise ValueError(f"plan: memory at {base:#x} is on {device}, expected cpu or {self.device}")
         if self.device.type == "cpu":
-            # host memory only (checked above): the planner's merged runs, as int lists if it has them
-            runs = plan.lists or ((plan.src, plan.dst, plan.sizes) if plan.merged else merge_fragment_arrays(plan)[:3])
-            job = self._new_job(kind, plan.nbytes, len(runs[2]), plan.num_fragments, tag)
+            # host memory only (checked above): the planner's merged runs
+            runs = (plan.src, plan.dst, plan.sizes) if plan.merged else merge_fragment_arrays(plan)[:3]
+            job = self._new_job(kind, plan.nbytes, int(runs[2].shape[0]), plan.num_fragments, tag)
             t0 = time.perf_counter()
             try:
-                memmove_runs(*runs)
+                host_copy_runs(*runs)
             except Exception as exc:  # noqa: BLE001 - reported on the job, never raised mid-step
                 self._fail(job, exc)
             self._stats["busy_s"] += time.perf_counter() - t0

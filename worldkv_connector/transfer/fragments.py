@@ -19,7 +19,7 @@ import torch
 
 from worldkv_connector.transfer.addresses import as_u64, run_heads
 
-__all__ = ["FragmentPlan", "plan_fragments", "merge_fragment_arrays", "memmove_runs", "copy_runs_by_view",
+__all__ = ["FragmentPlan", "plan_fragments", "merge_fragment_arrays", "host_copy_runs", "HOST_COPY", "copy_runs_by_view",
            "translate_runs"]
 
 
@@ -42,10 +42,7 @@ class FragmentPlan:
     dst_store: np.ndarray
     merged: bool = False  # runs already merged (``layer_plan`` plans): the engine skips merging
     pairs: int | None = None  # page fragments described before merging (None: one per entry)
-    # optional: the payload bytes and the (src, dst, sizes) runs as Python int lists, when the
-    # planner already has them (saves the host path a reduction and three conversions per job)
-    total: int | None = None
-    lists: tuple | None = None
+    total: int | None = None  # the payload bytes, when the planner already has them (saves a reduction per job)
 
     @property
     def nbytes(self) -> int:
@@ -119,14 +116,32 @@ def merge_fragment_arrays(plan: FragmentPlan) -> tuple[np.ndarray, np.ndarray, n
 
 
 # --- executing merged runs of a plan (the engine picks which) ----------------------------------
-def memmove_runs(src, dst, sizes) -> None:
+try:  # csrc/host_copy.c, built by the install (optional: it needs a C compiler)
+    from worldkv_connector.csrc import _host_copy
+except ImportError:  # pragma: no cover - exercised only on installs without a compiler
+    _host_copy = None
+
+# which host copy loop runs: "compiled" (threads, streaming stores) or "memmove" (one run at a time)
+HOST_COPY = "compiled" if _host_copy is not None else "memmove"
+
+
+def host_copy_runs(src: np.ndarray, dst: np.ndarray, sizes: np.ndarray, threads: int | None = None) -> None:
     """Host-to-host copies by address (the CPU path; ranges were checked by ``plan_fragments``).
-    src, dst, sizes: [R] uint64 arrays or lists of ints."""
-    move = ctypes.memmove
-    if isinstance(src, np.ndarray):
-        src, dst, sizes = src.tolist(), dst.tolist(), sizes.tolist()
-    for s, d, n in zip(src, dst, sizes):
-        move(d, s, n)
+
+    src, dst, sizes: [R] uint64 arrays. threads: copy threads for a large job (default torch's
+    intra-op thread count, so ``torch.set_num_threads`` governs copies as it governs compute).
+    Without the compiled loop (an install without a C compiler) one ``ctypes.memmove`` per run.
+    """
+    if _host_copy is None:
+        for s, d, n in zip(src.tolist(), dst.tolist(), sizes.tolist()):
+            ctypes.memmove(d, s, n)
+        return
+    n = torch.get_num_threads() if threads is None else threads
+    _host_copy.copy_runs(_u64(src), _u64(dst), _u64(sizes), min(max(int(n), 1), _host_copy.MAX_THREADS))
+
+
+def _u64(a: np.ndarray) -> np.ndarray:
+    return a if a.dtype == np.uint64 and a.flags.c_contiguous else np.ascontiguousarray(a, dtype=np.uint64)
 
 
 def _storage_tensors(plan: FragmentPlan) -> list[torch.Tensor]:

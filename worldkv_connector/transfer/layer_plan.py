@@ -49,7 +49,6 @@ class LayerPlans:
     storages: tuple
     keep: tuple
     num_pairs: int  # fragments of one layer before merging
-    host: bool = False  # every side is host memory (the pools and all slots on the CPU)
 
     @property
     def num_layers(self) -> int:
@@ -61,25 +60,16 @@ class LayerPlans:
 
     @property
     def layer_bytes(self) -> int:
-        return int(self.sizes.sum())
+        return self._layer_bytes
 
     @functools.cached_property
-    def _lists(self) -> tuple[list, list, list, int] | None:
-        """src [L][R], dst [L][R], sizes [R] as Python ints and the bytes of one layer, built once
-        per step for the host copy path; None when any side is device memory (the CUDA paths take
-        the arrays, so nothing is converted for them)."""
-        if not self.host:
-            return None
-        sizes = self.sizes.tolist()
-        return self.src.tolist(), self.dst.tolist(), sizes, sum(sizes)
+    def _layer_bytes(self) -> int:
+        return int(self.sizes.sum())
 
     def layer(self, layer: int) -> FragmentPlan:
         """The ``FragmentPlan`` of layer ``layer`` (views of the step's arrays, no copy)."""
-        lists = self._lists
         return FragmentPlan(self.src[layer], self.dst[layer], self.sizes, self.keep[layer], self.storages[layer],
-                            self.src_store, self.dst_store, merged=True, pairs=self.num_pairs,
-                            total=None if lists is None else lists[3],
-                            lists=None if lists is None else (lists[0][layer], lists[1][layer], lists[2]))
+                            self.src_store, self.dst_store, merged=True, pairs=self.num_pairs, total=self._layer_bytes)
 
     def all_layers(self) -> FragmentPlan:
         """Every layer's runs in one plan (layer-major), for a single job over all layers."""
@@ -253,10 +243,9 @@ def _assemble(pp: PagePools, slots, slot_bases, pool_rel, slot0, sizes, s_store,
     slot_addr = slot0[None, :] + np.arange(len(pp.layers), dtype=np.uint64)[:, None] * step[None, :]
     storages = tuple((st,) + tuple(slot_bases) for st in pp.storages)
     keep = tuple((t, *slots) for t in pp.layers)
-    host = pp.storages[0][1].type == "cpu" and all(dev.type == "cpu" for _, dev in slot_bases)
     if to_slot:
-        return LayerPlans(pool_addr, slot_addr, sizes, pool_store, s_store, storages, keep, num_pairs, host)
-    return LayerPlans(slot_addr, pool_addr, sizes, s_store, pool_store, storages, keep, num_pairs, host)
+        return LayerPlans(pool_addr, slot_addr, sizes, pool_store, s_store, storages, keep, num_pairs)
+    return LayerPlans(slot_addr, pool_addr, sizes, s_store, pool_store, storages, keep, num_pairs)
 
 
 def _ints(name: str, values) -> list[int]:

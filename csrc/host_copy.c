@@ -1,0 +1,224 @@
+/* Host-to-host copies of address runs: the CPU transfer engine's copy loop.
+ *
+ * copy_runs(src, dst, sizes, threads) copies sizes[i] bytes from address src[i] to dst[i] for
+ * every run i (three equal-length uint64 buffers, e.g. numpy arrays), with the GIL released.
+ *
+ * Why compiled: a step moves megabytes as tens to hundreds of runs of 10-200 KiB. One
+ * ctypes.memmove per run from Python reached about half of a contiguous torch copy of the same
+ * bytes, for two reasons this file removes:
+ *  - one thread: torch copies a large tensor on its intra-op threads. A job of at least two
+ *    PART_MIN_BYTES is split into equal byte ranges (a run may straddle two), one per thread of
+ *    torch's own OpenMP pool (see look_up_openmp);
+ *  - cached stores: a job that does not fit the caches pays a read of every destination line
+ *    before it is written. Jobs of at least STREAM_MIN_BYTES use non-temporal (streaming) stores
+ *    on x86-64; smaller jobs keep memcpy, whose stores leave the data in cache for the next read.
+ *
+ * Runs must not overlap (the planner checks ranges); the copies of one job are unordered, as on a
+ * CUDA stream.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#if defined(__linux__)
+#include <dlfcn.h>
+#include <link.h>
+#endif
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#define HAVE_STREAM_STORES 1
+#else
+#define HAVE_STREAM_STORES 0
+#endif
+
+#define MAX_THREADS 256
+#ifndef PART_MIN_BYTES
+#define PART_MIN_BYTES ((uint64_t)128 << 10)   /* below this a part costs more to start than it saves */
+#endif
+#define STREAM_MIN_BYTES ((uint64_t)4 << 20)   /* about where a job stops fitting a core's caches */
+
+typedef struct {
+    const uint64_t *src, *dst, *sizes;
+    Py_ssize_t n;
+    uint64_t total;
+    int parts;
+    int stream;
+} Job;
+
+static void copy_bytes(char *d, const char *s, size_t n, int stream) {
+#if HAVE_STREAM_STORES
+    if (stream && n >= 256) {
+        size_t head = (16 - ((uintptr_t)d & 15)) & 15;
+        memcpy(d, s, head);
+        d += head, s += head, n -= head;
+        for (; n >= 64; n -= 64, d += 64, s += 64) {
+            __m128i a = _mm_loadu_si128((const __m128i *)s), b = _mm_loadu_si128((const __m128i *)(s + 16));
+            __m128i c = _mm_loadu_si128((const __m128i *)(s + 32)), e = _mm_loadu_si128((const __m128i *)(s + 48));
+            _mm_stream_si128((__m128i *)d, a);
+            _mm_stream_si128((__m128i *)(d + 16), b);
+            _mm_stream_si128((__m128i *)(d + 32), c);
+            _mm_stream_si128((__m128i *)(d + 48), e);
+        }
+    }
+#else
+    (void)stream;
+#endif
+    memcpy(d, s, n);
+}
+
+/* Part `part` of the job: the bytes [total * part / parts, total * (part + 1) / parts) of the
+ * runs laid end to end, so a run may be split between two parts. */
+static void copy_part(const Job *job, int part) {
+    uint64_t lo = job->total * (uint64_t)part / (uint64_t)job->parts;
+    uint64_t hi = job->total * (uint64_t)(part + 1) / (uint64_t)job->parts;
+    uint64_t at = 0;
+    for (Py_ssize_t i = 0; i < job->n && at < hi; i++) {
+        uint64_t begin = at, end = at + job->sizes[i];
+        at = end;
+        if (end <= lo) continue;
+        uint64_t from = begin < lo ? lo : begin, to = end > hi ? hi : end;
+        copy_bytes((char *)(uintptr_t)(job->dst[i] + (from - begin)),
+                   (const char *)(uintptr_t)(job->src[i] + (from - begin)), (size_t)(to - from), job->stream);
+    }
+#if HAVE_STREAM_STORES
+    if (job->stream) _mm_sfence(); /* streaming stores are visible before the part is reported done */
+#endif
+}
+
+/* --- torch's OpenMP threads: GOMP_parallel of the libgomp already loaded into the process. Not
+ * linked with -fopenmp: that would load the compiler's libgomp beside torch's, a second pool whose
+ * threads compete with torch's for the same cores (torch's workers spin for a while after each
+ * parallel region); on this pool a copy that follows compute finds the workers awake. */
+typedef void (*gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
+typedef int (*omp_int_fn)(void);
+static gomp_parallel_fn gomp_parallel;
+static omp_int_fn omp_thread_num, omp_num_threads;
+static int openmp_state; /* 0: not looked up yet, 1: found, -1: none loaded (copies stay on the caller) */
+#if defined(__linux__)
+static char openmp_path[4096];
+
+static int find_libgomp(struct dl_phdr_info *info, size_t size, void *unused) {
+    (void)size, (void)unused;
+    const char *name = info->dlpi_name, *base = name ? strrchr(name, '/') : NULL;
+    base = base ? base + 1 : name;
+    if (base && strncmp(base, "libgomp", 7) == 0 && strlen(name) < sizeof(openmp_path)) {
+        strcpy(openmp_path, name);
+        return 1;
+    }
+    return 0;
+}
+#endif
+
+static void look_up_openmp(void) {
+    openmp_state = -1;
+#if defined(__linux__)
+    if (!dl_iterate_phdr(find_libgomp, NULL)) return;
+    void *lib = dlopen(openmp_path, RTLD_NOW | RTLD_NOLOAD); /* the loaded copy, not a new one */
+    if (lib == NULL) return;
+    gomp_parallel = (gomp_parallel_fn)dlsym(lib, "GOMP_parallel");
+    omp_thread_num = (omp_int_fn)dlsym(lib, "omp_get_thread_num");
+    omp_num_threads = (omp_int_fn)dlsym(lib, "omp_get_num_threads");
+    if (gomp_parallel != NULL && omp_thread_num != NULL && omp_num_threads != NULL) openmp_state = 1;
+#endif
+}
+
+/* libgomp's pool does not survive fork: a child's parallel region waits forever for the parent's
+ * workers (torch's own ops hang there too). A forked child copies on its calling thread. */
+static void after_fork_in_child(void) { openmp_state = -1; }
+
+/* The team may be smaller than asked for (OMP_THREAD_LIMIT, OMP_DYNAMIC): thread i of n copies
+ * parts i, i + n, ..., so every part is copied by exactly one thread. */
+static void copy_thread_parts(void *arg) {
+    Job *job = arg;
+    int n = omp_num_threads();
+    for (int part = omp_thread_num(); part < job->parts; part += n) copy_part(job, part);
+}
+
+static void run_job(Job *job, int threads) {
+    uint64_t by_size = job->total / PART_MIN_BYTES;
+    job->parts = by_size < (uint64_t)threads ? (int)by_size : threads;
+    if (job->parts <= 1 || openmp_state != 1) {
+        job->parts = 1;
+        copy_part(job, 0);
+    } else {
+        gomp_parallel(copy_thread_parts, job, (unsigned)job->parts, 0);
+    }
+}
+
+static int address_buffer(PyObject *obj, const char *name, Py_buffer *view) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS) != 0) return -1;
+    if (view->len % 8 != 0) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a contiguous buffer of uint64 values, got %zd bytes", name,
+                     view->len);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *copy_runs(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *src_obj, *dst_obj, *sizes_obj;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OOOi:copy_runs", &src_obj, &dst_obj, &sizes_obj, &threads)) return NULL;
+    if (threads < 1 || threads > MAX_THREADS) {
+        return PyErr_Format(PyExc_ValueError, "threads=%d: expected 1 to %d", threads, MAX_THREADS);
+    }
+    Py_buffer src, dst, sizes;
+    if (address_buffer(src_obj, "src", &src) != 0) return NULL;
+    if (address_buffer(dst_obj, "dst", &dst) != 0) {
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    if (address_buffer(sizes_obj, "sizes", &sizes) != 0) {
+        PyBuffer_Release(&src);
+        PyBuffer_Release(&dst);
+        return NULL;
+    }
+    PyObject *result = Py_None;
+    if (src.len != sizes.len || dst.len != sizes.len) {
+        PyErr_Format(PyExc_ValueError, "src, dst, sizes: expected equal lengths, got %zd, %zd, %zd values",
+                     src.len / 8, dst.len / 8, sizes.len / 8);
+        result = NULL;
+    } else {
+        Job job = {src.buf, dst.buf, sizes.buf, sizes.len / 8, 0, 1, 0};
+        for (Py_ssize_t i = 0; i < job.n; i++) job.total += job.sizes[i];
+        job.stream = HAVE_STREAM_STORES && job.total >= STREAM_MIN_BYTES;
+        if (openmp_state == 0 && threads > 1) look_up_openmp(); /* under the GIL: once per process */
+        Py_BEGIN_ALLOW_THREADS
+        run_job(&job, threads);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    PyBuffer_Release(&sizes);
+    Py_XINCREF(result);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"copy_runs", copy_runs, METH_VARARGS,
+     "copy_runs(src, dst, sizes, threads): copy sizes[i] bytes from address src[i] to dst[i] for every i "
+     "(contiguous uint64 buffers of equal length; runs must not overlap), on up to `threads` threads, "
+     "without the GIL."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, .m_name = "_host_copy", .m_doc = "The CPU transfer engine's copy loop.", .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC PyInit__host_copy(void) {
+    static int registered;
+    if (!registered && pthread_atfork(NULL, NULL, after_fork_in_child) == 0) registered = 1;
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "MAX_THREADS", MAX_THREADS) != 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
