@@ -7,6 +7,7 @@ an object with the same interface between steps (``reference_attention.py``). Wi
 ``eval_attention_recall`` each step wraps it in a ``RecallProbe`` (integration/video/recall.py)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -159,17 +160,19 @@ class ModelRunner:
             x = noise()  # [B, F, C, Hl, Wl] fp32: pure noise at sigma 1
             x0 = x
             sigmas = self.schedule.sigmas
-            for i, s in enumerate(sigmas):
-                t = torch.full((b,), s, dtype=torch.float32, device=self.device)
-                self.attention.set_pass(t, clean=False)
-                v = self.model(x, t, context, offsets, attn_fn, **extra)
-                x0 = self.schedule.predict_x0(x, v, t)
-                if i + 1 < len(sigmas):
-                    x = self.schedule.renoise(x0, noise(), torch.full_like(t, sigmas[i + 1]))
-            # clean pass at t = 0: its K/V is the one left in the chunk's pages (the commit)
-            t0 = torch.zeros(b, dtype=torch.float32, device=self.device)
-            self.attention.set_pass(t0, clean=True)
-            self.model(x0, t0, context, offsets, attn_fn, **extra)
+            # every pass of the step has the same offsets and poses: RoPE / camera-ray tables are built once
+            with getattr(self.model, "reuse_conditioning", contextlib.nullcontext)():
+                for i, s in enumerate(sigmas):
+                    t = torch.full((b,), s, dtype=torch.float32, device=self.device)
+                    self.attention.set_pass(t, clean=False)
+                    v = self.model(x, t, context, offsets, attn_fn, **extra)
+                    x0 = self.schedule.predict_x0(x, v, t)
+                    if i + 1 < len(sigmas):
+                        x = self.schedule.renoise(x0, noise(), torch.full_like(t, sigmas[i + 1]))
+                # clean pass at t = 0: its K/V is the one left in the chunk's pages (the commit)
+                t0 = torch.zeros(b, dtype=torch.float32, device=self.device)
+                self.attention.set_pass(t0, clean=True)
+                self.model(x0, t0, context, offsets, attn_fn, **extra)
             if self.connector is not None:
                 self.connector.wait_for_save()
             return x0.float().cpu()  # the copy to the CPU also ends the step on CUDA (timings are honest)

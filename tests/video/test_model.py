@@ -376,3 +376,32 @@ def test_cuda_matches_cpu_reference():
     # random init on the GPU is deterministic per seed too
     a, b = build_model(TINY, seed=1, device="cuda"), build_model(TINY, seed=1, device="cuda")
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_reuse_conditioning_builds_tables_once_per_step_and_matches_fresh_calls(monkeypatch):
+    import worldkv_connector.integration.video.models.world as world_mod
+
+    cfg = get_model_config("world")
+    model = build_model(cfg)
+    x, ctx = _inputs(cfg, b=1)
+    t, off = torch.full((1,), 0.5), torch.tensor([3])
+    cam = _yaw_poses(1, cfg.frames_per_chunk, 10.0, shift=0.5)
+    fresh = model(x, t, ctx, off, DenseKV(), cam=cam)
+    fresh_moved = model(x, t, ctx, off + 1, DenseKV(), cam=_yaw_poses(1, cfg.frames_per_chunk, 40.0))
+    calls = {"rays": 0, "rope": 0}
+    rays, rope = world_mod.world_rays, model._rope
+    monkeypatch.setattr(world_mod, "world_rays", lambda *a: (calls.__setitem__("rays", calls["rays"] + 1), rays(*a))[1])
+    monkeypatch.setattr(model, "_rope", lambda *a: (calls.__setitem__("rope", calls["rope"] + 1), rope(*a))[1])
+    with model.reuse_conditioning():
+        for _ in range(3):  # same poses and offsets (as new but equal tensors): built once, same output
+            assert torch.equal(model(x, t, ctx, off.clone(), DenseKV(), cam=cam.clone()), fresh)
+        assert calls == {"rays": 1, "rope": 1}
+        moved = model(x, t, ctx, off + 1, DenseKV(), cam=_yaw_poses(1, cfg.frames_per_chunk, 40.0))
+        assert torch.equal(moved, fresh_moved) and calls == {"rays": 2, "rope": 2}
+        bad = cam.clone()
+        bad[0, 0, 0, 3] = float("nan")
+        with pytest.raises(ValueError, match="NaN or Inf"):  # never served from the cache
+            model(x, t, ctx, off, DenseKV(), cam=bad)
+    assert model._memo is None
+    model(x, t, ctx, off, DenseKV(), cam=cam)  # outside the scope every call builds its tables
+    assert calls == {"rays": 4, "rope": 3}  # the NaN call raised before its RoPE tables

@@ -74,7 +74,8 @@ class WorldDiT(CausalWanDiT):
         if cam is None or tuple(cam.shape) != (b, f, 4, 4):
             got = None if cam is None else tuple(cam.shape)
             raise ValueError(f"cam: model {c.name!r} is camera-conditioned; expected [{b}, {f}, 4, 4] poses, got {got}")
-        rays = world_rays(cam.to(self.device), c.latent_height, c.latent_width, c.camera_fov_degrees, c.patch_size)
+        rays = self._memoized("world_rays", cam, (self.device,), lambda: world_rays(
+            cam.to(self.device), c.latent_height, c.latent_width, c.camera_fov_degrees, c.patch_size))
         rope = self.rope(frame_offset, f)
         h = self.embed_patches(x)
         e, e0 = self.embed_time(t.to(self.device))
