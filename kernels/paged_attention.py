@@ -21,7 +21,7 @@ try:
 except ImportError:  # the torch reference and the argument checks still work without triton
     triton = tl = None
 
-__all__ = ["paged_attention", "paged_attention_torch", "check_paged_attention_args"]
+__all__ = ["paged_attention", "paged_attention_torch", "check_paged_attention_args", "check_page_values"]
 
 
 def _jit(fn):
@@ -35,7 +35,14 @@ def check_paged_attention_args(
     block_table: torch.Tensor,
     page_lens: torch.Tensor,
 ) -> None:
-    """Validate shapes, dtypes and devices; raise ``ValueError`` with expected and actual values."""
+    """Validate shapes, dtypes and devices, then the table's values (lengths in [0, page_size], page ids
+    of non-empty pages in range); raise ``ValueError`` with expected and actual values."""
+    _check_arg_structure(q, k_pool, v_pool, block_table, page_lens)
+    check_page_values(block_table, page_lens, k_pool.shape[0], k_pool.shape[1])
+
+
+def _check_arg_structure(q, k_pool, v_pool, block_table, page_lens) -> None:
+    """The shape, dtype and device checks of check_paged_attention_args (no tensor values are read)."""
     if q.dim() != 4:
         raise ValueError(f"q: expected [B, Tq, Hq, D], got shape {tuple(q.shape)}")
     if k_pool.dim() != 4 or k_pool.shape != v_pool.shape:
@@ -60,6 +67,12 @@ def check_paged_attention_args(
     devices = {t.device for t in (q, k_pool, v_pool, block_table, page_lens)}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def check_page_values(block_table: torch.Tensor, page_lens: torch.Tensor, num_pages: int, page_size: int) -> None:
+    """The value checks of check_paged_attention_args (they read the tables: a device sync on CUDA).
+    Depend only on the tables and the pool's ``num_pages`` x ``page_size``, so a caller running many
+    layers over one step's tables runs them once (``validate=False`` on the later calls)."""
     if block_table.numel():
         lens_ok = bool(((page_lens >= 0) & (page_lens <= page_size)).all())
         if not lens_ok:
@@ -245,6 +258,8 @@ def paged_attention_torch(
     page_lens: torch.Tensor,
     scale: float | None = None,
     logit_bias: torch.Tensor | None = None,
+    *,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Reference paged attention.
 
@@ -254,8 +269,13 @@ def paged_attention_torch(
     logit_bias: optional [num_pages, page_size] fp32 added to every query's logit of that slot (a merged
     key's ``log(count)``, compression.tempcache_chunk), same device.
     Returns [B, Tq, Hq, D] in q's dtype, computed in fp32. A row with no valid token returns zeros.
+    ``validate=False`` skips the value checks (check_page_values), as in :func:`paged_attention`; use it
+    only with tables already checked against this pool's geometry (the engine: once per step).
     """
-    check_paged_attention_args(q, k_pool, v_pool, block_table, page_lens)
+    if validate:
+        check_paged_attention_args(q, k_pool, v_pool, block_table, page_lens)
+    else:
+        _check_arg_structure(q, k_pool, v_pool, block_table, page_lens)
     if logit_bias is not None and tuple(logit_bias.shape) != tuple(k_pool.shape[:2]):
         raise ValueError(f"logit_bias: expected [num_pages, page_size] = {tuple(k_pool.shape[:2])}, "
                          f"got {tuple(logit_bias.shape)}")

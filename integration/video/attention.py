@@ -30,7 +30,8 @@ SEGMENT_ORDER = ("sink", "external", "recent", "current")
 
 def select_attention_backend(name: str) -> Callable[..., torch.Tensor]:
     """The paged attention function of a backend, signature
-    ``fn(q [B,Tq,Hq,D], k_pool, v_pool [num_pages,page_size,Hkv,D], block_table, page_lens [B,P] int) -> [B,Tq,Hq,D]``.
+    ``fn(q [B,Tq,Hq,D], k_pool, v_pool [num_pages,page_size,Hkv,D], block_table, page_lens [B,P] int,
+    *, validate=True) -> [B,Tq,Hq,D]`` (``validate=False``: tables already value-checked this step).
     ``triton`` is imported lazily so the engine runs where the kernel is not built."""
     if name == "torch":
         from worldkv_connector.kernels.paged_attention import paged_attention_torch
@@ -160,12 +161,16 @@ class PagedAttention:
         self.dropped: list[tuple[str, int]] = []  # (session, external chunk) dropped for load errors this step
         self._seen_errors: set[int] = set()
         self._warned_drop = False  # a dropped chunk is logged at WARNING once per run
+        # pool geometries (num_pages, page_size) the step's current tables passed the backend's value
+        # checks against, with those tables: later layers and passes skip the checks (validate=False)
+        self._checked: tuple[torch.Tensor, torch.Tensor, set] | None = None
 
     def begin_step(self, plan: WindowPlan, device: torch.device) -> AttentionMetadata:
         self.plan = plan
         self.metadata = plan.to_metadata(device)
         self.dropped = []
         self._seen_errors = set()
+        self._checked = None
         return self.metadata
 
     def set_pass(self, timestep: torch.Tensor, clean: bool) -> None:
@@ -176,6 +181,7 @@ class PagedAttention:
     def end_step(self) -> None:
         self.plan = None
         self.metadata = None
+        self._checked = None
 
     def _apply_load_errors(self) -> None:
         errors = set(self.connector.get_block_ids_with_load_errors() or ())
@@ -193,6 +199,7 @@ class PagedAttention:
             self.dropped.extend(dropped)
             bt, pl = self.plan.tables(self.metadata.block_table.device)
             self.metadata.block_table, self.metadata.page_lens = bt, pl
+            self._checked = None  # new tables: the next layer checks them again
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v: [B, T, H, D] post-RoPE, model dtype and device. Returns [B, T, H, D]."""
@@ -210,7 +217,19 @@ class PagedAttention:
             # after the write: the store reads the committed chunk's pages of this layer
             self.connector.save_kv_layer(name, kv, meta)
         bias = getattr(self.connector, "logit_bias", None) if self.connector is not None else None
+        # the value checks of the tables (ids in range, lengths in [0, page_size]) run on the first call
+        # of the step per pool geometry, inside the backend and in its usual order, and again whenever
+        # the tables are replaced (a load error); shape/dtype/device checks run on every call
+        bt, pl, geom = meta.block_table, meta.page_lens, (kv.shape[1], kv.shape[2])
+        checked = self._checked
+        validate = not (checked is not None and checked[0] is bt and checked[1] is pl and geom in checked[2])
         if bias:  # a merging compression: the current chunk's own slots carry no bias (pages are reused)
             bias[name].view(-1).index_fill_(0, meta.slot_mapping.reshape(-1), 0.0)
-            return self.backend(q, kv[0], kv[1], meta.block_table, meta.page_lens, logit_bias=bias[name])
-        return self.backend(q, kv[0], kv[1], meta.block_table, meta.page_lens)
+            out = self.backend(q, kv[0], kv[1], bt, pl, logit_bias=bias[name], validate=validate)
+        else:
+            out = self.backend(q, kv[0], kv[1], bt, pl, validate=validate)
+        if validate:
+            if checked is None or checked[0] is not bt or checked[1] is not pl:
+                self._checked = checked = (bt, pl, set())
+            checked[2].add(geom)
+        return out

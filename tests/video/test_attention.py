@@ -113,3 +113,51 @@ def test_flow_matching_schedule():
         FlowMatchSchedule(0)
     with pytest.raises(ValueError, match="shift"):
         FlowMatchSchedule(4, shift=-1.0)
+
+
+def test_table_values_are_checked_once_per_step_and_again_when_replaced(monkeypatch):
+    import worldkv_connector.kernels.paged_attention as pa
+
+    calls = []
+    check = pa.check_page_values
+    monkeypatch.setattr(pa, "check_page_values", lambda *a: (calls.append(a[2:]), check(*a))[1])
+    kv, plan = _window()
+    attn = PagedAttention({"blocks.0": kv, "blocks.1": kv.clone()}, backend="torch")
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 48, H, D, generator=g) for _ in range(3))
+    meta = attn.begin_step(plan, torch.device("cpu"))
+    outs = []
+    for clean in (False, True):  # two passes over two layers: one check
+        attn.set_pass(torch.zeros(2), clean=clean)
+        outs += [attn(0, q, k, v), attn(1, q, k, v)]
+    assert calls == [(32, PS)]
+    ref = pa.paged_attention_torch(q, kv[0], kv[1], meta.block_table, meta.page_lens)
+    assert torch.equal(outs[0], ref) and torch.equal(outs[2], ref)
+    # replaced tables (as after a load error) are checked again, with the same error as before
+    bad = meta.page_lens.clone()
+    bad[0, 0] = PS + 1
+    meta.page_lens = bad
+    with pytest.raises(ValueError, match="every value must lie in"):
+        attn(0, q, k, v)
+    attn.end_step()
+    plan.rows[0][1].page_ids[0] = 40  # a page id past the pool: raised by the first call of the step
+    attn.begin_step(plan, torch.device("cpu"))
+    attn.set_pass(torch.zeros(2), clean=False)
+    with pytest.raises(ValueError, match="page ids of pages with valid tokens"):
+        attn(0, q, k, v)
+    with pytest.raises(ValueError, match="page ids of pages with valid tokens"):
+        attn(1, q, k, v)
+
+
+def test_torch_reference_validate_false_keeps_shape_checks():
+    from worldkv_connector.kernels.paged_attention import paged_attention_torch
+
+    kv, plan = _window()
+    bt, pl = plan.tables(torch.device("cpu"))
+    q = torch.randn(2, 5, H, D)
+    assert torch.equal(paged_attention_torch(q, kv[0], kv[1], bt, pl, validate=False),
+                       paged_attention_torch(q, kv[0], kv[1], bt, pl))
+    with pytest.raises(ValueError, match="head_dim"):
+        paged_attention_torch(torch.randn(2, 5, H, D * 2), kv[0], kv[1], bt, pl, validate=False)
+    with pytest.raises(ValueError, match="int32 or int64"):
+        paged_attention_torch(q, kv[0], kv[1], bt.float(), pl, validate=False)
