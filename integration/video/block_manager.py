@@ -12,8 +12,6 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass
 
-import numpy as np
-
 from worldkv_connector.checks import check_int, is_int
 
 __all__ = ["BlockManager", "ChunkBlocks", "KVCacheOutOfPages", "CONNECTOR_OWNER", "EVICTED_OWNER"]
@@ -113,17 +111,31 @@ class BlockManager:
         return pages
 
     def _take_run(self, num_pages: int) -> list[int] | None:
-        """Remove and return the lowest run of ``num_pages`` consecutive free ids, or None."""
-        pool = np.array(self._free, dtype=np.int64)  # free-list order
-        free = np.sort(pool)
-        # free ids are distinct: free[i:i + n] is a run exactly when its span is n - 1
-        fits = np.flatnonzero(free[num_pages - 1:] - free[: free.size - num_pages + 1] == num_pages - 1)
-        if not fits.size:
+        """Remove and return the lowest run of ``num_pages`` consecutive free ids, or None.
+
+        A page is free exactly when its reference count is 0 (check_invariants), so the lowest run is
+        the first run of ``num_pages`` zero bytes in the counts (a C-level search, no sort of the free
+        list). The rest of the free list keeps its order."""
+        try:
+            counts = bytes(self._ref)
+        except ValueError:  # a count above 255: only zero / non-zero matters
+            counts = bytes(map(bool, self._ref))
+        lo = counts.find(bytes(num_pages))
+        if lo < 0:
             return None
-        lo = int(free[fits[0]])
         hi = lo + num_pages
-        self._free = pool[(pool < lo) | (pool >= hi)].tolist()  # the rest, in their order
-        return list(range(lo, hi))
+        run = list(range(lo, hi))
+        free = self._free
+        # common case: the run sits in the free list as one slice (ascending or descending), usually
+        # near its end (pages freed last, or the low ids of the initial list): delete that slice
+        i = len(free) - 1 - free[::-1].index(lo)
+        if free[i:i + num_pages] == run:
+            del free[i:i + num_pages]
+        elif i + 1 >= num_pages and free[i + 1 - num_pages:i + 1] == run[::-1]:
+            del free[i + 1 - num_pages:i + 1]
+        else:
+            self._free = [p for p in free if p < lo or p >= hi]  # the rest, in their order
+        return run
 
     def share(self, pages: list[int], owner: str) -> None:
         """Add one hold of ``owner`` on each allocated page (the page is now referenced twice)."""

@@ -163,3 +163,46 @@ def test_contiguous_allocation_takes_the_lowest_free_run_else_any_pages():
     taken = bm.allocate(bm.num_free, "rest", contiguous=True)  # no run long enough: any pages
     assert len(taken) == len(set(taken)) and bm.num_free == 0
     bm.check_invariants()
+
+
+def _lowest_run_by_sorting(free: list[int], n: int):
+    """The original numpy _take_run: sort the free list, first window spanning n - 1."""
+    import numpy as np
+
+    pool = np.array(free, dtype=np.int64)
+    ids = np.sort(pool)
+    fits = np.flatnonzero(ids[n - 1:] - ids[: ids.size - n + 1] == n - 1)
+    if not fits.size:
+        return None, free
+    lo = int(ids[fits[0]])
+    return list(range(lo, lo + n)), pool[(pool < lo) | (pool >= lo + n)].tolist()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 9), st.integers(0, 3)), max_size=50), st.integers(8, 40))
+def test_contiguous_runs_and_free_order_match_the_sorting_search(ops, num_pages):
+    """Same pages and same free-list order (which decides later non-contiguous pops) as the sort."""
+    bm = BlockManager(num_pages=num_pages, page_size=4)
+    held = {o: [] for o in range(4)}
+    for take, n, owner in ops:
+        if take and n <= bm.num_free:
+            before = list(bm._free)
+            want, rest = _lowest_run_by_sorting(before, n) if n > 1 else (None, None)
+            got = bm.allocate(n, str(owner), contiguous=True)
+            if want is not None:
+                assert got == want and bm._free == rest
+            held[owner] += got
+        elif held[owner]:
+            k = min(n, len(held[owner]))
+            bm.release(held[owner][-k:], str(owner))  # release in an order that scatters the free list
+            del held[owner][-k:]
+        bm.check_invariants()
+
+
+def test_contiguous_run_with_reference_counts_above_255():
+    bm = BlockManager(num_pages=8, page_size=4)
+    pages = bm.allocate(2, "a")
+    for i in range(300):
+        bm.share(pages, f"s{i}")
+    assert bm.allocate(3, "b", contiguous=True) == [2, 3, 4]
+    bm.check_invariants()
