@@ -10,8 +10,12 @@
  *    PART_MIN_BYTES is split into equal byte ranges (a run may straddle two), one per thread of
  *    torch's own OpenMP pool (see look_up_openmp);
  *  - cached stores: a job that does not fit the caches pays a read of every destination line
- *    before it is written. Jobs of at least STREAM_MIN_BYTES use non-temporal (streaming) stores
+ *    before it is written. Jobs of at least stream_min_bytes use non-temporal (streaming) stores
  *    on x86-64; smaller jobs keep memcpy, whose stores leave the data in cache for the next read.
+ *    The threshold follows the last-level cache, as glibc's memcpy sets its own non-temporal
+ *    threshold (3/4 of the shared cache): a job that fits the cache copies faster through it
+ *    (measured on a 480 MiB L3, a 37.7 MB job: 0.93-0.96x the contiguous torch copy with cached
+ *    stores, 0.66-0.80x streaming). Unknown cache size: 4 MiB, about a core's share of a server L3.
  *
  * Runs must not overlap (the planner checks ranges); the copies of one job are unordered, as on a
  * CUDA stream.
@@ -26,6 +30,7 @@
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
+#include <unistd.h>
 
 #if defined(__x86_64__)
 #include <emmintrin.h>
@@ -38,7 +43,8 @@
 #ifndef PART_MIN_BYTES
 #define PART_MIN_BYTES ((uint64_t)128 << 10)   /* below this a part costs more to start than it saves */
 #endif
-#define STREAM_MIN_BYTES ((uint64_t)4 << 20)   /* about where a job stops fitting a core's caches */
+#define STREAM_FALLBACK_BYTES ((uint64_t)4 << 20) /* when the last-level cache size is unknown */
+static uint64_t stream_min_bytes; /* set at import: see cache_stream_threshold */
 
 typedef struct {
     const uint64_t *src, *dst, *sizes;
@@ -86,6 +92,19 @@ static void copy_part(const Job *job, int part) {
 #if HAVE_STREAM_STORES
     if (job->stream) _mm_sfence(); /* streaming stores are visible before the part is reported done */
 #endif
+}
+
+/* 3/4 of the last-level cache (sysconf's L3, else L2), at least STREAM_FALLBACK_BYTES. */
+static uint64_t cache_stream_threshold(void) {
+    long cache = 0;
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+    cache = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    if (cache <= 0) cache = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    uint64_t bytes = cache > 0 ? (uint64_t)cache / 4 * 3 : 0;
+    return bytes > STREAM_FALLBACK_BYTES ? bytes : STREAM_FALLBACK_BYTES;
 }
 
 /* --- torch's OpenMP threads: GOMP_parallel of the libgomp already loaded into the process. Not
@@ -163,9 +182,16 @@ static PyObject *copy_runs(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *src_obj, *dst_obj, *sizes_obj;
     int threads;
-    if (!PyArg_ParseTuple(args, "OOOi:copy_runs", &src_obj, &dst_obj, &sizes_obj, &threads)) return NULL;
+    long long stream_min = -1;
+    if (!PyArg_ParseTuple(args, "OOOi|L:copy_runs", &src_obj, &dst_obj, &sizes_obj, &threads, &stream_min)) {
+        return NULL;
+    }
     if (threads < 1 || threads > MAX_THREADS) {
         return PyErr_Format(PyExc_ValueError, "threads=%d: expected 1 to %d", threads, MAX_THREADS);
+    }
+    if (stream_min < -1) {
+        return PyErr_Format(PyExc_ValueError, "stream_min=%lld: expected bytes >= 0, or -1 for STREAM_MIN_BYTES",
+                            stream_min);
     }
     Py_buffer src, dst, sizes;
     if (address_buffer(src_obj, "src", &src) != 0) return NULL;
@@ -186,7 +212,7 @@ static PyObject *copy_runs(PyObject *self, PyObject *args) {
     } else {
         Job job = {src.buf, dst.buf, sizes.buf, sizes.len / 8, 0, 1, 0};
         for (Py_ssize_t i = 0; i < job.n; i++) job.total += job.sizes[i];
-        job.stream = HAVE_STREAM_STORES && job.total >= STREAM_MIN_BYTES;
+        job.stream = HAVE_STREAM_STORES && job.total >= (stream_min < 0 ? stream_min_bytes : (uint64_t)stream_min);
         if (openmp_state == 0 && threads > 1) look_up_openmp(); /* under the GIL: once per process */
         Py_BEGIN_ALLOW_THREADS
         run_job(&job, threads);
@@ -201,9 +227,9 @@ static PyObject *copy_runs(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"copy_runs", copy_runs, METH_VARARGS,
-     "copy_runs(src, dst, sizes, threads): copy sizes[i] bytes from address src[i] to dst[i] for every i "
-     "(contiguous uint64 buffers of equal length; runs must not overlap), on up to `threads` threads, "
-     "without the GIL."},
+     "copy_runs(src, dst, sizes, threads, stream_min=-1): copy sizes[i] bytes from address src[i] to dst[i] "
+     "for every i (contiguous uint64 buffers of equal length; runs must not overlap), on up to `threads` "
+     "threads, without the GIL; streaming stores for a job of at least stream_min bytes (-1: STREAM_MIN_BYTES)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -215,8 +241,11 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__host_copy(void) {
     static int registered;
     if (!registered && pthread_atfork(NULL, NULL, after_fork_in_child) == 0) registered = 1;
+    stream_min_bytes = cache_stream_threshold();
     PyObject *m = PyModule_Create(&module);
-    if (m != NULL && PyModule_AddIntConstant(m, "MAX_THREADS", MAX_THREADS) != 0) {
+    if (m != NULL && (PyModule_AddIntConstant(m, "MAX_THREADS", MAX_THREADS) != 0
+                      || PyModule_AddIntConstant(m, "STREAM_MIN_BYTES", (long)stream_min_bytes) != 0
+                      || PyModule_AddIntConstant(m, "STREAM_STORES", HAVE_STREAM_STORES) != 0)) {
         Py_DECREF(m);
         return NULL;
     }

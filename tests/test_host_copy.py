@@ -51,7 +51,7 @@ def test_this_install_runs_the_compiled_loop():
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
 @pytest.mark.parametrize("max_kib,count", [(3, 400), (96, 64), (700, 24)])
 def test_random_runs_match_a_torch_reference(threads, max_kib, count):
-    # totals from ~0.6 MB (threads split a few runs) to ~8 MB (above the streaming-store threshold)
+    # totals from ~0.6 MB (threads split a few runs) to ~8 MB (many parts per thread)
     rng = np.random.default_rng(threads * 1000 + max_kib)
     src = torch.randint(0, 256, (16 * MIB,), dtype=torch.uint8)
     dst = torch.randint(0, 256, (count * max_kib * 1024 * 2 + 4096,), dtype=torch.uint8)
@@ -59,6 +59,36 @@ def test_random_runs_match_a_torch_reference(threads, max_kib, count):
     want = _expected(src, dst, *runs)
     _copy(src, dst, *runs, threads)
     assert torch.equal(dst, want)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("stream", [True, False])
+def test_streaming_and_cached_stores_copy_the_same_bytes(threads, stream):
+    # the store kind is chosen per job by its size against STREAM_MIN_BYTES (the cache's); force each
+    lib = fragments._host_copy
+    rng = np.random.default_rng(threads + 10 * stream)
+    src = torch.randint(0, 256, (16 * MIB,), dtype=torch.uint8)
+    dst = torch.randint(0, 256, (12 * MIB,), dtype=torch.uint8)
+    src_off, dst_off, sizes = _random_runs(rng, src, dst, 40, 300 * 1024)
+    src_off[0], sizes[0] = 1, 251  # short and unaligned runs take the vector loop's head and tail paths
+    want = _expected(src, dst, src_off, dst_off, sizes)
+    lib.copy_runs((src.data_ptr() + src_off).astype(np.uint64), (dst.data_ptr() + dst_off).astype(np.uint64),
+                  sizes.astype(np.uint64), threads, 0 if stream else 1 << 62)
+    assert torch.equal(dst, want)
+
+
+def test_streaming_threshold_follows_the_last_level_cache():
+    import subprocess
+
+    lib = fragments._host_copy
+    assert lib.STREAM_MIN_BYTES >= 4 * MIB
+    try:
+        l3 = int(subprocess.run(["getconf", "LEVEL3_CACHE_SIZE"], capture_output=True, text=True, timeout=10).stdout)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        pytest.skip("getconf LEVEL3_CACHE_SIZE is not available here")
+    if l3 <= 0:
+        pytest.skip("the last-level cache size is not reported here")
+    assert lib.STREAM_MIN_BYTES == max(4 * MIB, l3 // 4 * 3)
 
 
 def test_one_large_run_is_split_between_threads_at_odd_offsets():
@@ -127,6 +157,8 @@ def test_bad_input_is_refused_before_any_byte_moves():
         lib.copy_runs(a, np.zeros(2, dtype=np.uint64), a, 1)
     with pytest.raises(ValueError, match="threads=0: expected 1 to"):
         lib.copy_runs(a, a, a, 0)
+    with pytest.raises(ValueError, match="stream_min=-2: expected bytes >= 0"):
+        lib.copy_runs(a, a, a, 1, -2)
     with pytest.raises(ValueError, match="sizes: expected a contiguous buffer of uint64 values, got 3 bytes"):
         lib.copy_runs(a, a, b"abc", 1)
     with pytest.raises(ValueError, match="not C-contiguous"):  # a strided view has no C buffer

@@ -23,10 +23,11 @@ def test_eval_revisit_short_rollout_json_schema_and_plot(tmp_path, capsys):
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     rc = main(["eval", "revisit", "--num-chunks", "9", "--trajectories", "glance", "--num-denoising-steps", "2",
                "--modes", "full,sliding,worldkv,worldkv@1.0,tempcache", "--observe", "first-visits",
-               "--json", str(out), "--plot", str(png), "--quiet"])
+               "--json", str(out), "--plot", str(png), "--quiet", "--threads", "2"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "acceptance (this run):" in text and "tempcache" in text
+    assert ", 2 thread(s)," in text  # the count the rollouts ran with, not the one restored after
     doc = json.loads(out.read_text())
     assert doc["num_chunks"] == 9
     for key in ("revisit_psnr_db", "chunks_per_s", "revisit_ssim", "revisit_psnr_gt_db", "bank_peak_bytes",

@@ -109,8 +109,9 @@ def run_revisit(args: argparse.Namespace) -> int:
                         seed=args.seed, world_seed=args.world_seed, observe=args.observe, device=args.device)
     progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     with cpu_threads(args.threads):
+        threads = torch.get_num_threads()  # the count the rollouts ran with (restored on leaving)
         report = evaluate(cfg, progress)
-    machine = f"{platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, {args.device}"
+    machine = f"{platform.machine()}, {threads} thread(s), torch {torch.__version__}, {args.device}"
     weights = Path(report["checkpoint"]).name if report["checkpoint"] else "random weights"
     print(f"revisit eval: model {cfg.model} ({weights}), {cfg.num_chunks} chunks x "
           f"{len(cfg.trajectories)} trajectories ({', '.join(cfg.trajectories)}), observe {cfg.observe}, "
