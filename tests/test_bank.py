@@ -116,6 +116,28 @@ def test_views_land_in_their_slot():
     assert all(b - a == SLOT_BYTES for a, b in zip(ptrs, ptrs[1:]))
 
 
+def test_views_are_reused_per_slot_and_size_and_follow_a_slot_reused_at_another_size(monkeypatch):
+    from worldkv_connector.bank.slab import SlabViews
+
+    bank = make_bank(2)
+    bank.reserve("a", SLOT - 3)
+    first = bank.view("a")
+    assert bank.view("a") is first  # made once: planning a step does not build views again
+    slot = bank.get("a").slot
+    bank.free("a")
+    bank.reserve("b", SLOT - 1, slot=slot)  # the same slot, another size: a new view of the new size
+    assert bank.get("b").slot == slot and bank.view("b").shape == (L, 2, SLOT - 1, H, D)
+    bank.view("b").fill_(7.0)
+    assert torch.all(bank.slot_view(slot)[:, :, : SLOT - 1] == 7.0)
+    monkeypatch.setattr(SlabViews, "MAX_VIEWS", 1)  # a full cache is dropped, never stale
+    bank.reserve("c", 2)
+    assert bank.view("c").shape == (L, 2, 2, H, D) and bank.view("b").shape == (L, 2, SLOT - 1, H, D)
+    bank.close()
+    assert bank._views is None  # the closed bank holds no view of its slab
+    with pytest.raises(RuntimeError, match="closed"):
+        bank.view("b")
+
+
 def test_indices_stored_on_cpu_as_int64():
     bank = make_bank(2)
     e = bank.reserve("a", 3, indices=torch.tensor([[0, 1, 5], [0, 2, 5]], dtype=torch.int32))

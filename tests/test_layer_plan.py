@@ -105,6 +105,14 @@ def test_contiguous_pages_merge_into_one_run_per_chunk_and_kv(planner):
     bank.close()
 
 
+def test_page_lens_are_shared_read_only_arrays():
+    lens = page_lens_of(37, PS)
+    assert lens.tolist() == [PS] * 9 + [1] and page_lens_of(37, PS) is lens  # one array per size
+    assert page_lens_of(4 * PS, PS).tolist() == [PS] * 4 and page_lens_of(0, PS).size == 0
+    with pytest.raises(ValueError, match="read-only"):  # a caller cannot change another's lengths
+        lens[0] = 1
+
+
 def test_plan_refuses_bad_layouts_naming_the_field(planner):
     pools = [torch.zeros(2, PAGES, PS, H, D) for _ in range(L)]
     slot = torch.zeros(L, 2, 8, H, D)

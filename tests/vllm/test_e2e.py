@@ -360,7 +360,7 @@ def test_with_a_disk_tier_the_scheduler_half_spills_restores_and_forgets_damaged
     w = WorldKVWorker(cfg, block_size=bs, load_async=True)
     w.register_kv_caches(kv, num_blocks=nb, num_kv_heads=heads, head_size=dim)
     s = WorldKVScheduler(block_size=bs, num_workers=1, load_async=True, stores_in_flight=False, num_slots=2,
-                         disk_bytes=8 * slot, entry_bytes=w.bank.entry_bytes)
+                         disk_bytes=8 * slot, entry_bytes=w.bank.layout.entry_bytes)
     original = [t.clone() for t in kv.values()]
 
     def step(so):

@@ -34,7 +34,7 @@ import torch
 from worldkv_connector.bank.disk import DISK, DiskTier, NotResidentError
 from worldkv_connector.bank.entry import BankEntry, BankKey
 from worldkv_connector.bank.layout import BankLayout
-from worldkv_connector.bank.slab import allocate_slab, check_bank_memory, release_slab, resolve_device
+from worldkv_connector.bank.slab import SlabViews, allocate_slab, check_bank_memory, release_slab, resolve_device
 from worldkv_connector.bank.slots import SlotTable, bank_stats
 from worldkv_connector.bank.spill import DiskSpill
 from worldkv_connector.checks import check_int
@@ -77,6 +77,7 @@ class Bank:
 
         self._slab, self.pinned = allocate_slab(layout.slab_shape(), dtype, tier, self.device, capacity_bytes, pin)
         self._finalizer = weakref.finalize(self, release_slab, self._slab, self.pinned)
+        self._views = SlabViews(self._slab)
 
         self._listeners: list[Callable[[BankKey, BankEntry], None]] = []
         self.evictions = 0  # entries that left the bank by eviction, from any tier
@@ -147,9 +148,6 @@ class Bank:
         """Payload bytes on every tier (``bytes_used`` + ``disk_bytes_used``)."""
         return self.bytes_used + self.disk_bytes_used
 
-    def entry_bytes(self, num_tokens: int) -> int:
-        return self.layout.entry_bytes(num_tokens)
-
     # --- allocation ----------------------------------------------------------------------------
     def reserve(self, key: BankKey, num_tokens: int, *, indices: torch.Tensor | None = None,
                 pose: np.ndarray | None = None, meta: dict | None = None, slot: int | None = None) -> BankEntry | None:
@@ -170,8 +168,9 @@ class Bank:
         indices = self.layout.kept_indices(indices, num_tokens)
         if slot is None and not self._make_room():
             return None
-        entry = BankEntry(key=key, slot=-1, num_tokens=num_tokens, nbytes=self.entry_bytes(num_tokens), tier=self.tier,
-                          indices=indices, pose=None if pose is None else np.asarray(pose), meta=dict(meta or {}))
+        entry = BankEntry(key=key, slot=-1, num_tokens=num_tokens, nbytes=self.layout.entry_bytes(num_tokens),
+                          tier=self.tier, indices=indices, pose=None if pose is None else np.asarray(pose),
+                          meta=dict(meta or {}))
         self._table.insert(entry, slot)  # gives it a slot (ValueError: ``slot`` is taken or out of range)
         return entry
 
@@ -352,7 +351,7 @@ class Bank:
 
     # --- payload views -------------------------------------------------------------------------
     def _payload(self, entry: BankEntry) -> torch.Tensor:
-        return self._slab[entry.slot, :, :, : entry.num_tokens]
+        return self._views.get(entry.slot, entry.num_tokens)
 
     def slot_view(self, slot: int) -> torch.Tensor:
         """``[num_layers, 2, slot_tokens, H, D]`` view of one slot, bank dtype, bank device."""
@@ -362,7 +361,8 @@ class Bank:
 
     def view(self, key: BankKey) -> torch.Tensor:
         """``[num_layers, 2, num_tokens, H, D]`` view of ``key``'s payload (strided: each
-        ``[layer, k_or_v]`` run is contiguous), bank dtype, bank device."""
+        ``[layer, k_or_v]`` run is contiguous), bank dtype, bank device; one shared object per
+        (slot, tokens): write its data, never its metadata (``SlabViews``)."""
         entry = self._entry(key)
         if entry.tier == DISK:
             raise NotResidentError(f"bank key {key!r} is on the disk tier: call ensure_resident(key) first")
@@ -402,7 +402,7 @@ class Bank:
             logger.warning("closing a bank with %d entries pinned by in-flight transfers", pinned)
         self._closed = True
         self._table.clear()
-        self._slab = None  # type: ignore[assignment]
+        self._slab = self._views = None  # type: ignore[assignment]  # views hold the slab's storage
         self._finalizer()
         if self._spill is not None:
             self._spill.close()

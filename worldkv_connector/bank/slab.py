@@ -12,7 +12,7 @@ import torch
 
 from worldkv_connector.machine import host_memory
 
-__all__ = ["check_bank_memory", "resolve_device", "allocate_slab", "release_slab", "TIERS"]
+__all__ = ["check_bank_memory", "resolve_device", "allocate_slab", "release_slab", "SlabViews", "TIERS"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,3 +93,27 @@ def release_slab(slab: torch.Tensor, pinned: bool) -> None:
         err = torch.cuda.cudart().cudaHostUnregister(slab.data_ptr())
         if int(getattr(err, "value", err)) != 0:
             logger.warning("cudaHostUnregister failed (error %s)", err)
+
+
+class SlabViews:
+    """The views ``slab[slot, :, :, :tokens]`` of a slab, each made once and handed out again while
+    the slot holds that many tokens. A step plans its copies from a few views, and making a tensor
+    view costs microseconds (several times that from cold caches, as right after compute). Callers
+    share the objects: they write a view's data, never its metadata (no in-place ``resize_``,
+    ``squeeze_`` or ``set_``). At most ``MAX_VIEWS`` are held (all dropped when full)."""
+
+    MAX_VIEWS = 4096
+
+    def __init__(self, slab: torch.Tensor) -> None:
+        self._slab = slab
+        self._views: dict[int, tuple[int, torch.Tensor]] = {}  # slot -> (tokens, view)
+
+    def get(self, slot: int, tokens: int) -> torch.Tensor:
+        hit = self._views.get(slot)
+        if hit is not None and hit[0] == tokens:
+            return hit[1]
+        if len(self._views) >= self.MAX_VIEWS:
+            self._views.clear()
+        view = self._slab[slot, :, :, :tokens]
+        self._views[slot] = (tokens, view)
+        return view

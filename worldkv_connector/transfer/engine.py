@@ -133,7 +133,8 @@ class TransferEngine:
         self.options = PathOptions(self.device.type, batch_dma=self._batch is not None, sm_kernel=kernel,
                                    kernel_threshold_bytes=kernel_threshold_bytes)
         # the path of jobs made of large runs; small-run jobs may take "sm-kernel" (job.path says)
-        self.path = "cpu-sync" if self.device.type == "cpu" else ("dma-batch" if self._batch else "dma-loop")
+        self._cpu = self.device.type == "cpu"
+        self.path = "cpu-sync" if self._cpu else ("dma-batch" if self._batch else "dma-loop")
 
     @classmethod
     def for_config(cls, config: Any, device: str | torch.device = "cpu", **kwargs: Any) -> "TransferEngine":
@@ -188,7 +189,7 @@ class TransferEngine:
         for base, device in plan.storages:
             if device.type != "cpu" and device != self.device:
                 raise ValueError(f"plan: memory at {base:#x} is on {device}, expected cpu or {self.device}")
-        if self.device.type == "cpu":
+        if self._cpu:
             # host memory only (checked above): the planner's merged runs
             runs = (plan.src, plan.dst, plan.sizes) if plan.merged else merge_fragment_arrays(plan)[:3]
             job = self._new_job(kind, plan.nbytes, int(runs[2].shape[0]), plan.num_fragments, tag)
@@ -227,7 +228,7 @@ class TransferEngine:
                           tag=tag, submitted_at=time.perf_counter(), num_pairs=pairs)
         s = self._stats
         s["jobs"] += 1
-        s[f"{kind}_jobs"] += 1
+        s["store_jobs" if kind == "store" else "load_jobs"] += 1
         s["bytes_stored" if kind == "store" else "bytes_loaded"] += nbytes
         s["fragments"] += pairs
         s["merged_fragments"] += runs

@@ -28,18 +28,28 @@ SMALL_PLAN_PAGES = 48  # plans of at most this many pages (all chunks) are built
 
 
 def page_lens_of(num_tokens: int, page_size: int) -> np.ndarray:
-    """Valid tokens of each page of a chunk of ``num_tokens``: full pages, the last one partial."""
-    full, last = divmod(int(num_tokens), int(page_size))
+    """Valid tokens of each page of a chunk of ``num_tokens``: full pages, the last one partial.
+    A read-only array, shared by every call with the same arguments (a step plans many chunks of
+    one size: building the array again costs more than the plan's own arithmetic)."""
+    return _page_lens(int(num_tokens), int(page_size))
+
+
+@functools.lru_cache(maxsize=256)
+def _page_lens(num_tokens: int, page_size: int) -> np.ndarray:
+    full, last = divmod(num_tokens, page_size)
     lens = np.full(full + (1 if last else 0), page_size, dtype=np.uint64)
     if last:
         lens[-1] = last
+    lens.setflags(write=False)
     return lens
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class LayerPlans:
     """Merged copy runs of every layer of one step. src, dst: [L, R] uint64 addresses; sizes: [R]
-    bytes; src_store / dst_store: [R] index into ``storages[l]``; keep[l]: layer l's tensors."""
+    bytes; src_store / dst_store: [R] index into ``storages[l]``; keep[l]: layer l's tensors.
+    Treated as immutable once built (not frozen: a frozen dataclass's ``__init__`` costs about
+    twice as much, and a step builds one)."""
 
     src: np.ndarray
     dst: np.ndarray
@@ -134,6 +144,7 @@ class PagePools:
         self.row = self.heads * self.head_dim * self.item  # bytes of one token of one (layer, K/V)
         self.kv_stride = self.layers[0].stride(0) * self.item
         self.bases = np.asarray([t.data_ptr() for t in self.layers], dtype=np.uint64)
+        self.layer_ids = np.arange(len(self.layers), dtype=np.uint64)[:, None]  # [L, 1], times a run's layer stride
         self.storages = [_storage(t) for t in self.layers]
 
 
@@ -240,9 +251,10 @@ def _assemble(pp: PagePools, slots, slot_bases, pool_rel, slot0, sizes, s_store,
     pool base, the slot side by the run's layer stride."""
     pool_store = np.zeros(sizes.size, dtype=np.int64)
     pool_addr = pp.bases[:, None] + pool_rel[None, :]
-    slot_addr = slot0[None, :] + np.arange(len(pp.layers), dtype=np.uint64)[:, None] * step[None, :]
-    storages = tuple((st,) + tuple(slot_bases) for st in pp.storages)
-    keep = tuple((t, *slots) for t in pp.layers)
+    slot_addr = slot0 + pp.layer_ids * step
+    shared = tuple(slot_bases)
+    storages = tuple((st, *shared) for st in pp.storages)
+    keep = ((*pp.layers, *slots),) * len(pp.layers)  # every layer's job keeps the step's tensors alive
     if to_slot:
         return LayerPlans(pool_addr, slot_addr, sizes, pool_store, s_store, storages, keep, num_pairs)
     return LayerPlans(slot_addr, pool_addr, sizes, s_store, pool_store, storages, keep, num_pairs)
@@ -293,8 +305,14 @@ def _plan_small(pp: PagePools, slots, page_ids, page_lens, to_slot: bool, k_only
     bases, store_of = _slot_bases(slots)
     runs: list[list[int]] = []  # (pool_rel, slot_addr, size, slot storage, slot layer stride) of layer 0
     num_pairs = 0
+    last_lens: tuple = (None, None)  # (object, its int list): chunks of one size share one lens array
     for c, (t, ids, lens) in enumerate(zip(slots, page_ids, page_lens)):
-        ids, lens = _ints("page_ids", ids), _ints("page_lens", lens)
+        if lens is last_lens[0]:
+            lens = last_lens[1]
+        else:
+            last_lens = (lens, _ints("page_lens", lens))
+            lens = last_lens[1]
+        ids = _ints("page_ids", ids)
         if len(lens) != len(ids):
             raise ValueError(f"page_lens[{c}]: expected shape ({len(ids)},) (page_ids[{c}]'s), got ({len(lens)},)")
         if ids and (max(ids) >= num_pages or min(ids) < 0):
@@ -322,11 +340,9 @@ def _plan_small(pp: PagePools, slots, page_ids, page_lens, to_slot: bool, k_only
                         r[2] += f[2]
                         continue
                 runs.append(f)
-    u64 = np.uint64
-    cols = list(zip(*runs)) if runs else [(), (), (), (), ()]
-    return _assemble(pp, slots, bases, np.array(cols[0], dtype=u64), np.array(cols[1], dtype=u64),
-                     np.array(cols[2], dtype=u64), np.array(cols[3], dtype=np.int64), np.array(cols[4], dtype=u64),
-                     num_pairs, to_slot)
+    table = np.array(runs, dtype=np.uint64).reshape(-1, 5).T  # one conversion: [5, R] columns
+    return _assemble(pp, slots, bases, table[0], table[1], np.ascontiguousarray(table[2]),
+                     table[3].astype(np.int64), table[4], num_pairs, to_slot)
 
 
 def page_fragments(pools, page_ids, slot, page_lens=None, *, to_slot: bool = True) -> FragmentPlan:
