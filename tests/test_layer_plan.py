@@ -90,6 +90,24 @@ def test_plan_equals_the_per_page_reference_on_random_layouts(seed, to_slot, pla
     bank.close()
 
 
+def test_both_builders_give_the_same_plan_over_slots_of_several_storages(monkeypatch):
+    # slots from two storages, interleaved (a bank and a staging tensor, say): same runs, same
+    # storage table, same index of each run's slot storage
+    rng = np.random.default_rng(11)
+    a, b = torch.zeros(3, L, 2, 2 * PS, H, D), torch.zeros(2, L, 2, 2 * PS, H, D)
+    slots = [a[0], b[1], a[2], b[0]]
+    ids = [rng.permutation(PAGES)[:2].tolist() for _ in slots]
+    lens = [page_lens_of(n, PS) for n in (2 * PS, PS + 3, 5, 2 * PS)]
+    pools = [torch.zeros(2, PAGES, PS, H, D) for _ in range(L)]
+    small = plan_layer_copies(pools, slots, ids, lens, to_slot=True)
+    monkeypatch.setattr(layer_plan, "SMALL_PLAN_PAGES", -1)
+    vectorised = plan_layer_copies(pools, slots, ids, lens, to_slot=True)
+    assert small.storages == vectorised.storages and len(small.storages[0]) == 3  # pool + 2 slot storages
+    for name in ("src", "dst", "sizes", "src_store", "dst_store"):
+        assert np.array_equal(getattr(small, name), getattr(vectorised, name)), name
+    assert set(small.dst_store.tolist()) == {1, 2}
+
+
 def test_contiguous_pages_merge_into_one_run_per_chunk_and_kv(planner):
     bank = Bank(num_layers=L, num_kv_heads=H, head_dim=D, dtype=torch.float32, slot_tokens=37,
                 capacity_bytes=4 * 2 * L * 37 * H * D * 4, pin=False)

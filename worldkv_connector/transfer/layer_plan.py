@@ -297,33 +297,40 @@ def _page_runs(ids: list[int], lens: list[int], page_size: int) -> tuple[list[li
 def _plan_small(pp: PagePools, slots, page_ids, page_lens, to_slot: bool, k_only) -> LayerPlans:
     """``plan_layer_copies`` for a few pages, in plain Python (numpy's per-call cost dominates
     there): the same checks, fragments, order and merging as the vectorised path. A chunk's pages
-    are grouped into contiguous runs once and the runs emitted for K and V."""
+    are grouped into contiguous runs once and the runs emitted for K and V. Each tensor attribute
+    is read once (a read costs microseconds from cold caches, as right after compute)."""
     num_pages, page_size, row = pp.num_pages, pp.page_size, pp.row
     page_bytes, kv_stride, item = page_size * row, pp.kv_stride, pp.item
     head = (len(pp.layers), 2)
     tail, row_strides = (pp.heads, pp.head_dim), (pp.heads * pp.head_dim, pp.head_dim, 1)
-    bases, store_of = _slot_bases(slots)
-    runs: list[list[int]] = []  # (pool_rel, slot_addr, size, slot storage, slot layer stride) of layer 0
+    devices: dict[int, torch.device] = {}  # slot storage base -> device
+    slot_base: list[int] = []
+    runs: list[list[int]] = []  # (pool_rel, slot_addr, size, slot storage base, slot layer stride) of layer 0
     num_pairs = 0
-    last_lens: tuple = (None, None)  # (object, its int list): chunks of one size share one lens array
+    last: tuple = (None, None, 0)  # (lens object, its checked int list, its sum): chunks of one size share it
     for c, (t, ids, lens) in enumerate(zip(slots, page_ids, page_lens)):
-        if lens is last_lens[0]:
-            lens = last_lens[1]
+        if lens is last[0]:
+            lens, total = last[1], last[2]
         else:
-            last_lens = (lens, _ints("page_lens", lens))
-            lens = last_lens[1]
+            obj, lens = lens, _ints("page_lens", lens)
+            if lens and (max(lens) > page_size or min(lens) < 0):
+                raise ValueError(f"page_lens[{c}]: every value must lie in [0, page_size={page_size}], got {lens}")
+            total = sum(lens)
+            last = (obj, lens, total)
         ids = _ints("page_ids", ids)
         if len(lens) != len(ids):
             raise ValueError(f"page_lens[{c}]: expected shape ({len(ids)},) (page_ids[{c}]'s), got ({len(lens)},)")
         if ids and (max(ids) >= num_pages or min(ids) < 0):
             raise ValueError(f"page_ids[{c}]: expected ids in [0, {num_pages}), got {ids}")
-        if lens and (max(lens) > page_size or min(lens) < 0):
-            raise ValueError(f"page_lens[{c}]: every value must lie in [0, page_size={page_size}], got {lens}")
         shape, strides = t.shape, t.stride()
-        if len(shape) != 5 or shape[:2] != head or shape[3:] != tail or shape[2] < sum(lens) \
+        if len(shape) != 5 or shape[:2] != head or shape[3:] != tail or shape[2] < total \
                 or t.dtype != pp.dtype or strides[2:] != row_strides:
-            _check_slot(pp, c, t, sum(lens))  # raises, naming what is wrong
-        ptr, store = t.data_ptr(), store_of[c]
+            _check_slot(pp, c, t, total)  # raises, naming what is wrong
+        ptr = t.data_ptr()
+        base = ptr - t.storage_offset() * item  # the storage's first byte (dtype checked: the pools')
+        if base not in devices:
+            devices[base] = t.device
+        slot_base.append(base)
         layer_step, slot_kv = strides[0] * item, strides[1] * item
         page_runs, used = _page_runs(ids, lens, page_size)
         kvs = (0,) if k_only is not None and k_only[c] else (0, 1)
@@ -331,7 +338,7 @@ def _plan_small(pp: PagePools, slots, page_ids, page_lens, to_slot: bool, k_only
         for kv in kvs:
             pool0, slot0 = kv * kv_stride, ptr + kv * slot_kv
             for page, start, n in page_runs:
-                f = [pool0 + page * page_bytes, slot0 + start * row, n * row, store, layer_step]
+                f = [pool0 + page * page_bytes, slot0 + start * row, n * row, base, layer_step]
                 if runs:
                     r = runs[-1]
                     # both sides continue the previous run (e.g. K's last page and V's first), same
@@ -340,8 +347,12 @@ def _plan_small(pp: PagePools, slots, page_ids, page_lens, to_slot: bool, k_only
                         r[2] += f[2]
                         continue
                 runs.append(f)
+    bases = sorted(devices)  # slot storages: index 1.. after the pool's (index 0 of every layer's table)
+    index = {b: i + 1 for i, b in enumerate(bases)}
+    for r in runs:
+        r[3] = index[r[3]]
     table = np.array(runs, dtype=np.uint64).reshape(-1, 5).T  # one conversion: [5, R] columns
-    return _assemble(pp, slots, bases, table[0], table[1], np.ascontiguousarray(table[2]),
+    return _assemble(pp, slots, [(b, devices[b]) for b in bases], table[0], table[1], np.ascontiguousarray(table[2]),
                      table[3].astype(np.int64), table[4], num_pairs, to_slot)
 
 
