@@ -30,6 +30,8 @@ def test_eval_revisit_short_rollout_json_schema_and_plot(tmp_path, capsys):
     assert ", 2 thread(s)," in text  # the count the rollouts ran with, not the one restored after
     doc = json.loads(out.read_text())
     assert doc["num_chunks"] == 9
+    # the shipped weights by their place in the package, not this machine's install path
+    assert doc["checkpoint_file"] == "worldkv_connector/world/weights/world-v2.safetensors"
     for key in ("revisit_psnr_db", "chunks_per_s", "revisit_ssim", "revisit_psnr_gt_db", "bank_peak_bytes",
                 "peak_resident_kv_bytes"):
         assert set(doc[key]) == {"full", "sliding", "worldkv", "worldkv@1.0", "tempcache"}

@@ -23,6 +23,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -265,5 +266,18 @@ def report_json(report: dict) -> dict:
                 "resident_kv_bytes_last", "bank_peak_bytes", "revisit_pairs", "revisit_psnr_std_db",
                 "revisit_psnr_db_by_trajectory"):
         out[key] = {m: s[key] for m, s in modes.items()}
-    out.update(config=report["config"], checkpoint_file=report["checkpoint"], trajectories=report["trajectories"])
+    out.update(config=report["config"], checkpoint_file=_shareable_path(report["checkpoint"]),
+               trajectories=report["trajectories"])
     return out
+
+
+def _shareable_path(path: str | None) -> str | None:
+    """A file inside the installed package as ``worldkv_connector/...`` (a results JSON names the
+    shipped weights, not where this machine installed them); any other path as given."""
+    if path is None:
+        return None
+    root = Path(__file__).resolve().parents[2]  # the folder holding the worldkv_connector package
+    try:
+        return Path(path).resolve().relative_to(root).as_posix()
+    except ValueError:
+        return path
