@@ -1,7 +1,8 @@
 /* Host-to-host copies of address runs: the CPU transfer engine's copy loop.
  *
- * copy_runs(src, dst, sizes, threads) copies sizes[i] bytes from address src[i] to dst[i] for
- * every run i (three equal-length uint64 buffers, e.g. numpy arrays), with the GIL released.
+ * copy_runs(src, dst, sizes, threads) copies sizes[i % len(sizes)] bytes from address src[i] to
+ * dst[i] for every run i (uint64 buffers, e.g. numpy arrays; src and dst of equal length, a
+ * multiple of len(sizes): a step's layers share one layer's sizes), with the GIL released.
  *
  * Why compiled: a step moves megabytes as tens to hundreds of runs of 10-200 KiB. One
  * ctypes.memmove per run from Python reached about half of a contiguous torch copy of the same
@@ -48,7 +49,7 @@ static uint64_t stream_min_bytes; /* set at import: see cache_stream_threshold *
 
 typedef struct {
     const uint64_t *src, *dst, *sizes;
-    Py_ssize_t n;
+    Py_ssize_t n, num_sizes; /* run i is sizes[i % num_sizes] bytes */
     uint64_t total;
     int parts;
     int stream;
@@ -82,7 +83,7 @@ static void copy_part(const Job *job, int part) {
     uint64_t hi = job->total * (uint64_t)(part + 1) / (uint64_t)job->parts;
     uint64_t at = 0;
     for (Py_ssize_t i = 0; i < job->n && at < hi; i++) {
-        uint64_t begin = at, end = at + job->sizes[i];
+        uint64_t begin = at, end = at + job->sizes[i % job->num_sizes];
         at = end;
         if (end <= lo) continue;
         uint64_t from = begin < lo ? lo : begin, to = end > hi ? hi : end;
@@ -205,13 +206,15 @@ static PyObject *copy_runs(PyObject *self, PyObject *args) {
         return NULL;
     }
     PyObject *result = Py_None;
-    if (src.len != sizes.len || dst.len != sizes.len) {
-        PyErr_Format(PyExc_ValueError, "src, dst, sizes: expected equal lengths, got %zd, %zd, %zd values",
-                     src.len / 8, dst.len / 8, sizes.len / 8);
+    if (src.len != dst.len || (sizes.len == 0 ? src.len != 0 : src.len % sizes.len != 0)) {
+        PyErr_Format(PyExc_ValueError, "src, dst, sizes: expected src and dst of one length, a multiple of "
+                     "sizes' length, got %zd, %zd, %zd values", src.len / 8, dst.len / 8, sizes.len / 8);
         result = NULL;
     } else {
-        Job job = {src.buf, dst.buf, sizes.buf, sizes.len / 8, 0, 1, 0};
-        for (Py_ssize_t i = 0; i < job.n; i++) job.total += job.sizes[i];
+        Job job = {src.buf, dst.buf, sizes.buf, src.len / 8, sizes.len / 8, 0, 1, 0};
+        uint64_t one = 0; /* the bytes of one pass over sizes */
+        for (Py_ssize_t i = 0; i < job.num_sizes; i++) one += job.sizes[i];
+        job.total = job.num_sizes ? one * (uint64_t)(job.n / job.num_sizes) : 0;
         job.stream = HAVE_STREAM_STORES && job.total >= (stream_min < 0 ? stream_min_bytes : (uint64_t)stream_min);
         if (openmp_state == 0 && threads > 1) look_up_openmp(); /* under the GIL: once per process */
         Py_BEGIN_ALLOW_THREADS
@@ -227,9 +230,10 @@ static PyObject *copy_runs(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"copy_runs", copy_runs, METH_VARARGS,
-     "copy_runs(src, dst, sizes, threads, stream_min=-1): copy sizes[i] bytes from address src[i] to dst[i] "
-     "for every i (contiguous uint64 buffers of equal length; runs must not overlap), on up to `threads` "
-     "threads, without the GIL; streaming stores for a job of at least stream_min bytes (-1: STREAM_MIN_BYTES)."},
+     "copy_runs(src, dst, sizes, threads, stream_min=-1): copy sizes[i % len(sizes)] bytes from address src[i] "
+     "to dst[i] for every i (contiguous uint64 buffers; src and dst of one length, a multiple of len(sizes); "
+     "runs must not overlap), on up to `threads` threads, without the GIL; streaming stores for a job of at "
+     "least stream_min bytes (-1: STREAM_MIN_BYTES)."},
     {NULL, NULL, 0, NULL},
 };
 

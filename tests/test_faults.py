@@ -52,6 +52,27 @@ def test_every_submit_path_of_the_engine_is_wrapped():
         eng.submit_later  # a submit path the wrapper lacks is refused, never passed through
 
 
+def test_submit_layers_draws_once_per_layer_and_fails_only_the_chosen_layers():
+    from worldkv_connector.transfer import plan_layer_copies
+
+    pools = torch.zeros(3, 2, 4, 2, 1, 2)  # [L, 2, pages, page_size, H, D]
+    slot = torch.arange(3 * 2 * 2 * 2, dtype=torch.float32).reshape(3, 2, 2, 1, 2) + 1
+
+    def plans():
+        return plan_layer_copies(pools, [slot], [[1]], [[2]], to_slot=False)
+
+    eng = FaultyTransferEngine(TransferEngine("cpu"), fail_jobs={3})  # submission 3: the step's layer 1
+    assert eng.submit("load", [slot[0, 0, 0]], [pools[0, 0, 0, 0]]).error is None  # submission 1
+    jobs = eng.submit_layers("load", plans(), tags=["a", "b", "c"])  # submissions 2-4
+    assert [j.tag for j in jobs] == ["a", "b", "c"] and [j.error is not None for j in jobs] == [False, True, False]
+    assert torch.equal(pools[0, :, 1], slot[0]) and torch.equal(pools[2, :, 1], slot[2])
+    assert not pools[1].any()  # the failed layer copied nothing
+    pools.zero_()
+    jobs = eng.submit_layers("load", plans())  # no failing layer: the inner engine's one call
+    assert all(j.error is None for j in jobs) and torch.equal(pools[:, :, 1], slot)
+    assert eng.faults["failed_loads"] == 1 and eng._submitted == 7
+
+
 def test_submit_and_submit_plan_draw_faults_from_one_sequence():
     eng = FaultyTransferEngine(TransferEngine("cpu"), fail_jobs={2, 3})
     src, dst = torch.full((64,), 7.0), torch.zeros(64)

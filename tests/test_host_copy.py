@@ -91,6 +91,28 @@ def test_streaming_threshold_follows_the_last_level_cache():
     assert lib.STREAM_MIN_BYTES == max(4 * MIB, l3 // 4 * 3)
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_sizes_of_one_layer_repeat_over_every_layers_runs(monkeypatch, compiled, threads):
+    # a step's layers share one layer's run sizes: src/dst hold L x R addresses, sizes R
+    rng = np.random.default_rng(threads)
+    layers, count = 4, 12
+    src = torch.randint(0, 256, (8 * MIB,), dtype=torch.uint8)
+    dst = torch.randint(0, 256, (layers * count * 64 * 1024 * 2,), dtype=torch.uint8)
+    src_off, dst_off, sizes = _random_runs(rng, src, dst, layers * count, 64 * 1024)
+    sizes = np.tile(sizes[:count], layers)  # the same R sizes in every layer
+    dst_off = np.concatenate([[0], np.cumsum(sizes[:-1])]) + np.arange(layers * count) * 7  # disjoint again
+    src_off = np.minimum(src_off, src.numel() - sizes)
+    want = _expected(src, dst, src_off, dst_off, sizes)
+    if not compiled:
+        monkeypatch.setattr(fragments, "_host_copy", None)
+    host_copy_runs((src.data_ptr() + src_off).astype(np.uint64), (dst.data_ptr() + dst_off).astype(np.uint64),
+                   sizes[:count].astype(np.uint64), threads)
+    assert torch.equal(dst, want)
+    with pytest.raises(ValueError, match="a multiple of sizes' length"):
+        host_copy_runs(np.zeros(5, dtype=np.uint64), np.zeros(5, dtype=np.uint64), np.zeros(2, dtype=np.uint64))
+
+
 def test_one_large_run_is_split_between_threads_at_odd_offsets():
     src = torch.randint(0, 256, (12 * MIB + 77,), dtype=torch.uint8)
     dst = torch.zeros(12 * MIB + 99, dtype=torch.uint8)
@@ -153,8 +175,12 @@ def test_a_forked_child_copies_without_the_parents_threads():
 def test_bad_input_is_refused_before_any_byte_moves():
     lib = fragments._host_copy
     a = np.zeros(3, dtype=np.uint64)
-    with pytest.raises(ValueError, match="equal lengths, got 3, 2, 3"):
+    with pytest.raises(ValueError, match="a multiple of sizes' length, got 3, 2, 3 values"):
         lib.copy_runs(a, np.zeros(2, dtype=np.uint64), a, 1)
+    with pytest.raises(ValueError, match="got 3, 3, 2 values"):  # 3 runs cannot repeat 2 sizes
+        lib.copy_runs(a, a, np.zeros(2, dtype=np.uint64), 1)
+    with pytest.raises(ValueError, match="got 3, 3, 0 values"):
+        lib.copy_runs(a, a, np.zeros(0, dtype=np.uint64), 1)
     with pytest.raises(ValueError, match="threads=0: expected 1 to"):
         lib.copy_runs(a, a, a, 0)
     with pytest.raises(ValueError, match="stream_min=-2: expected bytes >= 0"):

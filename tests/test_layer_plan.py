@@ -158,6 +158,44 @@ def test_k_only_moves_only_the_keys(planner):
         assert not pool[1].any() and not pool[0, 3, 2:].any()
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_submit_layers_moves_what_per_layer_plans_move_one_job_per_layer(seed, planner):
+    rng = np.random.default_rng(seed)
+    src = [torch.randn(2, PAGES, PS, H, D) for _ in range(L)]
+    slots = [torch.randn(L, 2, 3 * PS, H, D) for _ in range(3)]
+    lens = [page_lens_of(int(n), PS) for n in rng.integers(1, 3 * PS + 1, 3)]
+    free = rng.permutation(PAGES).tolist()  # disjoint pages: no two chunks write one page
+    ids = [[free.pop() for _ in x] for x in lens]
+    got, want = [torch.zeros_like(p) for p in src], [torch.zeros_like(p) for p in src]
+    with TransferEngine() as eng:
+        per_layer = plan_layer_copies(want, slots, ids, lens, to_slot=False)
+        ref = [eng.submit_plan("load", per_layer.layer(i), tag=i) for i in range(L)]
+        plans = plan_layer_copies(got, slots, ids, lens, to_slot=False)
+        jobs = eng.submit_layers("load", plans, tags=list(range(L)))
+        assert eng.stats()["load_jobs"] == 2 * L and eng.stats()["errors"] == 0
+        reported = eng.poll()
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    fields = ("kind", "nbytes", "num_fragments", "num_pairs", "tag", "path", "error")
+    assert [[getattr(j, f) for f in fields] for j in jobs] == [[getattr(j, f) for f in fields] for j in ref]
+    assert [j.job_id for j in reported] == [j.job_id for j in ref + jobs] and all(j.done() for j in jobs)
+
+
+def test_submit_layers_refuses_bad_input_before_copying():
+    pools = [torch.zeros(2, PAGES, PS, H, D) for _ in range(L)]
+    plans = plan_layer_copies(pools, [torch.ones(L, 2, PS, H, D)], [[4]], [[PS]], to_slot=False)
+    eng = TransferEngine()
+    with pytest.raises(ValueError, match="plans: expected LayerPlans"):
+        eng.submit_layers("load", plans.layer(0))
+    with pytest.raises(ValueError, match=r"tags: expected one per layer \(3\), got 2"):
+        eng.submit_layers("load", plans, tags=["a", "b"])
+    with pytest.raises(ValueError, match="kind='copy'"):
+        eng.submit_layers("copy", plans)
+    assert not any(p.any() for p in pools) and eng.stats()["jobs"] == 0
+    eng.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        eng.submit_layers("load", plans)
+
+
 def test_faulty_engine_injects_on_the_plan_path():
     pools = [torch.ones(2, PAGES, PS, H, D) for _ in range(L)]
     slot = torch.zeros(L, 2, 2 * PS, H, D)

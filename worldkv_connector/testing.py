@@ -1,7 +1,7 @@
 """Test support shipped with the package (fault injection): failing and slow transfers, damaged and lost bank entries.
 
-``FaultyTransferEngine`` wraps a ``TransferEngine`` with the same API (``submit`` and the
-connector's ``submit_plan``, drawn from one sequence). A job chosen to fail is submitted to the inner engine with no copy pairs, so it gets a real job id and completes through the
+``FaultyTransferEngine`` wraps a ``TransferEngine`` with the same API (``submit``, ``submit_plan``
+and the connector's ``submit_layers``, one draw per job from one sequence). A job chosen to fail is submitted to the inner engine with no copy pairs, so it gets a real job id and completes through the
 normal ``poll`` path, but **no data is copied** (the destination keeps whatever it held) and
 ``job.error`` says the fault was injected; ``job.nbytes`` still reports the bytes that were asked
 for. Not copying (rather than copying garbage) is the realistic failure of a DMA that never ran,
@@ -53,8 +53,8 @@ class FaultyTransferEngine:
     fail_loads / fail_stores: probability that a load / store job fails (seeded by ``seed``).
     fail_jobs: 1-based submission numbers through this wrapper that always fail (equal to job
     ids when the inner engine is fresh). delay_polls: polls each finished job is held back.
-    Every submit path of the engine (``submit``, ``submit_plan``) is wrapped and draws from one
-    sequence; anything else (``stats``, ``close``, ``device``...) is the inner engine's.
+    Every submit path of the engine (``submit``, ``submit_plan``, ``submit_layers``) is wrapped and
+    draws from one sequence; anything else (``stats``, ``close``, ``device``...) is the inner engine's.
     """
 
     def __init__(
@@ -127,6 +127,18 @@ class FaultyTransferEngine:
         if not isinstance(plan, FragmentPlan):  # bad input is still a ValueError, as with the real engine
             raise ValueError(f"plan: expected a FragmentPlan (see transfer.fragments), got {type(plan).__name__}")
         return self._held_back(self._failed(kind, plan.nbytes, after, tag))
+
+    def submit_layers(self, kind: str, plans: Any, *, tags: Sequence[Any] | None = None) -> list[TransferJob]:
+        """As ``TransferEngine.submit_layers``: one draw per layer, in layer order (as that many
+        ``submit_plan`` calls would draw). With no failing layer the inner engine runs the step as
+        it would; otherwise each layer is its own job, the chosen ones failed."""
+        tags = [None] * plans.num_layers if tags is None else list(tags)
+        fails = [self._draw(kind) for _ in range(plans.num_layers)]
+        if not any(fails):
+            return [self._held_back(job) for job in self.inner.submit_layers(kind, plans, tags=tags)]
+        return [self._held_back(self._failed(kind, plans.layer_bytes, None, tag) if fail
+                                else self.inner.submit_plan(kind, plans.layer(layer), tag=tag))
+                for layer, (fail, tag) in enumerate(zip(fails, tags))]
 
     def poll(self) -> list[TransferJob]:
         """Jobs whose hold-back ran out on this poll, by job id. Never waits."""

@@ -44,6 +44,10 @@ class GarbageLoads(TransferEngine):
             job.error = "RuntimeError: injected"
         return job
 
+    def submit_layers(self, kind, plans, **kw):  # the load path's call: each layer's job as above
+        tags = kw.get("tags") or [None] * plans.num_layers
+        return [self.submit_plan(kind, plans.layer(layer), tag=tag) for layer, tag in enumerate(tags)]
+
 
 def dense_replay(engine, sid, rope=False):
     """Re-run a finished session chunk by chunk with the model and dense attention over

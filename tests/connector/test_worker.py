@@ -35,6 +35,10 @@ class FailingTransfer(TransferEngine):
             job.error = "RuntimeError: injected copy failure"
         return job
 
+    def submit_layers(self, kind, plans, **kw):  # the load path's call: each layer's job as above
+        tags = kw.get("tags") or [None] * plans.num_layers
+        return [self.submit_plan(kind, plans.layer(layer), tag=tag) for layer, tag in enumerate(tags)]
+
 
 def make_worker(transfer=None, **cfg):
     config = WorldKVConfig(page_size=PS, bank_bytes=cfg.pop("bank_bytes", 1 << 22), **cfg)

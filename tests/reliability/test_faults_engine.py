@@ -29,6 +29,11 @@ class RecordingFaults(FaultyTransferEngine):
         self.log.append((self.clock[0], kind, job.error is not None))
         return job
 
+    def submit_layers(self, kind, plans, **kw):
+        jobs = super().submit_layers(kind, plans, **kw)
+        self.log += [(self.clock[0], kind, job.error is not None) for job in jobs]
+        return jobs
+
 
 def rollout(fault_seed=None, **faults):
     engine = VideoEngine(model="tiny", attention_window="sliding", sink_frames=3, recent_frames=6, page_size=PS,

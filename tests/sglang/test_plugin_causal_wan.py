@@ -155,6 +155,10 @@ class GarbageLoads:
     def submit_plan(self, kind, plan, **kw):
         return self._spoil(kind, self.inner.submit_plan(kind, plan, **kw), plan.dst_views())
 
+    def submit_layers(self, kind, plans, **kw):  # the load path's call: each layer's job spoiled as above
+        tags = kw.get("tags") or [None] * plans.num_layers
+        return [self.submit_plan(kind, plans.layer(layer), tag=tag) for layer, tag in enumerate(tags)]
+
     def __getattr__(self, name):
         return getattr(self.inner, name)
 

@@ -118,7 +118,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict:
         jobs = [engine.submit("store", [staging], [store_slot])]
         if load_plan is not None:
             # planned once: the same pages every repeat (STYLE §9, plan once, run per layer)
-            jobs += [engine.submit_plan("load", load_plan.layer(layer)) for layer in range(load_plan.num_layers)]
+            jobs += engine.submit_layers("load", load_plan)
         if then is not None:
             then()
         for job in jobs:

@@ -121,9 +121,9 @@ def nearest_point(points: Sequence[dict], fragment_bytes: int, key: str = "fragm
 
 
 def submit_layers(engine: TransferEngine, kind: str, plans: LayerPlans) -> list[TransferJob]:
-    """One ``submit_plan`` per layer, as the connector's load path submits a step; waits for all
-    and raises if a job failed."""
-    jobs = [engine.submit_plan(kind, plans.layer(layer)) for layer in range(plans.num_layers)]
+    """The step's jobs, one per layer, submitted as the connector's load path does
+    (``TransferEngine.submit_layers``); waits for all and raises if a job failed."""
+    jobs = engine.submit_layers(kind, plans)
     for job in jobs:
         engine.wait(job)
     engine.poll()  # drop the reports: the figure is the time, not the job list
@@ -136,7 +136,7 @@ def submit_layers(engine: TransferEngine, kind: str, plans: LayerPlans) -> list[
 def time_copies(layout: PagedLayout, chunks: Sequence[int], *, to_bank: bool, engine: TransferEngine,
                 reference: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> dict:
     """Time one move of ``chunks`` five ways: ours (the connector's path: planned with
-    ``plan_layer_copies`` inside the timing, one ``submit_plan`` job per layer, path chosen per
+    ``plan_layer_copies`` inside the timing, ``submit_layers``: one job per layer, path chosen per
     job), pairs (the engine's tensor-pair
     ``submit``), one contiguous copy of the same bytes between the same memories, a per-fragment
     copy loop, and the reference implementation's style (``reference``). GB/s and ratios to the

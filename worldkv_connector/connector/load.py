@@ -7,8 +7,9 @@ copied back from the bank (in the same per-layer job), so rotations never accumu
 
 ``begin_step`` pins the step's bank entries, plans every layer's (bank rows -> page) copies once
 as address arrays (``transfer.plan_layer_copies``: chunk x K/V x page fragments, contiguous runs
-merged) and enqueues one ``submit_plan`` job per layer, so layer ``i``'s copy overlaps the compute of earlier layers;
-``wait_layer`` orders the compute stream after that layer's job only. A retrieved chunk of T'
+merged) and enqueues one job per layer (``TransferEngine.submit_layers``), so layer ``i``'s copy
+overlaps the compute of earlier layers; ``wait_layer`` orders the compute stream after that layer's
+job only. A retrieved chunk of T'
 tokens fills its pages in order: page ``i`` gets rows ``[i*page_size, (i+1)*page_size)``, the last
 page partial. A failed load (job error, missing entry, exception) marks the chunk's pages as load
 errors for the engine, which then leaves the chunk out of the step's window.
@@ -121,16 +122,16 @@ class LoadPath:
             return
         keys = [spec.key for spec in live]
         pin, outstanding = self.bank.pin, self._outstanding
-        for layer in range(len(layer_names)):
-            try:
-                # after=None: the copy waits for all work queued on the compute stream, so it
-                # never overwrites pages an earlier kernel still reads
-                job = transfer.submit_plan("load", plans.layer(layer), tag=("load", layer))
-            except Exception as exc:  # noqa: BLE001 - reported as load errors, never fails the step
-                self.metrics.load_errors += 1  # no job: record_job will not count it
-                bad.extend(s for s in live if s not in bad)
-                logger.debug("load of layer %d could not be submitted: %s: %s", layer, type(exc).__name__, exc)
-                continue
+        try:
+            # one job per layer; each waits for all work queued on the compute stream, so it never
+            # overwrites pages an earlier kernel still reads
+            jobs = transfer.submit_layers("load", plans, tags=[("load", layer) for layer in range(len(layer_names))])
+        except Exception as exc:  # noqa: BLE001 - reported as load errors, never fails the step
+            self.metrics.load_errors += len(layer_names)  # no jobs: record_job will not count them
+            bad.extend(s for s in live if s not in bad)
+            logger.debug("loads could not be submitted: %s: %s", type(exc).__name__, exc)
+            return
+        for layer, job in enumerate(jobs):
             for key in keys:
                 # one pin per job reading the entry (it must not be evicted or reused under the
                 # copy); added, not reset: a job of an earlier step may still read it

@@ -7,9 +7,9 @@ reachable (DESIGN §2). On CUDA each job then picks its path (``paths.choose_pat
 run size: below ``kernel_threshold_bytes`` the SM copy kernel (``worldkv_connector.transfer.cuda_copy``, when
 CuPy is there and the host memory is mapped), otherwise one ``cuMemcpyBatchAsync`` (driver >= 12.8),
 else a loop of async copies. On the CPU the copies run synchronously and a job is done when
-``submit`` returns. ``submit_plan`` takes a ``FragmentPlan`` of addresses planned with numpy (the
-connector's path: ``plan_layer_copies``, one plan per layer of a step); ``submit`` takes tensor
-pairs (a few large copies, and the per-page baseline of ``bench connector``).
+``submit`` returns. ``submit_plan`` takes a ``FragmentPlan`` of addresses planned with numpy and
+``submit_layers`` a step's ``plan_layer_copies`` plan, one job per layer (the connector's load
+path); ``submit`` takes tensor pairs (a few large copies, the per-page baseline of ``bench connector``).
 Completion is polled with ``event.query()``, never waited on unless asked. The engine is not
 thread-safe: one worker thread drives it.
 """
@@ -29,6 +29,7 @@ from worldkv_connector.transfer.cuda_batch import BatchMemcpy, resolve_batch_mem
 from worldkv_connector.transfer.fragments import (
     FragmentPlan, copy_runs_by_view, host_copy_runs, merge_fragment_arrays, translate_runs,
 )
+from worldkv_connector.transfer.layer_plan import LayerPlans
 from worldkv_connector.transfer.paths import (
     DEFAULT_KERNEL_THRESHOLD, PATHS, PathOptions, choose_path, host_device_pointers, kernel_fragments,
     median_run_bytes,
@@ -142,15 +143,8 @@ class TransferEngine:
         return cls(device, kernel_threshold_bytes=config.copy_kernel_threshold_bytes, **kwargs)
 
     # --- submission ----------------------------------------------------------------------------
-    def submit(
-        self,
-        kind: str,
-        srcs: Sequence[torch.Tensor],
-        dsts: Sequence[torch.Tensor],
-        *,
-        after: "torch.cuda.Event | None" = None,
-        tag: Any = None,
-    ) -> TransferJob:
+    def submit(self, kind: str, srcs: Sequence[torch.Tensor], dsts: Sequence[torch.Tensor], *,
+               after: "torch.cuda.Event | None" = None, tag: Any = None) -> TransferJob:
         """Start copying ``srcs[i]`` into ``dsts[i]`` for every i.
 
         kind: "store" (pages -> bank) or "load" (bank -> pages). srcs, dsts: contiguous tensors,
@@ -221,6 +215,38 @@ class TransferEngine:
             self._fail(job, exc)
         self._end_cuda(job, stream)
         return job
+
+    def submit_layers(self, kind: str, plans: LayerPlans, *, tags: Sequence[Any] | None = None) -> list[TransferJob]:
+        """A step's copies (``plan_layer_copies``): one job per layer as from ``submit_plan(kind, plans.layer(l),
+        tag=tags[l])``, which runs on CUDA; on the CPU (done inside submit anyway) all layers take one call."""
+        if not isinstance(plans, LayerPlans):
+            raise ValueError(f"plans: expected LayerPlans (see transfer.plan_layer_copies), got {type(plans).__name__}")
+        tags = [None] * plans.num_layers if tags is None else list(tags)
+        if len(tags) != plans.num_layers:
+            raise ValueError(f"tags: expected one per layer ({plans.num_layers}), got {len(tags)}")
+        if not self._cpu or self._closed or kind not in KINDS:  # CUDA, or submit_plan raises the error
+            jobs: list[TransferJob] = []
+            try:
+                for layer, tag in enumerate(tags):
+                    jobs.append(self.submit_plan(kind, plans.layer(layer), tag=tag))
+            except Exception:
+                for job in jobs:  # raising: no job of the step is left in flight unaccounted
+                    self.wait(job)
+                raise
+            return jobs
+        for base, device in {st for table in plans.storages for st in table}:
+            if device.type != "cpu":
+                raise ValueError(f"plans: memory at {base:#x} is on {device}, expected cpu")
+        jobs = [self._new_job(kind, plans.layer_bytes, plans.num_runs, plans.num_pairs, tag) for tag in tags]
+        try:
+            host_copy_runs(plans.src.reshape(-1), plans.dst.reshape(-1), plans.sizes)  # sizes: every layer's
+        except Exception as exc:  # noqa: BLE001 - reported on every layer's job, never raised mid-step
+            for job in jobs:
+                self._fail(job, exc)
+        self._stats["busy_s"] += time.perf_counter() - jobs[-1].submitted_at
+        for job in jobs:
+            self._finish(job)
+        return jobs
 
     def _new_job(self, kind: str, nbytes: int, runs: int, pairs: int, tag: Any) -> TransferJob:
         """A job record for ``runs`` merged copies (``pairs`` before merging), accounted as submitted."""

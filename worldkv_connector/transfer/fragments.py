@@ -128,11 +128,17 @@ HOST_COPY = "compiled" if _host_copy is not None else "memmove"
 def host_copy_runs(src: np.ndarray, dst: np.ndarray, sizes: np.ndarray, threads: int | None = None) -> None:
     """Host-to-host copies by address (the CPU path; ranges were checked by ``plan_fragments``).
 
-    src, dst, sizes: [R] uint64 arrays. threads: copy threads for a large job (default torch's
-    intra-op thread count, so ``torch.set_num_threads`` governs copies as it governs compute).
-    Without the compiled loop (an install without a C compiler) one ``ctypes.memmove`` per run.
+    src, dst: [R] uint64 arrays; sizes: [R], or [R / k] repeated k times (a step's layers share one
+    layer's run sizes). threads: copy threads for a large job (default torch's intra-op thread
+    count, so ``torch.set_num_threads`` governs copies as it governs compute). Without the compiled
+    loop (an install without a C compiler) one ``ctypes.memmove`` per run.
     """
     if _host_copy is None:
+        if src.size != dst.size or (src.size % sizes.size if sizes.size else src.size):
+            raise ValueError(f"src, dst, sizes: expected src and dst of one length, a multiple of sizes' length, "
+                             f"got {src.size}, {dst.size}, {sizes.size} values")
+        if src.size != sizes.size:
+            sizes = np.tile(sizes, src.size // sizes.size)
         for s, d, n in zip(src.tolist(), dst.tolist(), sizes.tolist()):
             ctypes.memmove(d, s, n)
         return

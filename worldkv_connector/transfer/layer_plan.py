@@ -4,8 +4,8 @@ This is the one planner of the project: the connector's load path (bank rows -> 
 benchmarks and ``fragments.page_fragments`` all build their copies here. A step's copies are the
 same in every layer up to the layer's base addresses, so the fragments (chunk x K/V x page) are
 computed and merged once, for layer 0, and layer ``l``'s addresses are layer 0's moved by that
-layer's pool base and the slots' layer stride. ``LayerPlans.layer(l)`` hands out a ready
-``FragmentPlan`` for one ``TransferEngine.submit_plan`` call per layer; nothing per page is a
+layer's pool base and the slots' layer stride. ``TransferEngine.submit_layers`` makes one job per
+layer of it (``LayerPlans.layer(l)``: a ready ``FragmentPlan`` of one layer); nothing per page is a
 Python object. Every range is checked once, at planning time, by construction: page ids inside
 the pool, page lengths inside a page, rows inside each slot.
 """
