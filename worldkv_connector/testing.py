@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import torch
 
@@ -27,7 +27,7 @@ from worldkv_connector.checks import check_int
 from worldkv_connector.transfer.engine import TransferEngine, TransferJob
 from worldkv_connector.transfer.fragments import FragmentPlan
 
-__all__ = ["FaultyTransferEngine", "corrupt_entry", "drop_entry", "INJECTED"]
+__all__ = ["FaultyTransferEngine", "submit_each_layer", "corrupt_entry", "drop_entry", "INJECTED"]
 
 INJECTED = "injected fault"  # prefix of job.error for injected failures
 
@@ -45,6 +45,14 @@ def _check_rate(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise ValueError(f"FaultyTransferEngine {name}={value!r} is out of range: allowed 0 <= {name} <= 1")
     return float(value)
+
+
+def submit_each_layer(submit_plan: Callable[..., TransferJob], kind: str, plans: Any, *,
+                      tags: Sequence[Any] | None = None) -> list[TransferJob]:
+    """``submit_layers``'s jobs made by one ``submit_plan(kind, plans.layer(l), tag=tags[l])`` call
+    per layer: for a test double that changes what one plan's job does and so must see every layer."""
+    tags = [None] * plans.num_layers if tags is None else list(tags)
+    return [submit_plan(kind, plans.layer(layer), tag=tag) for layer, tag in enumerate(tags)]
 
 
 class FaultyTransferEngine:

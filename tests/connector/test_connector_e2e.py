@@ -16,6 +16,7 @@ from worldkv_connector.kernels.paged_attention import paged_attention_torch
 from worldkv_connector.retrieval.poses import chunk_poses
 from worldkv_connector.retrieval.trajectory import parse_trajectory, trajectory_poses
 from worldkv_connector.rope import rotate_temporal
+from worldkv_connector.testing import submit_each_layer
 from worldkv_connector.transfer import TransferEngine
 
 PS = 20  # page size: a whole tiny chunk (48 tokens) is 20 + 20 + 8, a compressed one leaves a partial page
@@ -45,8 +46,7 @@ class GarbageLoads(TransferEngine):
         return job
 
     def submit_layers(self, kind, plans, **kw):  # the load path's call: each layer's job as above
-        tags = kw.get("tags") or [None] * plans.num_layers
-        return [self.submit_plan(kind, plans.layer(layer), tag=tag) for layer, tag in enumerate(tags)]
+        return submit_each_layer(self.submit_plan, kind, plans, **kw)
 
 
 def dense_replay(engine, sid, rope=False):

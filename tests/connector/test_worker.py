@@ -11,6 +11,7 @@ from worldkv_connector.connector.meta import LoadSpec, RopeDelta, StoreSpec, Wor
 from worldkv_connector.connector.worker import WorldKVWorker
 from worldkv_connector.rope import rotate_temporal
 from worldkv_connector.shapes import PRESETS
+from worldkv_connector.testing import submit_each_layer
 from worldkv_connector.transfer import TransferEngine
 
 SHAPE = PRESETS["tiny"]  # 2 layers, 2 kv heads x 16, 16 tokens per frame, fp32
@@ -36,8 +37,7 @@ class FailingTransfer(TransferEngine):
         return job
 
     def submit_layers(self, kind, plans, **kw):  # the load path's call: each layer's job as above
-        tags = kw.get("tags") or [None] * plans.num_layers
-        return [self.submit_plan(kind, plans.layer(layer), tag=tag) for layer, tag in enumerate(tags)]
+        return submit_each_layer(self.submit_plan, kind, plans, **kw)
 
 
 def make_worker(transfer=None, **cfg):

@@ -8,6 +8,7 @@ import torch
 
 import harness
 from worldkv_connector.integration.sglang import plugin
+from worldkv_connector.testing import submit_each_layer
 
 pytestmark = pytest.mark.sglang
 
@@ -156,8 +157,7 @@ class GarbageLoads:
         return self._spoil(kind, self.inner.submit_plan(kind, plan, **kw), plan.dst_views())
 
     def submit_layers(self, kind, plans, **kw):  # the load path's call: each layer's job spoiled as above
-        tags = kw.get("tags") or [None] * plans.num_layers
-        return [self.submit_plan(kind, plans.layer(layer), tag=tag) for layer, tag in enumerate(tags)]
+        return submit_each_layer(self.submit_plan, kind, plans, **kw)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)

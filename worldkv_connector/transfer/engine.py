@@ -187,13 +187,7 @@ class TransferEngine:
             # host memory only (checked above): the planner's merged runs
             runs = (plan.src, plan.dst, plan.sizes) if plan.merged else merge_fragment_arrays(plan)[:3]
             job = self._new_job(kind, plan.nbytes, int(runs[2].shape[0]), plan.num_fragments, tag)
-            t0 = time.perf_counter()
-            try:
-                host_copy_runs(*runs)
-            except Exception as exc:  # noqa: BLE001 - reported on the job, never raised mid-step
-                self._fail(job, exc)
-            self._stats["busy_s"] += time.perf_counter() - t0
-            self._finish(job)
+            self._run_host([job], *runs)
             return job
         src, dst, sizes, head = merge_fragment_arrays(plan)
         job = self._new_job(kind, plan.nbytes, int(sizes.shape[0]), plan.num_fragments, tag)
@@ -238,15 +232,21 @@ class TransferEngine:
             if device.type != "cpu":
                 raise ValueError(f"plans: memory at {base:#x} is on {device}, expected cpu")
         jobs = [self._new_job(kind, plans.layer_bytes, plans.num_runs, plans.num_pairs, tag) for tag in tags]
+        self._run_host(jobs, plans.src.reshape(-1), plans.dst.reshape(-1), plans.sizes)  # sizes: every layer's
+        return jobs
+
+    def _run_host(self, jobs: list[TransferJob], src, dst, sizes) -> None:
+        """Copy host runs now (the CPU path) and finish ``jobs``; a failure is reported on each of
+        them, never raised mid-step."""
+        t0 = time.perf_counter()
         try:
-            host_copy_runs(plans.src.reshape(-1), plans.dst.reshape(-1), plans.sizes)  # sizes: every layer's
-        except Exception as exc:  # noqa: BLE001 - reported on every layer's job, never raised mid-step
+            host_copy_runs(src, dst, sizes)
+        except Exception as exc:  # noqa: BLE001 - reported on the jobs
             for job in jobs:
                 self._fail(job, exc)
-        self._stats["busy_s"] += time.perf_counter() - jobs[-1].submitted_at
+        self._stats["busy_s"] += time.perf_counter() - t0
         for job in jobs:
             self._finish(job)
-        return jobs
 
     def _new_job(self, kind: str, nbytes: int, runs: int, pairs: int, tag: Any) -> TransferJob:
         """A job record for ``runs`` merged copies (``pairs`` before merging), accounted as submitted."""

@@ -304,7 +304,6 @@ def _plan_small(pp: PagePools, slots, page_ids, page_lens, to_slot: bool, k_only
     head = (len(pp.layers), 2)
     tail, row_strides = (pp.heads, pp.head_dim), (pp.heads * pp.head_dim, pp.head_dim, 1)
     devices: dict[int, torch.device] = {}  # slot storage base -> device
-    slot_base: list[int] = []
     runs: list[list[int]] = []  # (pool_rel, slot_addr, size, slot storage base, slot layer stride) of layer 0
     num_pairs = 0
     last: tuple = (None, None, 0)  # (lens object, its checked int list, its sum): chunks of one size share it
@@ -330,7 +329,6 @@ def _plan_small(pp: PagePools, slots, page_ids, page_lens, to_slot: bool, k_only
         base = ptr - t.storage_offset() * item  # the storage's first byte (dtype checked: the pools')
         if base not in devices:
             devices[base] = t.device
-        slot_base.append(base)
         layer_step, slot_kv = strides[0] * item, strides[1] * item
         page_runs, used = _page_runs(ids, lens, page_size)
         kvs = (0,) if k_only is not None and k_only[c] else (0, 1)
