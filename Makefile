@@ -26,7 +26,7 @@ SGL_VENV  ?= .venv-sglang
 SGL_STAMP := $(SGL_VENV)/.installed
 SGL_PIP   := $(SGL_VENV)/bin/pip --disable-pip-version-check -q
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py csrc/host_copy.c
 	@echo "[setup] creating $(VENV) and installing worldkv-connector (first run only)"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0

@@ -18,9 +18,10 @@ def _packages() -> list[str]:
     return sorted(set(packages))
 
 
-# The CPU transfer engine's copy loop (csrc/host_copy.c). Optional: without a C compiler the install
-# still succeeds and the engine copies run by run from Python (slower; `worldkv_connector.transfer.
-# fragments.HOST_COPY` says which one runs).
+# The CPU transfer engine's copy loop and the step planner's run builder (csrc/host_copy.c).
+# Optional: without a C compiler the install still succeeds, the engine copies run by run from
+# Python and numpy builds every plan (slower; `worldkv_connector.transfer.fragments.HOST_COPY` says
+# which copy runs).
 HOST_COPY = Extension("worldkv_connector.csrc._host_copy", ["csrc/host_copy.c"], extra_compile_args=["-O2"],
                       extra_link_args=["-pthread"], optional=True)
 

@@ -1,4 +1,5 @@
-/* Host-to-host copies of address runs: the CPU transfer engine's copy loop.
+/* Host-to-host copies of address runs (the CPU transfer engine's copy loop), and the runs of a
+ * step's page <-> bank-row plan (layer_plan's compiled builder).
  *
  * copy_runs(src, dst, sizes, threads) copies sizes[i % len(sizes)] bytes from address src[i] to
  * dst[i] for every run i (uint64 buffers, e.g. numpy arrays; src and dst of equal length, a
@@ -228,12 +229,145 @@ static PyObject *copy_runs(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* --- plan_runs: one step's page <-> slot-row runs (layer_plan._plan_compiled checks the inputs) ---
+ *
+ * Why compiled: a step is planned right after compute, from cold caches, where the Python loop
+ * and the dozen numpy calls that build the same arrays cost 60-90 us for a few chunks (measured
+ * on a 2-core VM; the planner then cost as much as copying 3 MB). The order and merging are
+ * those of layer_plan._plan_numpy, which the tests hold this to: fragments ordered chunk, K/V,
+ * page; a chunk's consecutive pages (every one but the last full) form one run; a run continues
+ * the previous one where both sides, the slot storage and the layer stride all continue it. */
+typedef struct {
+    uint64_t pool, slot, size, store, step; /* layer 0's pool offset and slot address; the slot's layer stride */
+} PlanRun;
+
+static int item_u64(PyObject *seq, Py_ssize_t i, uint64_t *out) {
+    *out = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(seq, i));
+    return *out == (uint64_t)-1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* Append chunk `c` (a tuple ids, lens, ptr, storage base, layer step, kv step, kv count) to runs:
+ * its pages grouped into runs contiguous on both sides, emitted for K (and V), each merged into the
+ * previous run where both sides continue it. */
+static int plan_chunk(PyObject *c, PyObject *index, uint64_t page_size, uint64_t row, uint64_t kv_stride,
+                      PlanRun *runs, Py_ssize_t *num_runs, uint64_t (*pages)[3], Py_ssize_t *pairs) {
+    uint64_t ptr, layer_step, slot_kv, kvs, store;
+    if (!PyTuple_Check(c) || PyTuple_GET_SIZE(c) != 7) {
+        PyErr_SetString(PyExc_ValueError, "chunks: expected tuples (ids, lens, ptr, base, layer_step, kv_step, kvs)");
+        return -1;
+    }
+    PyObject *st = PyDict_GetItemWithError(index, PyTuple_GET_ITEM(c, 3));
+    if (st == NULL) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "chunks: a slot storage base missing from index");
+        return -1;
+    }
+    if ((store = PyLong_AsUnsignedLongLong(st)) == (uint64_t)-1 && PyErr_Occurred()) return -1;
+    PyObject *ids = PyTuple_GET_ITEM(c, 0), *lens = PyTuple_GET_ITEM(c, 1);
+    if (!(PyList_Check(ids) || PyTuple_Check(ids)) || !(PyList_Check(lens) || PyTuple_Check(lens))
+        || PySequence_Fast_GET_SIZE(ids) != PySequence_Fast_GET_SIZE(lens)) {
+        PyErr_SetString(PyExc_ValueError, "chunks: expected ids and lens as lists or tuples of one length");
+        return -1;
+    }
+    if (item_u64(c, 2, &ptr) || item_u64(c, 4, &layer_step) || item_u64(c, 5, &slot_kv) || item_u64(c, 6, &kvs)) return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(ids), k = 0, used = 0;
+    uint64_t start = 0, follow = 0;
+    int follows = 0;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        uint64_t page, tokens;
+        if (item_u64(ids, j, &page) || item_u64(lens, j, &tokens)) return -1;
+        if (tokens) {
+            used++;
+            if (follows && page == follow) {
+                pages[k - 1][2] += tokens;
+            } else {
+                pages[k][0] = page, pages[k][1] = start, pages[k][2] = tokens;
+                k++;
+            }
+            follows = tokens == page_size;
+            follow = page + 1;
+        }
+        start += tokens;
+    }
+    *pairs += used * (Py_ssize_t)kvs;
+    for (uint64_t kv = 0; kv < kvs; kv++) {
+        for (Py_ssize_t j = 0; j < k; j++) {
+            PlanRun f = {kv * kv_stride + pages[j][0] * page_size * row, ptr + kv * slot_kv + pages[j][1] * row,
+                         pages[j][2] * row, store, layer_step};
+            PlanRun *r = *num_runs ? &runs[*num_runs - 1] : NULL;
+            if (r && r->pool + r->size == f.pool && r->slot + r->size == f.slot && r->store == f.store
+                && r->step == f.step) {
+                r->size += f.size;
+            } else {
+                runs[(*num_runs)++] = f;
+            }
+        }
+    }
+    return 0;
+}
+
+static PyObject *plan_runs(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *chunks, *bases_obj, *index;
+    unsigned long long page_size, row, kv_stride;
+    int to_slot;
+    if (!PyArg_ParseTuple(args, "OOO!KKKp:plan_runs", &chunks, &bases_obj, &PyDict_Type, &index, &page_size, &row,
+                          &kv_stride, &to_slot)) {
+        return NULL;
+    }
+    if (!PyList_Check(chunks)) return PyErr_Format(PyExc_ValueError, "chunks: expected a list");
+    Py_buffer bases;
+    if (address_buffer(bases_obj, "pool_bases", &bases) != 0) return NULL;
+    Py_ssize_t num_chunks = PyList_GET_SIZE(chunks), bound = 0, num_runs = 0, pairs = 0, layers = bases.len / 8;
+    for (Py_ssize_t c = 0; c < num_chunks; c++) {
+        PyObject *t = PyList_GET_ITEM(chunks, c), *ids = PyTuple_Check(t) && PyTuple_GET_SIZE(t) == 7 ? PyTuple_GET_ITEM(t, 0) : NULL;
+        if (ids != NULL && (PyList_Check(ids) || PyTuple_Check(ids))) bound += PySequence_Fast_GET_SIZE(ids);
+    }
+    PlanRun *runs = PyMem_Malloc(sizeof(PlanRun) * (size_t)(2 * bound + 1));
+    uint64_t (*pages)[3] = PyMem_Malloc(sizeof(*pages) * (size_t)(bound + 1));
+    PyObject *out = NULL;
+    if (runs == NULL || pages == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t c = 0; c < num_chunks; c++) {
+        if (plan_chunk(PyList_GET_ITEM(chunks, c), index, page_size, row, kv_stride, runs, &num_runs, pages, &pairs)) goto done;
+    }
+    /* rows: src [L, R], dst [L, R], sizes [R], src storage index [R], dst storage index [R] */
+    out = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)sizeof(uint64_t) * (2 * layers + 3) * num_runs);
+    if (out == NULL) goto done;
+    uint64_t *a = (uint64_t *)PyByteArray_AS_STRING(out), *base = bases.buf, R = (uint64_t)num_runs;
+    uint64_t *pool_rows = to_slot ? a : a + layers * R, *slot_rows = to_slot ? a + layers * R : a;
+    uint64_t *sizes = a + 2 * layers * R, *pool_store = sizes + (to_slot ? R : 2 * R), *slot_store = sizes + (to_slot ? 2 * R : R);
+    for (Py_ssize_t l = 0; l < layers; l++) {
+        for (uint64_t r = 0; r < R; r++) {
+            pool_rows[l * R + r] = base[l] + runs[r].pool;
+            slot_rows[l * R + r] = runs[r].slot + (uint64_t)l * runs[r].step;
+        }
+    }
+    uint64_t total = 0;
+    for (uint64_t r = 0; r < R; r++) {
+        sizes[r] = runs[r].size, pool_store[r] = 0, slot_store[r] = runs[r].store;
+        total += runs[r].size;
+    }
+done:
+    PyMem_Free(runs);
+    PyMem_Free(pages);
+    PyBuffer_Release(&bases);
+    return out == NULL ? NULL : Py_BuildValue("(NnnK)", out, num_runs, pairs, (unsigned long long)total);
+}
+
 static PyMethodDef methods[] = {
     {"copy_runs", copy_runs, METH_VARARGS,
      "copy_runs(src, dst, sizes, threads, stream_min=-1): copy sizes[i % len(sizes)] bytes from address src[i] "
      "to dst[i] for every i (contiguous uint64 buffers; src and dst of one length, a multiple of len(sizes); "
      "runs must not overlap), on up to `threads` threads, without the GIL; streaming stores for a job of at "
      "least stream_min bytes (-1: STREAM_MIN_BYTES)."},
+    {"plan_runs", plan_runs, METH_VARARGS,
+     "plan_runs(chunks, pool_bases, index, page_size, row, kv_stride, to_slot): the runs of layer_plan's small "
+     "planner as (bytearray of uint64 rows src [L, R], dst [L, R], sizes, src store, dst store; R; pairs; "
+     "bytes of one layer). "
+     "chunks: [(page ids, page lens, slot ptr, slot storage base, layer step, kv step, 1 or 2 (K only or K and V))]"
+     ", checked by the caller; index: storage base -> its index in each layer's storage table."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -51,11 +51,13 @@ def _layout(rng, bank, sessions):
     return keys, ids, tokens
 
 
-@pytest.fixture(params=["python", "numpy"])
+@pytest.fixture(params=["compiled", "numpy"])
 def planner(request, monkeypatch):
-    """Both builders: plain Python for a few pages, numpy above ``SMALL_PLAN_PAGES``."""
+    """Both builders: the compiled run builder (when the extension is built) and numpy (always)."""
+    if request.param == "compiled" and layer_plan._PLAN_RUNS is None:
+        pytest.skip("the compiled run builder is not built (an install without a C compiler)")
     if request.param == "numpy":
-        monkeypatch.setattr(layer_plan, "SMALL_PLAN_PAGES", -1)
+        monkeypatch.setattr(layer_plan, "_PLAN_RUNS", None)
     return request.param
 
 
@@ -90,6 +92,25 @@ def test_plan_equals_the_per_page_reference_on_random_layouts(seed, to_slot, pla
     bank.close()
 
 
+needs_compiled = pytest.mark.skipif(layer_plan._PLAN_RUNS is None,
+                                    reason="the compiled run builder is not built (an install without a C compiler)")
+
+
+def _same_plan(pools, slots, ids, lens, monkeypatch, **kw):
+    compiled = plan_layer_copies(pools, slots, ids, lens, **kw)
+    with monkeypatch.context() as m:
+        m.setattr(layer_plan, "_PLAN_RUNS", None)
+        vectorised = plan_layer_copies(pools, slots, ids, lens, **kw)
+    assert compiled.storages == vectorised.storages
+    for name in ("src", "dst", "sizes", "src_store", "dst_store"):
+        got, want = getattr(compiled, name), getattr(vectorised, name)
+        assert got.dtype == want.dtype and np.array_equal(got, want), name
+    assert (compiled.num_pairs, compiled.layer_bytes) == (vectorised.num_pairs, vectorised.layer_bytes)
+    assert compiled.layer_bytes == int(vectorised.sizes.sum())
+    return compiled
+
+
+@needs_compiled
 def test_both_builders_give_the_same_plan_over_slots_of_several_storages(monkeypatch):
     # slots from two storages, interleaved (a bank and a staging tensor, say): same runs, same
     # storage table, same index of each run's slot storage
@@ -99,13 +120,74 @@ def test_both_builders_give_the_same_plan_over_slots_of_several_storages(monkeyp
     ids = [rng.permutation(PAGES)[:2].tolist() for _ in slots]
     lens = [page_lens_of(n, PS) for n in (2 * PS, PS + 3, 5, 2 * PS)]
     pools = [torch.zeros(2, PAGES, PS, H, D) for _ in range(L)]
-    small = plan_layer_copies(pools, slots, ids, lens, to_slot=True)
-    monkeypatch.setattr(layer_plan, "SMALL_PLAN_PAGES", -1)
-    vectorised = plan_layer_copies(pools, slots, ids, lens, to_slot=True)
-    assert small.storages == vectorised.storages and len(small.storages[0]) == 3  # pool + 2 slot storages
-    for name in ("src", "dst", "sizes", "src_store", "dst_store"):
-        assert np.array_equal(getattr(small, name), getattr(vectorised, name)), name
-    assert set(small.dst_store.tolist()) == {1, 2}
+    plan = _same_plan(pools, slots, ids, lens, monkeypatch, to_slot=True)
+    assert len(plan.storages[0]) == 3 and set(plan.dst_store.tolist()) == {1, 2}  # pool + 2 slot storages
+
+
+@needs_compiled
+@pytest.mark.parametrize("seed", range(8))
+def test_both_builders_give_the_same_plan_on_random_steps(seed, monkeypatch):
+    # runs of consecutive pages (merged), empty pages inside and at the end of a chunk, K-only
+    # chunks, lengths given as lists, tuples, arrays and tensors, both directions
+    rng = np.random.default_rng(seed)
+    bank = torch.zeros(6, L, 2, 4 * PS, H, D)
+    pools = torch.zeros(L, 2, PAGES, PS, H, D)
+    free = rng.permutation(PAGES).tolist()
+    slots, ids, lens = [], [], []
+    for c in range(int(rng.integers(1, 7))):
+        n = int(rng.integers(1, 5))
+        start = free.pop()
+        consecutive = rng.random() < 0.4 and start + n <= PAGES
+        pages = list(range(start, start + n)) if consecutive else [free.pop() for _ in range(n)]
+        tokens = [int(x) for x in rng.choice([0, 1, PS - 1, PS, PS, PS], n)]
+        kind = c % 4
+        slots.append(bank[c])
+        ids.append(pages if kind else tuple(pages))
+        lens.append([tokens, tuple(tokens), np.asarray(tokens), torch.tensor(tokens)][kind])
+    k_only = [bool(x) for x in rng.random(len(slots)) < 0.3]
+    for to_slot in (False, True):
+        plan = _same_plan(pools, slots, ids, lens, monkeypatch, to_slot=to_slot, k_only=k_only)
+        assert plan.num_runs <= plan.num_pairs
+
+
+@needs_compiled
+def test_runs_whose_bytes_meet_do_not_merge_across_layer_strides(monkeypatch):
+    # a K-only chunk's rows end where the next slot begins (one storage), the pages follow each
+    # other too: layer 0 could be one run, but the slots move by different strides per layer
+    hd = H * D
+    store = torch.zeros(16 * L * PS * hd)
+    a = store.as_strided((L, 2, PS, H, D), (2 * PS * hd, PS * hd, hd, D, 1), 0)
+    b = store.as_strided((L, 2, PS, H, D), (3 * PS * hd, PS * hd, hd, D, 1), PS * hd)
+    pools = torch.zeros(L, 2, PAGES, PS, H, D)
+    plan = _same_plan(pools, [a, b], [[5], [6]], [[PS], [PS]], monkeypatch, to_slot=True, k_only=[True, False])
+    assert plan.num_runs == 3  # a's K, b's K, b's V: none merged
+
+
+@needs_compiled
+def test_the_compiled_builder_refuses_malformed_chunks_without_crashing():
+    run = layer_plan._PLAN_RUNS
+    bases, index = np.zeros(L, dtype=np.uint64), {0: 1}
+    good = ([1, 2], [PS, PS], 0, 0, 64, 32, 2)
+    buf, runs, pairs, nbytes = run([good], bases, index, PS, 8, 4096, True)
+    assert (runs, pairs, nbytes) == (2, 4, 2 * 2 * PS * 8)  # pages 1, 2 merge: one run for K, one for V
+    rows = np.frombuffer(buf, dtype=np.uint64).reshape(2 * L + 3, runs)
+    assert rows[:L].tolist() == [[PS * 8, 4096 + PS * 8]] * L  # pool side: page 1 of K and of V
+    assert rows[L:2 * L].tolist() == [[64 * i, 32 + 64 * i] for i in range(L)]  # slot side moves by the layer step
+    assert rows[2 * L:].tolist() == [[2 * PS * 8] * 2, [0, 0], [1, 1]]  # sizes, pool storage 0, slot storage 1
+    for chunk, match in [
+        (good[:6], "expected tuples"),
+        (([1, 2], [PS], 0, 0, 64, 32, 2), "one length"),
+        (({1, 2}, [PS, PS], 0, 0, 64, 32, 2), "lists or tuples"),
+        (([1, 2], [PS, PS], 0, 7, 64, 32, 2), "missing from index"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            run([chunk], bases, index, PS, 8, 4096, True)
+    with pytest.raises(OverflowError):
+        run([([-1], [PS], 0, 0, 64, 32, 2)], bases, index, PS, 8, 4096, True)
+    with pytest.raises(TypeError):
+        run([(["1"], [PS], 0, 0, 64, 32, 2)], bases, index, PS, 8, 4096, True)
+    with pytest.raises(ValueError, match="chunks: expected a list"):
+        run((good,), bases, index, PS, 8, 4096, True)
 
 
 def test_contiguous_pages_merge_into_one_run_per_chunk_and_kv(planner):

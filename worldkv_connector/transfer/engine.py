@@ -162,7 +162,7 @@ class TransferEngine:
                 for side, t in (("src", s), ("dst", d)):
                     if t.device.type != "cpu" and t.device != self.device:
                         raise ValueError(f"pair {i}: {side} is on {t.device}, expected cpu or {self.device}")
-        job = self._new_job(kind, sum(r[2] for r in runs), len(runs), len(srcs), tag)
+        job = self._new_jobs(kind, sum(r[2] for r in runs), len(runs), len(srcs), (tag,))[0]
         if self.device.type == "cpu":
             self._run_cpu(job, runs, srcs, dsts)
         else:
@@ -186,11 +186,11 @@ class TransferEngine:
         if self._cpu:
             # host memory only (checked above): the planner's merged runs
             runs = (plan.src, plan.dst, plan.sizes) if plan.merged else merge_fragment_arrays(plan)[:3]
-            job = self._new_job(kind, plan.nbytes, int(runs[2].shape[0]), plan.num_fragments, tag)
+            job = self._new_jobs(kind, plan.nbytes, int(runs[2].shape[0]), plan.num_fragments, (tag,))[0]
             self._run_host([job], *runs)
             return job
         src, dst, sizes, head = merge_fragment_arrays(plan)
-        job = self._new_job(kind, plan.nbytes, int(sizes.shape[0]), plan.num_fragments, tag)
+        job = self._new_jobs(kind, plan.nbytes, int(sizes.shape[0]), plan.num_fragments, (tag,))[0]
         stream = self._begin_cuda(job, plan.keep, after)
         try:
             host = [t for t in plan.keep if t.device.type == "cpu"]
@@ -228,11 +228,11 @@ class TransferEngine:
                     self.wait(job)
                 raise
             return jobs
-        for base, device in {st for table in plans.storages for st in table}:
+        for base, device in plans.storages[0]:  # every storage of the step (see LayerPlans)
             if device.type != "cpu":
                 raise ValueError(f"plans: memory at {base:#x} is on {device}, expected cpu")
-        jobs = [self._new_job(kind, plans.layer_bytes, plans.num_runs, plans.num_pairs, tag) for tag in tags]
-        self._run_host(jobs, plans.src.reshape(-1), plans.dst.reshape(-1), plans.sizes)  # sizes: every layer's
+        jobs = self._new_jobs(kind, plans.layer_bytes, plans.num_runs, plans.num_pairs, tags)
+        self._run_host(jobs, plans.src, plans.dst, plans.sizes)  # [L, R] addresses; sizes: every layer's
         return jobs
 
     def _run_host(self, jobs: list[TransferJob], src, dst, sizes) -> None:
@@ -248,17 +248,17 @@ class TransferEngine:
         for job in jobs:
             self._finish(job)
 
-    def _new_job(self, kind: str, nbytes: int, runs: int, pairs: int, tag: Any) -> TransferJob:
-        """A job record for ``runs`` merged copies (``pairs`` before merging), accounted as submitted."""
-        job = TransferJob(job_id=next(self._ids), kind=kind, nbytes=nbytes, num_fragments=runs, path=self.path,
-                          tag=tag, submitted_at=time.perf_counter(), num_pairs=pairs)
-        s = self._stats
-        s["jobs"] += 1
-        s["store_jobs" if kind == "store" else "load_jobs"] += 1
-        s["bytes_stored" if kind == "store" else "bytes_loaded"] += nbytes
-        s["fragments"] += pairs
-        s["merged_fragments"] += runs
-        return job
+    def _new_jobs(self, kind: str, nbytes: int, runs: int, pairs: int, tags: Sequence[Any]) -> list[TransferJob]:
+        """A job record per tag, each of ``runs`` merged copies (``pairs`` before merging), accounted as submitted."""
+        now, path, ids = time.perf_counter(), self.path, self._ids
+        jobs = [TransferJob(next(ids), kind, nbytes, runs, path, tag, submitted_at=now, num_pairs=pairs) for tag in tags]
+        s, n = self._stats, len(jobs)
+        s["jobs"] += n
+        s["store_jobs" if kind == "store" else "load_jobs"] += n
+        s["bytes_stored" if kind == "store" else "bytes_loaded"] += nbytes * n
+        s["fragments"] += pairs * n
+        s["merged_fragments"] += runs * n
+        return jobs
 
     def _fail(self, job: TransferJob, exc: BaseException) -> None:
         job.error = f"{type(exc).__name__}: {exc}"

@@ -128,15 +128,17 @@ HOST_COPY = "compiled" if _host_copy is not None else "memmove"
 def host_copy_runs(src: np.ndarray, dst: np.ndarray, sizes: np.ndarray, threads: int | None = None) -> None:
     """Host-to-host copies by address (the CPU path; ranges were checked by ``plan_fragments``).
 
-    src, dst: [R] uint64 arrays; sizes: [R], or [R / k] repeated k times (a step's layers share one
-    layer's run sizes). threads: copy threads for a large job (default torch's intra-op thread
-    count, so ``torch.set_num_threads`` governs copies as it governs compute). Without the compiled
-    loop (an install without a C compiler) one ``ctypes.memmove`` per run.
+    src, dst: uint64 arrays of R addresses (any shape, read in C order: ``LayerPlans``' [L, R]);
+    sizes: [R], or [R / k] repeated k times (a step's layers share one layer's run sizes).
+    threads: copy threads for a large job (default torch's intra-op thread count, so
+    ``torch.set_num_threads`` governs copies as it governs compute). Without the compiled loop (an
+    install without a C compiler) one ``ctypes.memmove`` per run.
     """
     if _host_copy is None:
         if src.size != dst.size or (src.size % sizes.size if sizes.size else src.size):
             raise ValueError(f"src, dst, sizes: expected src and dst of one length, a multiple of sizes' length, "
                              f"got {src.size}, {dst.size}, {sizes.size} values")
+        src, dst = src.reshape(-1), dst.reshape(-1)
         if src.size != sizes.size:
             sizes = np.tile(sizes, src.size // sizes.size)
         for s, d, n in zip(src.tolist(), dst.tolist(), sizes.tolist()):
@@ -146,8 +148,12 @@ def host_copy_runs(src: np.ndarray, dst: np.ndarray, sizes: np.ndarray, threads:
     _host_copy.copy_runs(_u64(src), _u64(dst), _u64(sizes), min(max(int(n), 1), _host_copy.MAX_THREADS))
 
 
+_U64 = np.dtype(np.uint64)
+
+
 def _u64(a: np.ndarray) -> np.ndarray:
-    return a if a.dtype == np.uint64 and a.flags.c_contiguous else np.ascontiguousarray(a, dtype=np.uint64)
+    # `is`: numpy's built-in dtypes are singletons, and `==` costs several times more from cold caches
+    return a if a.dtype is _U64 and a.flags.c_contiguous else np.ascontiguousarray(a, dtype=np.uint64)
 
 
 def _storage_tensors(plan: FragmentPlan) -> list[torch.Tensor]:

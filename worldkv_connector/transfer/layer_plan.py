@@ -7,11 +7,12 @@ computed and merged once, for layer 0, and layer ``l``'s addresses are layer 0's
 layer's pool base and the slots' layer stride. ``TransferEngine.submit_layers`` makes one job per
 layer of it (``LayerPlans.layer(l)``: a ready ``FragmentPlan`` of one layer); nothing per page is a
 Python object. Every range is checked once, at planning time, by construction: page ids inside
-the pool, page lengths inside a page, rows inside each slot.
+the pool, page lengths inside a page, rows inside each slot. Two builders make the same plan: the
+runs built in C (``plan_runs`` in ``csrc/host_copy.c``) where the extension is built, numpy
+otherwise.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -19,37 +20,51 @@ import numpy as np
 import torch
 
 from worldkv_connector.checks import is_int
+from worldkv_connector.transfer import fragments
 from worldkv_connector.transfer.addresses import as_u64, run_heads
 from worldkv_connector.transfer.fragments import FragmentPlan
 
-__all__ = ["LayerPlans", "PagePools", "plan_layer_copies", "page_fragments", "page_lens_of", "SMALL_PLAN_PAGES"]
+__all__ = ["LayerPlans", "PagePools", "plan_layer_copies", "page_fragments", "page_lens_of"]
 
-SMALL_PLAN_PAGES = 48  # plans of at most this many pages (all chunks) are built in plain Python
+# The compiled run builder (csrc/host_copy.c), None in an install without a C compiler: then numpy
+# builds every plan. Both give the same plan (tests hold them to it); the compiled one costs a
+# fraction from cold caches, as right after compute, where each numpy call costs microseconds.
+_PLAN_RUNS = getattr(fragments._host_copy, "plan_runs", None)
+
+
+_LENS: dict[tuple[int, int], np.ndarray] = {}  # (num_tokens, page_size) -> page_lens_of's array
+_CHECKED_LENS: dict[int, tuple[np.ndarray, list[int], int]] = {}  # id(that array) -> (it, its values, their sum)
+_MAX_LENS = 256
 
 
 def page_lens_of(num_tokens: int, page_size: int) -> np.ndarray:
     """Valid tokens of each page of a chunk of ``num_tokens``: full pages, the last one partial.
     A read-only array, shared by every call with the same arguments (a step plans many chunks of
-    one size: building the array again costs more than the plan's own arithmetic)."""
-    return _page_lens(int(num_tokens), int(page_size))
-
-
-@functools.lru_cache(maxsize=256)
-def _page_lens(num_tokens: int, page_size: int) -> np.ndarray:
-    full, last = divmod(num_tokens, page_size)
-    lens = np.full(full + (1 if last else 0), page_size, dtype=np.uint64)
-    if last:
-        lens[-1] = last
-    lens.setflags(write=False)
+    one size: building the array again costs more than the plan's own arithmetic), and known to
+    the compiled builder's checks as already checked."""
+    key = (int(num_tokens), int(page_size))
+    lens = _LENS.get(key)
+    if lens is None:
+        if len(_LENS) >= _MAX_LENS:  # arrays handed out before stay valid, only no longer known
+            _LENS.clear()
+            _CHECKED_LENS.clear()
+        full, last = divmod(key[0], key[1])
+        lens = np.full(full + (1 if last else 0), key[1], dtype=np.uint64)
+        if last:
+            lens[-1] = last
+        lens.setflags(write=False)
+        _LENS[key] = lens
+        _CHECKED_LENS[id(lens)] = (lens, lens.tolist(), key[0])  # the entry holds the array: its id stays its own
     return lens
 
 
 @dataclass(eq=False)
 class LayerPlans:
     """Merged copy runs of every layer of one step. src, dst: [L, R] uint64 addresses; sizes: [R]
-    bytes; src_store / dst_store: [R] index into ``storages[l]``; keep[l]: layer l's tensors.
-    Treated as immutable once built (not frozen: a frozen dataclass's ``__init__`` costs about
-    twice as much, and a step builds one)."""
+    bytes; src_store / dst_store: [R] index into ``storages[l]``, layer l's table: its pool's
+    storage, then the step's slot storages (so ``storages[0]`` lists every device the step touches:
+    the pools share one); keep[l]: layer l's tensors. Treated as immutable once built (not frozen:
+    a frozen dataclass's ``__init__`` costs about twice as much, and a step builds one)."""
 
     src: np.ndarray
     dst: np.ndarray
@@ -59,6 +74,7 @@ class LayerPlans:
     storages: tuple
     keep: tuple
     num_pairs: int  # fragments of one layer before merging
+    layer_bytes: int  # bytes one layer moves (sizes' sum, from the builder: a numpy reduction costs ~20 us cold)
 
     @property
     def num_layers(self) -> int:
@@ -68,18 +84,10 @@ class LayerPlans:
     def num_runs(self) -> int:
         return int(self.sizes.shape[0])
 
-    @property
-    def layer_bytes(self) -> int:
-        return self._layer_bytes
-
-    @functools.cached_property
-    def _layer_bytes(self) -> int:
-        return int(self.sizes.sum())
-
     def layer(self, layer: int) -> FragmentPlan:
         """The ``FragmentPlan`` of layer ``layer`` (views of the step's arrays, no copy)."""
         return FragmentPlan(self.src[layer], self.dst[layer], self.sizes, self.keep[layer], self.storages[layer],
-                            self.src_store, self.dst_store, merged=True, pairs=self.num_pairs, total=self._layer_bytes)
+                            self.src_store, self.dst_store, merged=True, pairs=self.num_pairs, total=self.layer_bytes)
 
     def all_layers(self) -> FragmentPlan:
         """Every layer's runs in one plan (layer-major), for a single job over all layers."""
@@ -162,20 +170,22 @@ def plan_layer_copies(pools, slots: Sequence[torch.Tensor], page_ids: Sequence, 
     chunk c's K rows (default: K and V of every chunk).
     """
     pp = pools if isinstance(pools, PagePools) else PagePools(pools)
-    layers = pp.layers
-    num_pages, page_size, heads, head_dim = pp.num_pages, pp.page_size, pp.heads, pp.head_dim
     slots = list(slots)
     if len(page_ids) != len(slots) or len(page_lens) != len(slots):
         raise ValueError(f"page_ids/page_lens: expected one entry per slot ({len(slots)}), got {len(page_ids)} and "
                          f"{len(page_lens)}")
-    item, row = pp.item, pp.row
-    nl = len(layers)
     if not slots:
         raise ValueError("slots: expected at least one slot tensor")
     if k_only is not None and len(k_only) != len(slots):
         raise ValueError(f"k_only: expected one flag per slot ({len(slots)}), got {len(k_only)}")
-    if sum(len(x) for x in page_ids) <= SMALL_PLAN_PAGES:
-        return _plan_small(pp, slots, page_ids, page_lens, to_slot, k_only)
+    if _PLAN_RUNS is not None:
+        return _plan_compiled(pp, slots, page_ids, page_lens, to_slot, k_only)
+    return _plan_numpy(pp, slots, page_ids, page_lens, to_slot, k_only)
+
+
+def _plan_numpy(pp: PagePools, slots: list, page_ids, page_lens, to_slot: bool, k_only) -> LayerPlans:
+    """``plan_layer_copies`` in numpy: every page a fragment of arrays, merged by ``run_heads``."""
+    num_pages, page_size, item, row = pp.num_pages, pp.page_size, pp.item, pp.row
     ids, lens, counts = _flat("page_ids", page_ids), _flat("page_lens", page_lens), [len(x) for x in page_ids]
     if [len(x) for x in page_lens] != counts:
         c = next(i for i, (a, b) in enumerate(zip(page_ids, page_lens)) if len(a) != len(b))
@@ -250,24 +260,31 @@ def _assemble(pp: PagePools, slots, slot_bases, pool_rel, slot0, sizes, s_store,
     """Layer 0's merged runs -> every layer's addresses [L, R]: the pool side moves to each layer's
     pool base, the slot side by the run's layer stride."""
     pool_store = np.zeros(sizes.size, dtype=np.int64)
-    pool_addr = pp.bases[:, None] + pool_rel[None, :]
+    pool_addr = np.add.outer(pp.bases, pool_rel)
     slot_addr = slot0 + pp.layer_ids * step
+    nbytes = int(sizes.sum())
+    if to_slot:
+        return _layer_plans(pp, slots, slot_bases, pool_addr, slot_addr, sizes, pool_store, s_store, num_pairs, nbytes)
+    return _layer_plans(pp, slots, slot_bases, slot_addr, pool_addr, sizes, s_store, pool_store, num_pairs, nbytes)
+
+
+def _layer_plans(pp: PagePools, slots, slot_bases, src, dst, sizes, src_store, dst_store, num_pairs: int,
+                 layer_bytes: int) -> LayerPlans:
+    """The step's ``LayerPlans``: every layer's storage table is its pool's storage, then the slots'."""
     shared = tuple(slot_bases)
     storages = tuple((st, *shared) for st in pp.storages)
     keep = ((*pp.layers, *slots),) * len(pp.layers)  # every layer's job keeps the step's tensors alive
-    if to_slot:
-        return LayerPlans(pool_addr, slot_addr, sizes, pool_store, s_store, storages, keep, num_pairs)
-    return LayerPlans(slot_addr, pool_addr, sizes, s_store, pool_store, storages, keep, num_pairs)
+    return LayerPlans(src, dst, sizes, src_store, dst_store, storages, keep, num_pairs, layer_bytes)
 
 
-def _ints(name: str, values) -> list[int]:
+def _ints(name: str, values) -> Sequence[int]:
     if isinstance(values, (torch.Tensor, np.ndarray)):
         if values.dtype.is_floating_point if isinstance(values, torch.Tensor) else values.dtype.kind not in "iu":
             raise ValueError(f"{name}: expected integers, got dtype {values.dtype}")
         return values.tolist()
+    if type(values) in (list, tuple) and set(map(type, values)) <= {int}:  # the common case, checked in C
+        return values  # read, never written
     out = list(values)
-    if set(map(type, out)) <= {int}:  # the common case, checked in C
-        return out
     for i, v in enumerate(out):
         if not is_int(v):
             raise ValueError(f"{name}: expected integers, got {type(v).__name__}")
@@ -275,46 +292,28 @@ def _ints(name: str, values) -> list[int]:
     return out
 
 
-def _page_runs(ids: list[int], lens: list[int], page_size: int) -> tuple[list[list[int]], int]:
-    """Runs of a chunk's pages that are contiguous on both sides: consecutive page ids, every page
-    but a run's last one full. Returns ``([[first page id, first slot row, tokens], ...], pages
-    with tokens)``; empty pages add no fragment (and no slot rows, so a run may continue past them)."""
-    runs: list[list[int]] = []
-    start = used = 0
-    follow = -1  # the page id that would continue the last run, -1 when it cannot continue
-    for page, n in zip(ids, lens):
-        if n:
-            used += 1
-            if page == follow:
-                runs[-1][2] += n
-            else:
-                runs.append([page, start, n])
-            follow = page + 1 if n == page_size else -1
-        start += n
-    return runs, used
-
-
-def _plan_small(pp: PagePools, slots, page_ids, page_lens, to_slot: bool, k_only) -> LayerPlans:
-    """``plan_layer_copies`` for a few pages, in plain Python (numpy's per-call cost dominates
-    there): the same checks, fragments, order and merging as the vectorised path. A chunk's pages
-    are grouped into contiguous runs once and the runs emitted for K and V. Each tensor attribute
-    is read once (a read costs microseconds from cold caches, as right after compute)."""
-    num_pages, page_size, row = pp.num_pages, pp.page_size, pp.row
-    page_bytes, kv_stride, item = page_size * row, pp.kv_stride, pp.item
-    head = (len(pp.layers), 2)
-    tail, row_strides = (pp.heads, pp.head_dim), (pp.heads * pp.head_dim, pp.head_dim, 1)
+def _plan_compiled(pp: PagePools, slots: list, page_ids, page_lens, to_slot: bool, k_only) -> LayerPlans:
+    """``plan_layer_copies`` with the runs built in C (``plan_runs``): the checks here, per chunk;
+    the fragments, order and merging those of ``_plan_numpy``. Each tensor attribute is read once
+    (a read costs microseconds from cold caches), numpy is called a few times per step, not per chunk."""
+    num_pages, page_size, row, item = pp.num_pages, pp.page_size, pp.row, pp.item
+    nl, heads, head_dim, dtype = len(pp.layers), pp.heads, pp.head_dim, pp.dtype
+    row_strides = (heads * head_dim, head_dim, 1)
     devices: dict[int, torch.device] = {}  # slot storage base -> device
-    runs: list[list[int]] = []  # (pool_rel, slot_addr, size, slot storage base, slot layer stride) of layer 0
-    num_pairs = 0
+    chunks: list[tuple] = []  # (ids, lens, slot ptr, slot storage base, layer step, kv step, 1 = K only or 2)
     last: tuple = (None, None, 0)  # (lens object, its checked int list, its sum): chunks of one size share it
     for c, (t, ids, lens) in enumerate(zip(slots, page_ids, page_lens)):
         if lens is last[0]:
             lens, total = last[1], last[2]
         else:
-            obj, lens = lens, _ints("page_lens", lens)
-            if lens and (max(lens) > page_size or min(lens) < 0):
-                raise ValueError(f"page_lens[{c}]: every value must lie in [0, page_size={page_size}], got {lens}")
-            total = sum(lens)
+            known = _CHECKED_LENS.get(id(lens))
+            if known is not None and known[0] is lens and (not known[1] or known[1][0] <= page_size):
+                obj, lens, total = known  # from page_lens_of: checked when made; its first page is the largest
+            else:
+                obj, lens = lens, _ints("page_lens", lens)
+                if lens and (max(lens) > page_size or min(lens) < 0):
+                    raise ValueError(f"page_lens[{c}]: every value must lie in [0, page_size={page_size}], got {lens}")
+                total = sum(lens)
             last = (obj, lens, total)
         ids = _ints("page_ids", ids)
         if len(lens) != len(ids):
@@ -322,36 +321,22 @@ def _plan_small(pp: PagePools, slots, page_ids, page_lens, to_slot: bool, k_only
         if ids and (max(ids) >= num_pages or min(ids) < 0):
             raise ValueError(f"page_ids[{c}]: expected ids in [0, {num_pages}), got {ids}")
         shape, strides = t.shape, t.stride()
-        if len(shape) != 5 or shape[:2] != head or shape[3:] != tail or shape[2] < total \
-                or t.dtype != pp.dtype or strides[2:] != row_strides:
+        if len(shape) != 5 or shape[0] != nl or shape[1] != 2 or shape[3] != heads or shape[4] != head_dim \
+                or shape[2] < total or t.dtype is not dtype or strides[2:] != row_strides:
             _check_slot(pp, c, t, total)  # raises, naming what is wrong
         ptr = t.data_ptr()
         base = ptr - t.storage_offset() * item  # the storage's first byte (dtype checked: the pools')
         if base not in devices:
             devices[base] = t.device
-        layer_step, slot_kv = strides[0] * item, strides[1] * item
-        page_runs, used = _page_runs(ids, lens, page_size)
-        kvs = (0,) if k_only is not None and k_only[c] else (0, 1)
-        num_pairs += used * len(kvs)
-        for kv in kvs:
-            pool0, slot0 = kv * kv_stride, ptr + kv * slot_kv
-            for page, start, n in page_runs:
-                f = [pool0 + page * page_bytes, slot0 + start * row, n * row, base, layer_step]
-                if runs:
-                    r = runs[-1]
-                    # both sides continue the previous run (e.g. K's last page and V's first), same
-                    # slot storage and layer stride
-                    if r[0] + r[2] == f[0] and r[1] + r[2] == f[1] and r[3] == f[3] and r[4] == f[4]:
-                        r[2] += f[2]
-                        continue
-                runs.append(f)
+        chunks.append((ids, lens, ptr, base, strides[0] * item, strides[1] * item,
+                       1 if k_only is not None and k_only[c] else 2))
     bases = sorted(devices)  # slot storages: index 1.. after the pool's (index 0 of every layer's table)
     index = {b: i + 1 for i, b in enumerate(bases)}
-    for r in runs:
-        r[3] = index[r[3]]
-    table = np.array(runs, dtype=np.uint64).reshape(-1, 5).T  # one conversion: [5, R] columns
-    return _assemble(pp, slots, [(b, devices[b]) for b in bases], table[0], table[1], np.ascontiguousarray(table[2]),
-                     table[3].astype(np.int64), table[4], num_pairs, to_slot)
+    buf, num_runs, num_pairs, nbytes = _PLAN_RUNS(chunks, pp.bases, index, page_size, row, pp.kv_stride, to_slot)
+    rows = np.frombuffer(buf, dtype=np.uint64).reshape(2 * nl + 3, num_runs)  # src [L], dst [L], sizes, stores [2]
+    stores = rows[2 * nl + 1:].view(np.int64)
+    return _layer_plans(pp, slots, [(b, devices[b]) for b in bases], rows[:nl], rows[nl:2 * nl], rows[2 * nl],
+                        stores[0], stores[1], num_pairs, nbytes)
 
 
 def page_fragments(pools, page_ids, slot, page_lens=None, *, to_slot: bool = True) -> FragmentPlan:
