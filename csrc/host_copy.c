@@ -269,6 +269,10 @@ static int plan_chunk(PyObject *c, PyObject *index, uint64_t page_size, uint64_t
         return -1;
     }
     if (item_u64(c, 2, &ptr) || item_u64(c, 4, &layer_step) || item_u64(c, 5, &slot_kv) || item_u64(c, 6, &kvs)) return -1;
+    if (kvs != 1 && kvs != 2) { /* the runs buffer holds two runs per page */
+        PyErr_Format(PyExc_ValueError, "chunks: kvs=%llu, expected 1 (K only) or 2 (K and V)", (unsigned long long)kvs);
+        return -1;
+    }
     Py_ssize_t n = PySequence_Fast_GET_SIZE(ids), k = 0, used = 0;
     uint64_t start = 0, follow = 0;
     int follows = 0;

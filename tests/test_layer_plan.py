@@ -179,6 +179,7 @@ def test_the_compiled_builder_refuses_malformed_chunks_without_crashing():
         (([1, 2], [PS], 0, 0, 64, 32, 2), "one length"),
         (({1, 2}, [PS, PS], 0, 0, 64, 32, 2), "lists or tuples"),
         (([1, 2], [PS, PS], 0, 7, 64, 32, 2), "missing from index"),
+        (([1, 2], [PS, PS], 0, 0, 64, 32, 3), r"kvs=3, expected 1 \(K only\) or 2"),
     ]:
         with pytest.raises(ValueError, match=match):
             run([chunk], bases, index, PS, 8, 4096, True)
