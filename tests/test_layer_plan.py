@@ -164,6 +164,22 @@ def test_runs_whose_bytes_meet_do_not_merge_across_layer_strides(monkeypatch):
 
 
 @needs_compiled
+def test_runs_whose_bytes_meet_do_not_merge_across_slot_storages(monkeypatch):
+    # two storages back to back (views of one numpy buffer): a K-only chunk's rows end where the
+    # next chunk's slot begins, on pages that follow each other, one layer: one run by the bytes,
+    # two by storage (the storage table names where each run lies)
+    n, hd = PS, H * D
+    buf = np.zeros(3 * n * hd, dtype=np.float32)
+    first = torch.from_numpy(buf[:n * hd]).as_strided((1, 2, n, H, D), (2 * n * hd, 0, hd, D, 1))  # K = V rows
+    second = torch.from_numpy(buf[n * hd:3 * n * hd]).view(1, 2, n, H, D)  # the same layer stride as first's
+    assert first.data_ptr() + n * hd * 4 == second.data_ptr()
+    pools = torch.zeros(1, 2, PAGES, PS, H, D)
+    plan = _same_plan(pools, [first, second], [[5], [6]], [[PS], [PS]], monkeypatch, to_slot=True,
+                      k_only=[True, False])
+    assert plan.num_runs == 3 and plan.dst_store.tolist() == [1, 2, 2]
+
+
+@needs_compiled
 def test_the_compiled_builder_refuses_malformed_chunks_without_crashing():
     run = layer_plan._PLAN_RUNS
     bases, index = np.zeros(L, dtype=np.uint64), {0: 1}
