@@ -246,16 +246,28 @@ static int item_u64(PyObject *seq, Py_ssize_t i, uint64_t *out) {
     return *out == (uint64_t)-1 && PyErr_Occurred() ? -1 : 0;
 }
 
-/* Append chunk `c` (a tuple ids, lens, ptr, storage base, layer step, kv step, kv count) to runs:
- * its pages grouped into runs contiguous on both sides, emitted for K (and V), each merged into the
- * previous run where both sides continue it. */
-static int plan_chunk(PyObject *c, PyObject *index, uint64_t page_size, uint64_t row, uint64_t kv_stride,
-                      PlanRun *runs, Py_ssize_t *num_runs, uint64_t (*pages)[3], Py_ssize_t *pairs) {
-    uint64_t ptr, layer_step, slot_kv, kvs, store;
-    if (!PyTuple_Check(c) || PyTuple_GET_SIZE(c) != 7) {
+/* The pages of chunk `c` if it is a tuple (ids, lens, ...) of 7 items with ids and lens lists or
+ * tuples of one length, else -1 with ValueError. */
+static Py_ssize_t chunk_pages(PyObject *c) {
+    PyObject *ids = PyTuple_Check(c) && PyTuple_GET_SIZE(c) == 7 ? PyTuple_GET_ITEM(c, 0) : NULL;
+    if (ids == NULL) {
         PyErr_SetString(PyExc_ValueError, "chunks: expected tuples (ids, lens, ptr, base, layer_step, kv_step, kvs)");
         return -1;
     }
+    PyObject *lens = PyTuple_GET_ITEM(c, 1);
+    if (!(PyList_Check(ids) || PyTuple_Check(ids)) || !(PyList_Check(lens) || PyTuple_Check(lens))
+        || PySequence_Fast_GET_SIZE(ids) != PySequence_Fast_GET_SIZE(lens)) {
+        PyErr_SetString(PyExc_ValueError, "chunks: expected ids and lens as lists or tuples of one length");
+        return -1;
+    }
+    return PySequence_Fast_GET_SIZE(ids);
+}
+
+/* Append chunk `c` (checked by chunk_pages) to runs: its pages grouped into runs contiguous on both
+ * sides, emitted for K (and V), each merged into the previous run where both sides continue it. */
+static int plan_chunk(PyObject *c, PyObject *index, uint64_t page_size, uint64_t row, uint64_t kv_stride,
+                      PlanRun *runs, Py_ssize_t *num_runs, uint64_t (*pages)[3], Py_ssize_t *pairs) {
+    uint64_t ptr, layer_step, slot_kv, kvs, store;
     PyObject *st = PyDict_GetItemWithError(index, PyTuple_GET_ITEM(c, 3));
     if (st == NULL) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "chunks: a slot storage base missing from index");
@@ -263,11 +275,6 @@ static int plan_chunk(PyObject *c, PyObject *index, uint64_t page_size, uint64_t
     }
     if ((store = PyLong_AsUnsignedLongLong(st)) == (uint64_t)-1 && PyErr_Occurred()) return -1;
     PyObject *ids = PyTuple_GET_ITEM(c, 0), *lens = PyTuple_GET_ITEM(c, 1);
-    if (!(PyList_Check(ids) || PyTuple_Check(ids)) || !(PyList_Check(lens) || PyTuple_Check(lens))
-        || PySequence_Fast_GET_SIZE(ids) != PySequence_Fast_GET_SIZE(lens)) {
-        PyErr_SetString(PyExc_ValueError, "chunks: expected ids and lens as lists or tuples of one length");
-        return -1;
-    }
     if (item_u64(c, 2, &ptr) || item_u64(c, 4, &layer_step) || item_u64(c, 5, &slot_kv) || item_u64(c, 6, &kvs)) return -1;
     if (kvs != 1 && kvs != 2) { /* the runs buffer holds two runs per page */
         PyErr_Format(PyExc_ValueError, "chunks: kvs=%llu, expected 1 (K only) or 2 (K and V)", (unsigned long long)kvs);
@@ -323,8 +330,12 @@ static PyObject *plan_runs(PyObject *self, PyObject *args) {
     if (address_buffer(bases_obj, "pool_bases", &bases) != 0) return NULL;
     Py_ssize_t num_chunks = PyList_GET_SIZE(chunks), bound = 0, num_runs = 0, pairs = 0, layers = bases.len / 8;
     for (Py_ssize_t c = 0; c < num_chunks; c++) {
-        PyObject *t = PyList_GET_ITEM(chunks, c), *ids = PyTuple_Check(t) && PyTuple_GET_SIZE(t) == 7 ? PyTuple_GET_ITEM(t, 0) : NULL;
-        if (ids != NULL && (PyList_Check(ids) || PyTuple_Check(ids))) bound += PySequence_Fast_GET_SIZE(ids);
+        Py_ssize_t n = chunk_pages(PyList_GET_ITEM(chunks, c));
+        if (n < 0) {
+            PyBuffer_Release(&bases);
+            return NULL;
+        }
+        bound += n;
     }
     PlanRun *runs = PyMem_Malloc(sizeof(PlanRun) * (size_t)(2 * bound + 1));
     uint64_t (*pages)[3] = PyMem_Malloc(sizeof(*pages) * (size_t)(bound + 1));
@@ -367,8 +378,8 @@ static PyMethodDef methods[] = {
      "runs must not overlap), on up to `threads` threads, without the GIL; streaming stores for a job of at "
      "least stream_min bytes (-1: STREAM_MIN_BYTES)."},
     {"plan_runs", plan_runs, METH_VARARGS,
-     "plan_runs(chunks, pool_bases, index, page_size, row, kv_stride, to_slot): the runs of layer_plan's small "
-     "planner as (bytearray of uint64 rows src [L, R], dst [L, R], sizes, src store, dst store; R; pairs; "
+     "plan_runs(chunks, pool_bases, index, page_size, row, kv_stride, to_slot): the runs of layer_plan's "
+     "compiled builder as (bytearray of uint64 rows src [L, R], dst [L, R], sizes, src store, dst store; R; pairs; "
      "bytes of one layer). "
      "chunks: [(page ids, page lens, slot ptr, slot storage base, layer step, kv step, 1 or 2 (K only or K and V))]"
      ", checked by the caller; index: storage base -> its index in each layer's storage table."},

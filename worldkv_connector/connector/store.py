@@ -227,7 +227,7 @@ class StorePath:
         k, v, _ = srcs
         size = (t * h * d * k.element_size(), t * h * d * v.element_size(), t * 8)
         self._source_steps = [x.stride(0) * x.element_size() for x in srcs]
-        self._source_items = (k.element_size(), v.element_size())  # ids: int64
+        self._source_items = (k.element_size(), v.element_size(), 8)  # ids: int64
         sizes = list(size) * b  # the fragments of b chunks: their sizes and source storage index
         self._source_rows = (np.array(sizes, dtype=np.uint64), np.tile(np.arange(3, dtype=np.int64), b))
         self._source_bytes = sum(sizes)
@@ -239,8 +239,9 @@ class StorePath:
         b = len(live)
         srcs = (k, v, ids)
         # every layer of a step usually brings sources of one layout: checked in full once per layout
+        devices = (k.device, v.device, ids.device)
         layout = (b, k.shape, v.shape, ids.shape, k.dtype, v.dtype, ids.dtype, k.stride(), v.stride(), ids.stride(),
-                  k.device, v.device, ids.device)
+                  devices)
         if layout != self._source_layout:
             self._check_sources(b, srcs)
             self._source_layout = layout
@@ -255,10 +256,11 @@ class StorePath:
             dst_arr, d_store = self._dst_arr[layer, cols], self._dst_store_arr[cols]
         sizes_arr, s_store = self._source_rows
         # each source's storage base from its data pointer (an untyped_storage() object per tensor
-        # costs more); devices as read for the layout
-        storages = ((base[0] - k.storage_offset() * self._source_items[0], layout[10]),
-                    (base[1] - v.storage_offset() * self._source_items[1], layout[11]),
-                    (base[2] - ids.storage_offset() * 8, layout[12])) + self._bank_storages
+        # costs more)
+        item = self._source_items
+        storages = ((base[0] - k.storage_offset() * item[0], devices[0]),
+                    (base[1] - v.storage_offset() * item[1], devices[1]),
+                    (base[2] - ids.storage_offset() * item[2], devices[2])) + self._bank_storages
         return FragmentPlan(np.array(src, dtype=np.uint64), dst_arr, sizes_arr, (*srcs, *self._bank_keep), storages,
                             s_store, d_store, merged=True, pairs=3 * b, total=self._source_bytes)
 

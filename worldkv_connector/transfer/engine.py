@@ -164,7 +164,7 @@ class TransferEngine:
                         raise ValueError(f"pair {i}: {side} is on {t.device}, expected cpu or {self.device}")
         job = self._new_jobs(kind, sum(r[2] for r in runs), len(runs), len(srcs), (tag,))[0]
         if self.device.type == "cpu":
-            self._run_cpu(job, runs, srcs, dsts)
+            self._run_host([job], copy_runs, runs, srcs, dsts, non_blocking=False)
         else:
             self._run_cuda(job, runs, srcs, dsts, after)
         return job
@@ -187,7 +187,7 @@ class TransferEngine:
             # host memory only (checked above): the planner's merged runs
             runs = (plan.src, plan.dst, plan.sizes) if plan.merged else merge_fragment_arrays(plan)[:3]
             job = self._new_jobs(kind, plan.nbytes, int(runs[2].shape[0]), plan.num_fragments, (tag,))[0]
-            self._run_host([job], *runs)
+            self._run_host([job], host_copy_runs, *runs)
             return job
         src, dst, sizes, head = merge_fragment_arrays(plan)
         job = self._new_jobs(kind, plan.nbytes, int(sizes.shape[0]), plan.num_fragments, (tag,))[0]
@@ -232,15 +232,15 @@ class TransferEngine:
             if device.type != "cpu":
                 raise ValueError(f"plans: memory at {base:#x} is on {device}, expected cpu")
         jobs = self._new_jobs(kind, plans.layer_bytes, plans.num_runs, plans.num_pairs, tags)
-        self._run_host(jobs, plans.src, plans.dst, plans.sizes)  # [L, R] addresses; sizes: every layer's
+        self._run_host(jobs, host_copy_runs, plans.src, plans.dst, plans.sizes)  # [L, R] addresses, one layer's sizes
         return jobs
 
-    def _run_host(self, jobs: list[TransferJob], src, dst, sizes) -> None:
-        """Copy host runs now (the CPU path) and finish ``jobs``; a failure is reported on each of
-        them, never raised mid-step."""
+    def _run_host(self, jobs: list[TransferJob], copy: Any, *args: Any, **kwargs: Any) -> None:
+        """Run ``copy(*args, **kwargs)`` now (the CPU path: host runs or tensor pairs) and finish
+        ``jobs``; a failure is reported on each of them, never raised mid-step."""
         t0 = time.perf_counter()
         try:
-            host_copy_runs(src, dst, sizes)
+            copy(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - reported on the jobs
             for job in jobs:
                 self._fail(job, exc)
@@ -267,15 +267,6 @@ class TransferEngine:
         log = logger.debug if self._warned else logger.warning
         log("transfer job %d (%s, %d bytes) failed: %s", job.job_id, job.kind, job.nbytes, job.error)
         self._warned = True
-
-    def _run_cpu(self, job: TransferJob, runs: list[Run], srcs, dsts) -> None:
-        t0 = time.perf_counter()
-        try:
-            copy_runs(runs, srcs, dsts, non_blocking=False)
-        except Exception as exc:  # noqa: BLE001 - reported on the job, never raised mid-step
-            self._fail(job, exc)
-        self._stats["busy_s"] += time.perf_counter() - t0
-        self._finish(job)
 
     def _event(self) -> Any:
         return self._events.pop() if self._events else torch.cuda.Event(enable_timing=True)
